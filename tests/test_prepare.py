@@ -1,0 +1,156 @@
+"""Tests for data/hh_rlhf/prepare.py: splitting, drop reasons, strictness, determinism, carving, download."""
+import gzip
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "hh"
+SHARED = REPO.parent / "shared" / "data" / "hh-rlhf"
+
+_spec = importlib.util.spec_from_file_location("hh_rlhf_prepare", REPO / "data" / "hh_rlhf" / "prepare.py")
+prepare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prepare)
+
+H, A = "\n\nHuman: ", "\n\nAssistant:"
+FRANCE = H + "What is the capital of France?" + A
+BREAD = H + "Can you help me bake bread?" + A + " Sure! What kind of bread?" + H + "Sourdough." + A
+OUTPUTS = [f"{kind}_{split}.jsonl" for kind in ("comparisons", "sft", "prompts") for split in ("train", "val")]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def output_bytes(out_dir):
+    return {name: (Path(out_dir) / name).read_bytes() for name in OUTPUTS + ["stats.json"]}
+
+
+def gzip_fixtures(dest):
+    """Copy the plain fixture folder to dest as <subset>/<split>.jsonl.gz, like the hub layout."""
+    for src in FIXTURES.glob("*/*.jsonl"):
+        (dest / src.parent.name).mkdir(parents=True, exist_ok=True)
+        (dest / src.parent.name / (src.name + ".gz")).write_bytes(gzip.compress(src.read_bytes()))
+    return dest
+
+
+def write_synthetic(path, n_prompts=20, pairs_per_prompt=2):
+    """A gzipped split with several comparisons per prompt, to exercise carving by prompt."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i in range(n_prompts):
+            for j in range(pairs_per_prompt):
+                prompt = H + f"Question number {i}?" + A
+                f.write(json.dumps({"chosen": prompt + f" Good answer {j}.", "rejected": prompt + f" Bad answer {j}."}) + "\n")
+
+
+def test_split_dialogue_splits_at_last_assistant_turn():
+    prompt, response = prepare.split_dialogue(BREAD + " Use a starter.")
+    assert prompt == BREAD
+    assert response == " Use a starter."  # the leading space stays with the response
+    assert prepare.split_dialogue(FRANCE) == (FRANCE, "")
+    with pytest.raises(ValueError):
+        prepare.split_dialogue(H + "no assistant here")
+
+
+def test_parse_pair_keeps_exact_texts():
+    line = json.dumps({"chosen": BREAD + " Flour and water.", "rejected": BREAD + " An oven.\n"})
+    assert prepare.parse_pair(line) == ({"prompt": BREAD, "chosen": " Flour and water.", "rejected": " An oven.\n"}, None)
+
+
+def test_every_drop_reason_is_counted_on_fixture(tmp_path):
+    stats = prepare.main(["--source", str(FIXTURES), "--out_dir", str(tmp_path)])
+    train, test = stats["subsets"]["helpful-base"]["train"], stats["subsets"]["helpful-base"]["test"]
+    assert train == {"read": 12, "kept": 3, "malformed_json": 2, "missing_keys": 1, "no_shared_prompt": 3,
+                     "empty_response": 2, "identical_responses": 1}
+    assert test == {"read": 4, "kept": 3, "malformed_json": 0, "missing_keys": 1, "no_shared_prompt": 0,
+                    "empty_response": 0, "identical_responses": 0}
+    assert stats["total"]["read"] == 16 and stats["total"]["kept"] == 6
+    assert stats["train"] == {"comparisons": 3, "prompts": 2} and stats["val"] == {"comparisons": 3, "prompts": 3}
+    assert stats["notes"] == []  # both splits present: nothing carved
+    assert read_jsonl(tmp_path / "comparisons_train.jsonl") == [
+        {"prompt": FRANCE, "chosen": " The capital of France is Paris.", "rejected": " I don't know."},
+        {"prompt": BREAD, "chosen": " You need a starter, flour, water and salt.", "rejected": " Bread is baked in an oven."},
+        {"prompt": FRANCE, "chosen": " Paris.", "rejected": " Lyon."},
+    ]
+    assert read_jsonl(tmp_path / "sft_train.jsonl")[1] == {"prompt": BREAD, "response": " You need a starter, flour, water and salt."}
+    assert read_jsonl(tmp_path / "prompts_train.jsonl") == [{"prompt": FRANCE}, {"prompt": BREAD}]
+    assert json.loads((tmp_path / "stats.json").read_text()) == stats
+
+
+def test_strict_fails_naming_file_and_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--source", str(FIXTURES), "--out_dir", str(tmp_path), "--strict"])
+    assert "train.jsonl:3: malformed_json" in str(e.value.code)
+    assert not (tmp_path / "comparisons_train.jsonl").exists()
+
+
+def test_rerun_is_byte_identical_and_no_prompt_in_both_splits(tmp_path):
+    write_synthetic(tmp_path / "src" / "helpful-base" / "train.jsonl.gz")  # no test file: val is carved
+    args = ["--source", str(tmp_path / "src"), "--val_fraction", "0.2"]
+    first = prepare.main(args + ["--out_dir", str(tmp_path / "a")])
+    again = prepare.main(args + ["--out_dir", str(tmp_path / "a")])
+    other = prepare.main(args + ["--out_dir", str(tmp_path / "b")])
+    assert first == again == other
+    assert output_bytes(tmp_path / "a") == output_bytes(tmp_path / "b")
+    train = {r["prompt"] for r in read_jsonl(tmp_path / "a" / "comparisons_train.jsonl")}
+    val = {r["prompt"] for r in read_jsonl(tmp_path / "a" / "comparisons_val.jsonl")}
+    assert len(train) == 16 and len(val) == 4 and not train & val
+    assert first["prompts_in_both_splits"] == 0
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+def test_test_only_source_is_carved_into_both_splits(tmp_path, capsys):
+    write_synthetic(tmp_path / "src" / "harmless-base" / "test.jsonl.gz")  # like the shared dev copy
+    stats = prepare.main(["--source", str(tmp_path / "src"), "--subsets", "harmless-base", "--out_dir", str(tmp_path)])
+    assert stats["train"] == {"comparisons": 38, "prompts": 19} and stats["val"] == {"comparisons": 2, "prompts": 1}
+    assert "harmless-base: no train file" in capsys.readouterr().out
+    assert len(read_jsonl(tmp_path / "prompts_train.jsonl")) == 19
+
+
+def test_missing_subset_folder_names_what_was_found(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--source", str(FIXTURES), "--subsets", "harmless-base", "--out_dir", str(tmp_path)])
+    assert "no subset folder 'harmless-base'" in str(e.value.code) and "found: helpful-base" in str(e.value.code)
+
+
+def test_download_through_file_url_matches_local_source(tmp_path):
+    hub = gzip_fixtures(tmp_path / "hub")
+    out = tmp_path / "out"
+    stats = prepare.main(["--base_url", hub.as_uri(), "--out_dir", str(out)])
+    for split in ("train", "test"):
+        assert (out / "raw" / "helpful-base" / f"{split}.jsonl.gz").read_bytes() == \
+            (hub / "helpful-base" / f"{split}.jsonl.gz").read_bytes()
+    local = prepare.main(["--source", str(FIXTURES), "--out_dir", str(tmp_path / "local")])
+    assert stats["total"] == local["total"]
+    assert {k: v for k, v in output_bytes(out).items() if k != "stats.json"} == \
+        {k: v for k, v in output_bytes(tmp_path / "local").items() if k != "stats.json"}
+    shutil.rmtree(hub)  # a second run must not download again
+    assert prepare.main(["--base_url", hub.as_uri(), "--out_dir", str(out)]) == stats
+
+
+def test_download_failure_exits_with_source_hint(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import model
+    monkeypatch.setattr(model.time, "sleep", lambda s: None)  # skip the back-off between retries
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--base_url", (tmp_path / "nowhere").as_uri(), "--out_dir", str(tmp_path / "out")])
+    assert "or pass --source DIR" in str(e.value.code)
+    assert not list((tmp_path / "out" / "raw").rglob("*.gz*"))  # nothing half-downloaded left behind
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared HH-RLHF dev copy not present")
+def test_shared_copy_prepares_plausibly(tmp_path):
+    stats = prepare.main(["--source", str(SHARED), "--subsets", "harmless-base", "--out_dir", str(tmp_path)])
+    total = stats["total"]
+    assert total["read"] == 1156 and 1000 < total["kept"] <= 1156
+    assert total["read"] == total["kept"] + sum(total[r] for r in prepare.REASONS)
+    assert stats["train"]["comparisons"] + stats["val"]["comparisons"] == total["kept"]
+    assert 0 < stats["val"]["comparisons"] < stats["train"]["comparisons"]
+    assert stats["prompts_in_both_splits"] == 0
+    for r in read_jsonl(tmp_path / "comparisons_val.jsonl"):
+        assert r["prompt"].endswith(A) and r["chosen"] != r["rejected"]
