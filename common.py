@@ -179,7 +179,7 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu")
         config = GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
         if ckpt["kind"] == kind:
             model = cls(config)
-            model.load_state_dict(ckpt["model"])
+            load_state(model, ckpt["model"], init_from)
         else:
             model = _transplant(ckpt["model"], config, cls)
     if model_cfg:
@@ -189,6 +189,16 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu")
             print(f"note: model shape comes from {init_from}: "
                   + ", ".join(f"{k}={b} (config said {a})" for k, (a, b) in mismatch.items()))
     return model.to(device), ckpt
+
+
+def load_state(model, state_dict, source):
+    """load_state_dict with one clear message when the weights are of another shape or kind."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        sys.exit(f"error: the weights in {source} do not fit this model ({first}). The checkpoint was written "
+                 f"for another model shape or kind; pass a matching checkpoint or matching size flags.")
 
 
 def _transplant(state_dict, config, cls):

@@ -1,0 +1,113 @@
+"""
+Generate completions from any checkpoint of the pipeline, compare checkpoints, score with a reward model.
+
+Examples:
+    python sample.py --init_from out/sft/ckpt.pt --prompt "\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"
+    python sample.py --init_from gpt2 --prompt "The meaning of life is" --num_samples 3 --top_p 0.9
+    python sample.py --init_from out/sft/ckpt.pt,out/ppo/ckpt.pt --reward_ckpt out/reward/ckpt.pt \\
+        --prompt_file data/hh_rlhf/prompts_val.jsonl --max_prompts 4      # side by side, with rewards
+    python sample.py --reward_ckpt out/reward/ckpt.pt --prompt "..." --response " Sure, ..."  # score only
+
+`--prompt` turns the two characters \\n into a newline, so HH-style prompts can be typed in a shell.
+Several checkpoints (comma-separated) get the same prompts and the same seed, one after the other.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from common import EOS, autocast, encode_prompt, get_tokenizer, load_model, pad_left, parse_config, setup_device
+
+
+@dataclass
+class Config:
+    init_from: str = "out/sft/ckpt.pt"  # checkpoint(s), comma-separated to compare; or gpt2.. / a HF folder
+    prompt: str = "\n\nHuman: Can you help me write a short poem about the sea?\n\nAssistant:"
+    prompt_file: str = ""  # one prompt per line, or JSON lines with a "prompt" field; overrides --prompt
+    max_prompts: int = 4  # at most this many prompts from --prompt_file
+    response: str = ""  # with --reward_ckpt: score this response to --prompt instead of generating
+    reward_ckpt: str = ""  # reward model (out/reward/ckpt.pt) that scores every completion
+    num_samples: int = 1  # completions per prompt
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_k: Optional[int] = None  # keep only the k most likely tokens
+    top_p: Optional[float] = None  # nucleus sampling: keep the most likely tokens up to this mass
+    seed: int = 1337
+    device: str = "auto"  # auto = cuda if available, else cpu
+    dtype: str = "bfloat16"  # autocast dtype on CUDA (float32 on CPU)
+
+
+CONFIGS = {"greedy": dict(temperature=0.0), "creative": dict(temperature=1.0, top_p=0.95)}
+
+
+def read_prompts(cfg):
+    if not cfg.prompt_file:
+        return [cfg.prompt.replace("\\n", "\n")]
+    if not os.path.isfile(cfg.prompt_file):
+        sys.exit(f"error: prompt file {cfg.prompt_file} not found")
+    with open(cfg.prompt_file) as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if cfg.prompt_file.endswith(".jsonl"):
+        lines = [json.loads(line)["prompt"] for line in lines]
+    return lines[:cfg.max_prompts]
+
+
+def score_texts(reward_model, enc, prompts, responses, device):
+    """Reward-model scores of prompt + response (+ EOS), read at the EOS token (InstructGPT 3.5)."""
+    from reward import score_text  # the reward model's own scoring, so sample.py and reward.py agree
+    return [score_text(reward_model, enc, p, r, device=device) for p, r in zip(prompts, responses)]
+
+
+@torch.no_grad()
+def main(cfg):
+    device = setup_device(cfg.device, cfg.seed)
+    enc = get_tokenizer()
+    prompts = read_prompts(cfg)
+    reward_model = None
+    if cfg.reward_ckpt:
+        reward_model, _ = load_model(cfg.reward_ckpt, kind="scalar", device=device)
+        reward_model.eval()
+    if cfg.response:
+        if reward_model is None:
+            sys.exit("error: --response needs --reward_ckpt (the reward model that scores it)")
+        print(f"reward {score_texts(reward_model, enc, prompts[:1], [cfg.response], device)[0]:.4f}")
+        return
+    for init_from in cfg.init_from.split(","):
+        model, _ = load_model(init_from, kind="gpt", device=device)
+        model.eval()
+        budget = model.config.block_size - cfg.max_new_tokens
+        if budget <= 0:
+            sys.exit(f"error: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
+                     f"{model.config.block_size}")
+        queries = []
+        for p in prompts:
+            ids = enc.encode_ordinary(p)
+            if len(ids) > budget:
+                sys.exit(f"error: prompt of {len(ids)} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
+                         f"model's block_size {model.config.block_size}: shorten the prompt or lower max_new_tokens")
+            queries += [encode_prompt(enc, p, budget)] * cfg.num_samples
+        idx, mask = pad_left(queries)  # (N, T)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same samples for every checkpoint
+        with autocast(device, cfg.dtype):
+            out = model.generate(idx.to(device), cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 top_p=cfg.top_p, eos_token_id=EOS, attention_mask=mask.to(device), generator=gen)
+        responses = []
+        for row in out[:, idx.size(1):].tolist():
+            responses.append(enc.decode(row[:row.index(EOS)] if EOS in row else row))
+        texts = [p for p in prompts for _ in range(cfg.num_samples)]
+        scores = score_texts(reward_model, enc, texts, responses, device) if reward_model else None
+        print(f"==================== {init_from}")
+        for i, (p, r) in enumerate(zip(texts, responses)):
+            head = f"--- prompt {i // cfg.num_samples + 1}, sample {i % cfg.num_samples + 1}"
+            print(head + (f" | reward {scores[i]:.3f}" if scores else ""))
+            print(f"{p}\033[1m{r}\033[0m" if sys.stdout.isatty() else p + r)
+        if scores:
+            print(f"mean reward {sum(scores) / len(scores):.4f} over {len(scores)} samples")
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, CONFIGS))

@@ -1,0 +1,59 @@
+"""Command-line configuration: defaults < preset < flags, type checks, helpful errors."""
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+
+from common import MODEL_PRESETS, parse_config
+from conftest import REPO
+
+
+@dataclass
+class Config:
+    lr: float = 1e-3  # learning rate
+    n_layer: int = 4
+    compile: bool = False
+    top_k: Optional[int] = None
+    init_from: str = "scratch"
+    preset: str = ""
+
+
+PRESETS = {"tiny": dict(n_layer=2, lr=5e-4), "other": dict(compile=True)}
+
+
+def test_defaults_then_preset_then_flags():
+    assert parse_config(Config, PRESETS, []) == Config()
+    cfg = parse_config(Config, PRESETS, ["--config", "tiny", "--lr", "2e-5"])
+    assert (cfg.n_layer, cfg.lr, cfg.preset) == (2, 2e-5, "tiny")  # preset sets n_layer, the flag wins on lr
+    cfg = parse_config(Config, PRESETS, ["--compile", "false", "--config", "other", "--top_k", "5"])
+    assert cfg.compile is False and cfg.top_k == 5 and isinstance(cfg.top_k, int)
+    assert parse_config(Config, PRESETS, ["--top_k", "none"]).top_k is None
+    assert parse_config(Config, PRESETS, ["--n_layer", "8"]).n_layer == 8
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lrr", "1"], "unrecognized arguments: --lrr"),
+    (["--n_layer", "2.5"], "invalid int value"),
+    (["--compile", "maybe"], "expected true or false"),
+    (["--config", "huge"], "invalid choice"),
+])
+def test_bad_flags_exit_with_the_valid_fields(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Config, PRESETS, argv)
+    message = str(e.value.code)
+    assert expected in message and "--lr" in message and "--n_layer" in message
+
+
+def test_help_lists_every_field_with_its_default():
+    out = subprocess.run([sys.executable, "sample.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0
+    for field in ("--init_from", "--temperature", "--top_p", "--num_samples", "--max_new_tokens", "--seed"):
+        assert field in out.stdout
+    assert "default: 0.8" in out.stdout
+
+
+def test_model_size_presets_are_gpt2_shapes():
+    assert MODEL_PRESETS["small"] == dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    assert MODEL_PRESETS["xl"]["n_embd"] == 1600
