@@ -117,6 +117,28 @@ def maybe_compile(model, enabled):
     return torch.compile(model) if enabled else model
 
 
+def make_adamw(params, lr, weight_decay, betas, device, eps=1e-8):
+    """AdamW with weight decay on matrices (embeddings, Linear weights) only, never on biases and LayerNorm
+    gains. fused=True: one kernel for all parameters, ~5x faster than the default loop on CPU as well."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type in ("cpu", "cuda"))
+
+
+def lr_at(step, lr, min_lr, warmup_steps, total_steps):
+    """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then cosine decay to min_lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
+
+
+def decode_response(enc, tokens):
+    """Text of a generated response: the tokens before the first EOS (after it comes only padding)."""
+    return enc.decode(tokens[:tokens.index(EOS)] if EOS in tokens else tokens)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one file holding model kind + config, weights, and the run's config
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from common import EOS, autocast, encode_prompt, get_tokenizer, load_model, pad_left, parse_config, setup_device
+from common import EOS, autocast, decode_response, encode_prompt, get_tokenizer, load_model, pad_left, parse_config, setup_device
 
 
 @dataclass
@@ -56,10 +56,12 @@ def read_prompts(cfg):
     return lines[:cfg.max_prompts]
 
 
-def score_texts(reward_model, enc, prompts, responses, device):
-    """Reward-model scores of prompt + response (+ EOS), read at the EOS token (InstructGPT 3.5)."""
+def score_texts(reward_model, rm_config, enc, prompts, responses):
+    """Reward-model scores of prompt + response (+ EOS), read at the EOS token (InstructGPT 3.5), with the
+    token budgets the reward model was trained with."""
     from reward import score_text  # the reward model's own scoring, so sample.py and reward.py agree
-    return [score_text(reward_model, enc, p, r, device=device) for p, r in zip(prompts, responses)]
+    budgets = {k: rm_config[k] for k in ("max_prompt_tokens", "max_response_tokens") if k in rm_config}
+    return [score_text(reward_model, enc, p, r, **budgets) for p, r in zip(prompts, responses)]
 
 
 @torch.no_grad()
@@ -67,14 +69,15 @@ def main(cfg):
     device = setup_device(cfg.device, cfg.seed)
     enc = get_tokenizer()
     prompts = read_prompts(cfg)
-    reward_model = None
+    reward_model, rm_config = None, {}
     if cfg.reward_ckpt:
-        reward_model, _ = load_model(cfg.reward_ckpt, kind="scalar", device=device)
+        reward_model, rm_ckpt = load_model(cfg.reward_ckpt, kind="scalar", device=device)
         reward_model.eval()
+        rm_config = rm_ckpt["config"] if rm_ckpt else {}
     if cfg.response:
         if reward_model is None:
             sys.exit("error: --response needs --reward_ckpt (the reward model that scores it)")
-        print(f"reward {score_texts(reward_model, enc, prompts[:1], [cfg.response], device)[0]:.4f}")
+        print(f"reward {score_texts(reward_model, rm_config, enc, prompts[:1], [cfg.response])[0]:.4f}")
         return
     for init_from in cfg.init_from.split(","):
         model, _ = load_model(init_from, kind="gpt", device=device)
@@ -95,11 +98,9 @@ def main(cfg):
         with autocast(device, cfg.dtype):
             out = model.generate(idx.to(device), cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                  top_p=cfg.top_p, eos_token_id=EOS, attention_mask=mask.to(device), generator=gen)
-        responses = []
-        for row in out[:, idx.size(1):].tolist():
-            responses.append(enc.decode(row[:row.index(EOS)] if EOS in row else row))
+        responses = [decode_response(enc, row) for row in out[:, idx.size(1):].tolist()]
         texts = [p for p in prompts for _ in range(cfg.num_samples)]
-        scores = score_texts(reward_model, enc, texts, responses, device) if reward_model else None
+        scores = score_texts(reward_model, rm_config, enc, texts, responses) if reward_model else None
         print(f"==================== {init_from}")
         for i, (p, r) in enumerate(zip(texts, responses)):
             head = f"--- prompt {i // cfg.num_samples + 1}, sample {i % cfg.num_samples + 1}"

@@ -1,0 +1,534 @@
+"""
+Stage 3 of InstructGPT (Ouyang et al. 2022, arXiv:2203.02155, section 3.5 and appendix C.4): fine-tune the
+SFT policy with PPO against the frozen reward model, maximising
+
+    objective(phi) = E_{(x,y) ~ D_pi_RL} [ r_theta(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x)) ]
+                     + gamma * E_{x ~ D_pretrain} [ log pi_RL(x) ]                                   (eq. 2)
+
+The KL term is paid token by token: every response token gets reward -beta * (log pi_RL - log pi_SFT),
+and the reward model's score is added at the last response token (Ziegler et al. 2019). gamma > 0 is
+"PPO-ptx": a language-modelling loss on pretraining-distribution text mixed into every update (here the
+HH dialogues themselves, sft_train.jsonl). Four models: `policy` (trained, from the SFT checkpoint),
+`ref_policy` (a frozen copy of it), `reward_model` (frozen, normalised by reward.py) and `critic` (the
+value function, trained, initialised from the reward model). One iteration:
+
+  1. rollout: sample responses to a batch of prompts (KV-cache generate, temperature 1)
+  2. score: reward model on prompt + response + EOS
+  3. logprobs of policy and ref_policy, values of the critic, in one forward each
+  4. KL-shaped reward (eq. 2)
+  5. GAE advantages and returns (Schulman et al. 2016), advantages whitened
+  6. PPO epochs over shuffled minibatches: clipped surrogate (PPO eq. 7) + clipped value loss (+ ptx)
+  7. KL coefficient fixed (paper: 0.02) or adaptive (Ziegler et al. 2019, section 2.2)
+
+References: InstructGPT (arXiv:2203.02155) eq. (2) and C.4; PPO, Schulman et al. 2017 (arXiv:1707.06347);
+GAE, Schulman et al. 2016 (arXiv:1506.02438); Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+Preferences" (arXiv:1909.08593) and its code, openai/lm-human-preferences.
+
+    python ppo.py --config tiny                    # after sft.py and reward.py --config tiny (CPU, minutes)
+    python ppo.py --config tiny --sft_ckpt scratch --reward_ckpt scratch   # no earlier stage needed
+    python ppo.py --config tiny --resume true      # continue from out/ppo/ckpt.pt
+    python ppo.py --config small --ptx_coef 27.8   # GPT-2 124M on one GPU, PPO-ptx
+"""
+
+import copy
+import dataclasses
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, get_tokenizer, load_checkpoint,
+                    load_model, make_adamw, pad_left, pad_right, parse_config, plot_metrics, print_config,
+                    read_jsonl, save_checkpoint, setup_device)
+from model import GPTConfig, ScalarGPT, token_logprobs
+from reward import last_token_index, score_sequences
+from sft import index_batches
+
+
+@dataclass
+class Config:
+    # io
+    out_dir: str = "out/ppo"  # ckpt.pt, metrics.jsonl, ppo.png, config.json
+    data_dir: str = "data/hh_rlhf"  # prompts_train.jsonl, prompts_val.jsonl, sft_train.jsonl (ptx)
+    sft_ckpt: str = "out/sft/ckpt.pt"  # policy and ref_policy init: SFT checkpoint, GPT-2 name or "scratch"
+    reward_ckpt: str = "out/reward/ckpt.pt"  # reward model and critic init (InstructGPT 3.5), or "scratch"
+    resume: bool = False  # continue from out_dir/ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
+    preset: str = ""  # name of the --config preset, recorded for the run
+    eval_interval: int = 10  # iterations between evaluations on held-out prompts (also at the end)
+    eval_prompts: int = 32  # held-out prompts per evaluation
+    sample_every: int = 10  # iterations between printed samples (prompt, response, score, KL)
+    n_samples: int = 2  # samples printed each time
+    # model (shape used only with scratch)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    block_size: int = 512
+    dropout: float = 0.0  # off in all four models: ratios and KL must compare the same function
+    # rollout
+    max_prompt_tokens: int = 192  # a longer prompt keeps its end
+    max_new_tokens: int = 64  # response length limit
+    temperature: float = 1.0  # sampling temperature of rollouts, also divides the logits of logprobs (paper: 1)
+    missing_eos_penalty: float = 0.0  # subtracted from the score of responses that end without EOS (0 = off)
+    # ppo
+    iters: int = 100  # PPO iterations (paper: 256k episodes / 512 = 500)
+    batch_size: int = 64  # prompts (episodes) per iteration (paper: 512)
+    minibatch_size: int = 16  # episodes per optimizer step (paper: 64)
+    gradient_accumulation_steps: int = 1  # a minibatch is run in this many pieces when it does not fit
+    noptepochs: int = 4  # passes over the batch (paper: 1 inner epoch; Ziegler et al. 2019: 4)
+    lr: float = 1e-5  # Adam learning rate, policy and critic (paper C.4: order 1e-5)
+    warmup_iters: int = 10  # linear warmup from lr / 10 (paper: 10 iterations from a tenth of the peak)
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-5  # as in lm-human-preferences and cleanrl
+    grad_clip: float = 1.0  # max gradient norm, for policy and critic separately (0 = off)
+    cliprange: float = 0.2  # epsilon of the clipped surrogate, PPO eq. (7) (paper: 0.2)
+    cliprange_value: float = 0.2  # values move at most this far from the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss (lm-human-preferences: 0.1)
+    gamma: float = 1.0  # discount (paper: 1, no discount)
+    lam: float = 0.95  # GAE lambda (paper: 0.95)
+    # rlhf
+    kl_coef: float = 0.02  # beta, InstructGPT eq. (2) (paper: 0.02)
+    adaptive_kl: bool = False  # adapt kl_coef towards kl_target (Ziegler et al. 2019, 2.2)
+    kl_target: float = 6.0  # target KL per response in nats for the adaptive controller (lm-human-preferences: 6)
+    kl_horizon: int = 10000  # episodes over which the controller acts (Ziegler et al. 2019: 10000)
+    ptx_coef: float = 0.0  # gamma, InstructGPT eq. (2): PPO-ptx pretraining loss weight (paper: 27.8; 0 = PPO)
+    ptx_batch_size: int = 8  # pretraining sequences per micro-batch of the update
+    ptx_max_tokens: int = 256  # pretraining sequences are cut to this many tokens
+    # system
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
+    seed: int = 1337
+
+
+def _preset(size, **kw):
+    m = MODEL_PRESETS[size]
+    return dict(n_layer=m["n_layer"], n_head=m["n_head"], n_embd=m["n_embd"], block_size=m["block_size"], **kw)
+
+
+# DEVIATION: paper uses batches of 512 episodes, 64 per minibatch, one inner epoch, a 6B critic for every
+# policy size and an EMA of the policy weights (decay 0.992); we use smaller batches, 4 epochs (Ziegler et
+# al. 2019) to get more out of each expensive rollout, a critic of the policy's size, and no EMA.
+_GPU = dict(max_prompt_tokens=512, max_new_tokens=128, batch_size=64, minibatch_size=16, noptepochs=4,
+            cliprange=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, kl_coef=0.02, eval_prompts=64)
+# DEVIATION (tiny only): lr 1e-4, prompts cut to 128 tokens, 2 epochs, so a CPU run takes ~4 minutes.
+CONFIGS = {
+    "tiny": _preset("tiny", max_prompt_tokens=128, max_new_tokens=48, iters=40, batch_size=16, minibatch_size=8,
+                    noptepochs=2, lr=1e-4, warmup_iters=5, eval_interval=10, eval_prompts=32, sample_every=10),
+    "small": _preset("small", lr=5e-6, iters=500, gradient_accumulation_steps=2, **_GPU),
+    "medium": _preset("medium", lr=3e-6, iters=500, gradient_accumulation_steps=4, **_GPU),
+    "large": _preset("large", lr=2e-6, iters=500, gradient_accumulation_steps=8, **_GPU),
+    "xl": _preset("xl", lr=1.5e-6, iters=500, gradient_accumulation_steps=16, **_GPU),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The math. Masks are 1/True on response tokens that count; everything is (B, T) over response positions.
+
+def masked_mean(x, mask):
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked entries (population variance); padding set to 0."""
+    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """InstructGPT eq. (2) as a per-token reward: r_t = -beta * (log pi_RL(y_t) - log pi_SFT(y_t)), plus the
+    reward model's score r_theta(x, y) on the last response token (Ziegler et al. 2019).
+    scores (B,), logprobs/ref_logprobs/mask (B, T) -> rewards (B, T), kl (B, T) (0 on padding)."""
+    kl = (logprobs - ref_logprobs) * mask  # (B, T) sample estimate of KL, summed over t it is log-ratio of y
+    rewards = -kl_coef * kl  # (B, T)
+    last = last_token_index(mask)  # (B,) the EOS if the response has one
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype)), kl
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2016), backwards over the response:
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t) with V = 0 after the last token; A_t = sum_l (gamma lam)^l
+    delta_{t+l} (GAE eq. 16), returns_t = A_t + V(s_t). Padding gets zero advantage and return 0."""
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask  # (B, T)
+    T = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t + 1 < T else torch.zeros_like(lastgaelam)  # 0 past the end
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = (delta + gamma * lam * lastgaelam) * mask[:, t]  # padding: no advantage, nothing passed on
+        advantages[:, t] = lastgaelam
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """PPO eq. (7): -E[min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)], ratio = pi / pi_old (eq. 6).
+    Returns (loss, clipfrac, approx_kl); approx_kl = E[ratio - 1 - log ratio] (always >= 0)."""
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)
+    losses = -advantages * ratio
+    losses_clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(losses, losses_clipped), mask)  # max of negatives = min of eq. (7)
+    with torch.no_grad():
+        clipfrac = masked_mean((losses_clipped > losses).float(), mask)
+        approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
+    """0.5 * E[max((V - R)^2, (V_clip - R)^2)], V_clip = V_old + clip(V - V_old, -eps_v, eps_v): the value
+    function may not move far from the rollout's values in one batch (OpenAI baselines' PPO2,
+    lm-human-preferences; not in the PPO paper). Returns (loss, clipfrac)."""
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    losses = (values - returns) ** 2  # (B, T)
+    losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((losses_clipped > losses).float(), mask)
+    return loss, clipfrac
+
+
+def entropy_from_logits(logits, temperature=1.0):
+    """Entropy of softmax(logits / temperature) (B, T, V) -> (B, T): logsumexp(z) - sum_v p_v z_v."""
+    z = logits.float() / temperature
+    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var[returns - values] / Var[returns]: 1 is a perfect critic, 0 no better than a constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+def adaptive_kl_coef(kl_coef, kl, kl_target, horizon, n_steps):
+    """Ziegler et al. 2019, 2.2: e = clip(KL / KL_target - 1, -0.2, 0.2); beta <- beta (1 + K_beta e), with
+    K_beta = n_steps / horizon (n_steps episodes in this batch, as in lm-human-preferences)."""
+    error = min(max(kl / kl_target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+def response_mask_from_eos(responses):
+    """(B, R) sampled tokens -> (B, R) bool mask: True up to and including the first EOS. EOS and padding
+    share id 50256, so the mask comes from the first EOS's position, never from token == pad."""
+    is_eos = responses == EOS
+    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS strictly before t
+    return eos_before == 0  # (B, R)
+
+
+def lm_loss(policy, ids, attention_mask):
+    """PPO-ptx term of eq. (2), -log pi_RL(x): mean next-token NLL over the real tokens of right-padded text."""
+    logits = policy(ids[:, :-1], attention_mask[:, :-1])  # (B, T-1, V)
+    return -masked_mean(token_logprobs(logits, ids[:, 1:]), attention_mask[:, 1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward passes on rollouts: only the response positions, where the token at t is scored at t - 1
+
+def policy_logprobs(policy, ids, attention_mask, n_query, temperature):
+    """log softmax(logits / temperature)[y_t] of the response tokens y = ids[:, n_query:] -> (B, R), float32.
+    Token t is scored by the logits at position t - 1, and the lm_head runs on those R positions only: no
+    (B, T, V) logits for the prompt. Used by the rollout, the update and the evaluation alike, so the
+    rollout's logprobs are exactly what the first update recomputes (ratio 1)."""
+    h = policy.transformer(ids, attention_mask)[:, n_query - 1:-1]  # (B, R, C)
+    # lm_head has no bias, so lm_head(h / T) = logits / T: dividing the (B, R, C) hidden states is cheaper
+    # than dividing the (B, R, V) logits
+    logits = policy.lm_head(h / temperature if temperature != 1.0 else h)  # (B, R, V)
+    return token_logprobs(logits, ids[:, n_query:])  # (B, R)
+
+
+def critic_values(critic, ids, attention_mask, n_query):
+    """V(s_t) for each response token t, read at position t - 1 (the state before y_t) -> (B, R)."""
+    h = critic.transformer(ids, attention_mask)[:, n_query - 1:-1]  # (B, R, C)
+    return critic.score_head(h).squeeze(-1).float()  # (B, R)
+
+
+def score_responses(reward_model, ids, attention_mask, has_eos):
+    """Reward model score at the EOS that ends each response; one is appended where sampling hit
+    max_new_tokens (such a row fills every response column, so the new column is right after it)."""
+    if not bool(has_eos.all()):
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], EOS)], 1)  # (B, T + 1)
+        attention_mask = torch.cat([attention_mask, (~has_eos).to(attention_mask.dtype)[:, None]], 1)
+    return score_sequences(reward_model, ids, attention_mask)  # (B,)
+
+
+@torch.no_grad()
+def generate_and_score(policy, reward_model, reward_fn, queries, query_mask, cfg, generator=None):
+    """Steps 1-2: sample responses (KV cache), truncate after the first EOS, score them."""
+    policy.eval()
+    t0 = time.time()
+    ids = policy.generate(queries, cfg.max_new_tokens, temperature=cfg.temperature, eos_token_id=EOS,
+                          attention_mask=query_mask, generator=generator)  # (B, P + R); EOS repeats after EOS
+    t_generate = time.time() - t0
+    responses = ids[:, queries.size(1):]  # (B, R)
+    response_mask = response_mask_from_eos(responses)  # (B, R)
+    has_eos = (responses == EOS).any(1)  # (B,)
+    attention_mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], 1)  # (B, P + R)
+    if reward_fn is not None:
+        scores = reward_fn(queries, query_mask, responses, response_mask).float()  # (B,)
+    else:
+        scores = score_responses(reward_model, ids, attention_mask, has_eos)  # (B,)
+    if cfg.missing_eos_penalty:
+        scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
+    return dict(ids=ids, attention_mask=attention_mask, queries=queries, responses=responses,
+                response_mask=response_mask, has_eos=has_eos, scores=scores), t_generate
+
+
+@torch.no_grad()
+def rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg, kl_coef, reward_fn=None,
+            generator=None):
+    """Steps 1-5 of one iteration: a batch of experience with advantages and returns, plus timings."""
+    t0 = time.time()
+    batch, t_generate = generate_and_score(policy, reward_model, reward_fn, queries, query_mask, cfg, generator)
+    ids, attention_mask, mask = batch["ids"], batch["attention_mask"], batch["response_mask"]
+    P = queries.size(1)
+    # 3. logprobs and values: one forward each, logits divided by the sampling temperature
+    logprobs = policy_logprobs(policy, ids, attention_mask, P, cfg.temperature)  # (B, R)
+    ref_logprobs = policy_logprobs(ref_policy, ids, attention_mask, P, cfg.temperature)  # (B, R)
+    critic.eval()
+    values = critic_values(critic, ids, attention_mask, P)  # (B, R)
+    # 4. KL-shaped reward, InstructGPT eq. (2)
+    rewards, kl = compute_rewards(batch["scores"], logprobs, ref_logprobs, mask, kl_coef)  # (B, R)
+    # 5. GAE; returns from the raw advantages, then advantages whitened over the batch's response tokens
+    advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # (B, R)
+    advantages = whiten(advantages, mask)
+    batch.update(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards, kl=kl,
+                 advantages=advantages, returns=returns)
+    # entropy: E_y~pi[-log pi(y)], estimated from the sampled tokens (free; the exact value would cost
+    # another pass over the (B, R, V) logits, see entropy_from_logits)
+    stats = {"score": batch["scores"].mean().item(), "reward": rewards.sum(1).mean().item(),
+             "kl": kl.sum(1).mean().item(), "entropy": masked_mean(-logprobs, mask).item(),
+             "explained_var": explained_variance(values, returns, mask).item(),
+             "resp_len": mask.float().sum(1).mean().item(), "eos_frac": batch["has_eos"].float().mean().item(),
+             "t_generate": t_generate, "t_forward": time.time() - t0 - t_generate}
+    return batch, stats
+
+
+def minibatch(batch, idx):
+    """Rows `idx` of a rollout without the columns that are padding in all of them (they cost compute and
+    change nothing: position ids count real tokens only): left of the longest prompt, right of the longest
+    response."""
+    P = batch["queries"].size(1)
+    R = int(batch["response_mask"][idx].sum(1).max())
+    first = int(batch["attention_mask"][idx, :P].any(0).long().argmax())  # first column with a real token
+    mb = {k: batch[k][idx, :R] for k in ("logprobs", "values", "advantages", "returns", "response_mask")}
+    mb.update(ids=batch["ids"][idx, first:P + R], attention_mask=batch["attention_mask"][idx, first:P + R],
+              n_query=P - first)
+    return mb
+
+
+def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None):
+    """Step 6: `noptepochs` passes over shuffled minibatches; returns the mean of each loss statistic.
+    `generator` (a CPU torch.Generator) shuffles the minibatches."""
+    policy.train()
+    critic.train()
+    B = batch["ids"].size(0)
+    micro = cfg.minibatch_size // cfg.gradient_accumulation_steps
+    stats = defaultdict(list)
+    for _ in range(cfg.noptepochs):
+        order = torch.randperm(B, generator=generator)
+        for start in range(0, B, cfg.minibatch_size):
+            for m in range(start, start + cfg.minibatch_size, micro):
+                mb = minibatch(batch, order[m:m + micro].to(batch["ids"].device))
+                mb_mask = mb["response_mask"]
+                logprobs = policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"], cfg.temperature)
+                values = critic_values(critic, mb["ids"], mb["attention_mask"], mb["n_query"])
+                pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"],
+                                                                  mb_mask, cfg.cliprange)
+                vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb_mask,
+                                                      cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if cfg.ptx_coef > 0:  # PPO-ptx, eq. (2): gamma * pretraining log-likelihood, at every update
+                    ptx_loss = lm_loss(policy, *next(ptx_batches))
+                    loss = loss + cfg.ptx_coef * ptx_loss
+                    stats["ptx_loss"].append(ptx_loss.item())
+                (loss / cfg.gradient_accumulation_steps).backward()
+                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
+                             ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
+                    stats[k].append(v.item())
+            # Clipped separately: the critic's large early value gradients must not shrink the policy's step.
+            if cfg.grad_clip > 0:
+                stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item())
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def make_optimizer(policy, critic, cfg, device):
+    """One AdamW over both networks (one state to checkpoint). They share no parameters and Adam normalises
+    each parameter's step, so with separate gradient clipping vf_coef barely changes the critic's updates
+    (it scales the value gradients, which Adam divides out)."""
+    params = list(policy.parameters()) + list(critic.parameters())
+    return make_adamw(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device, eps=cfg.adam_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and evaluation
+
+def load_prompts(path, enc, max_prompt_tokens):
+    return [encode_prompt(enc, row["prompt"], max_prompt_tokens) for row in read_jsonl(path, what="prompts")]
+
+
+def prompt_batch(prompts, batch_size, iteration, seed, device):
+    """The prompts of one iteration: random, without replacement within the batch, a function of the
+    iteration number only (so a resumed run sees the same prompts)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    idx = torch.randperm(len(prompts), generator=g)[:batch_size].tolist()
+    queries, query_mask = pad_left([prompts[i] for i in idx])
+    return queries.to(device), query_mask.to(device)
+
+
+def ptx_iterator(sequences, batch_size, seed, device):
+    """Endless random batches of right-padded pretraining-distribution text for PPO-ptx."""
+    for idx in index_batches(len(sequences), batch_size, seed):
+        ids, mask = pad_right([sequences[i] for i in idx])
+        yield ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, reward_model, reward_fn, prompts, cfg, device):
+    """Held-out prompts, responses SAMPLED at cfg.temperature with a fixed seed (so the KL term, an
+    expectation under the policy, is estimated without bias and evaluations compare like with like)."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    scores, kls = [], []
+    for i in range(0, len(prompts), cfg.batch_size):
+        queries, query_mask = pad_left(prompts[i:i + cfg.batch_size])
+        queries, query_mask = queries.to(device), query_mask.to(device)
+        batch, _ = generate_and_score(policy, reward_model, reward_fn, queries, query_mask, cfg, generator)
+        P = queries.size(1)
+        logprobs = policy_logprobs(policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
+        ref_logprobs = policy_logprobs(ref_policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
+        scores.append(batch["scores"])
+        kls.append(((logprobs - ref_logprobs) * batch["response_mask"]).sum(1))
+    return {"eval_score": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item()}
+
+
+def print_samples(enc, batch, n):
+    for i in range(min(n, batch["ids"].size(0))):
+        q = batch["queries"][i][batch["attention_mask"][i, :batch["queries"].size(1)].bool()].tolist()
+        r = batch["responses"][i][batch["response_mask"][i]].tolist()
+        print(f"--- score {batch['scores'][i].item():+.3f} | kl {batch['kl'][i].sum().item():+.3f}\n"
+              f"[prompt] ...{enc.decode(q)[-300:]!r}\n[response] {enc.decode(r)!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def train(cfg, reward_fn=None):
+    """Run PPO. `reward_fn(queries, query_mask, responses, response_mask) -> scores (B,)` replaces the reward
+    model: the hook for programmatic rewards (tests, toy tasks). Returns final metrics and paths."""
+    t_start = time.time()
+    assert cfg.batch_size % cfg.minibatch_size == 0, "batch_size must be a multiple of minibatch_size"
+    assert cfg.minibatch_size % cfg.gradient_accumulation_steps == 0, \
+        "minibatch_size must be a multiple of gradient_accumulation_steps (the micro-batch size)"
+    updates_per_iter = cfg.noptepochs * cfg.batch_size // cfg.minibatch_size
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    print_config(cfg, cfg.out_dir)
+    device = setup_device(cfg.device, cfg.seed)
+    ctx = autocast(device, cfg.dtype)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    # data, tokenized once
+    enc = get_tokenizer()
+    train_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc, cfg.max_prompt_tokens)
+    val_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"), enc, cfg.max_prompt_tokens)
+    val_prompts = val_prompts[:cfg.eval_prompts]
+    assert len(train_prompts) >= cfg.batch_size, f"{len(train_prompts)} prompts < batch_size {cfg.batch_size}"
+    ptx_batches = None
+    if cfg.ptx_coef > 0:
+        texts = read_jsonl(os.path.join(cfg.data_dir, "sft_train.jsonl"), what="pretraining text (ptx)")
+        seqs = [(enc.encode_ordinary(r["prompt"] + r["response"]) + [EOS])[:cfg.ptx_max_tokens] for r in texts]
+        ptx_batches = ptx_iterator(seqs, cfg.ptx_batch_size, cfg.seed, device)
+
+    # models: policy and ref_policy from SFT, reward_model and critic from the RM; dropout off everywhere
+    model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
+    resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
+    ref_policy, _ = load_model(cfg.sft_ckpt, "gpt", model_cfg, dropout=0.0, device=device)
+    if resume_ckpt:
+        policy, _ = load_model(ckpt_path, "gpt", dropout=0.0, device=device)
+    else:
+        policy = copy.deepcopy(ref_policy)
+    shape = {k: getattr(policy.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    reward_model = None
+    if reward_fn is None:
+        reward_model, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device)
+        reward_model.eval().requires_grad_(False)
+    if resume_ckpt:
+        critic = ScalarGPT(GPTConfig(**resume_ckpt["critic_config"])).to(device)
+        critic.load_state_dict(resume_ckpt["critic"])
+    elif reward_model is not None:
+        critic = copy.deepcopy(reward_model).requires_grad_(True)
+    else:
+        critic, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device)
+    ref_policy.eval().requires_grad_(False)
+    longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
+    for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
+        assert m is None or longest <= m.config.block_size, \
+            f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the {name}'s block_size {m.config.block_size}"
+    print(f"policy {policy.num_params() / 1e6:.1f}M parameters from {cfg.sft_ckpt}; critic from "
+          f"{cfg.reward_ckpt}; reward: {'reward_fn' if reward_fn else cfg.reward_ckpt}; {cfg.iters} iterations "
+          f"of {cfg.batch_size} prompts, {updates_per_iter} updates each")
+
+    optimizer = make_optimizer(policy, critic, cfg, device)
+    kl_coef, start = cfg.kl_coef, 0
+    if resume_ckpt:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        kl_coef, start = resume_ckpt["kl_coef"], resume_ckpt["iteration"]
+        print(f"resumed from {ckpt_path} at iteration {start}, kl_coef {kl_coef:.4g}")
+
+    log = MetricsLog(cfg.out_dir, cfg.iters, resume=bool(resume_ckpt))
+    png_path = os.path.join(cfg.out_dir, "ppo.png")
+    panels = {"score (reward model)": ["score", "eval_score"], "KL(policy || ref), per response": ["kl", "eval_kl"],
+              "total reward (score - beta KL)": ["reward"], "kl_coef (beta)": ["kl_coef"],
+              "policy entropy per token": ["entropy"], "losses": ["pg_loss", "vf_loss"],
+              "clip fractions, approx_kl": ["pg_clipfrac", "vf_clipfrac", "approx_kl"],
+              "critic explained variance": ["explained_var"], "response length": ["resp_len"]}
+    metrics = {}
+    if start == 0:  # the SFT policy's own score on the held-out prompts: the baseline of the plot
+        with ctx:
+            log.log(0, evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device))
+    for it in range(start, cfg.iters):
+        t0 = time.time()
+        lr = cfg.lr * min(1.0, 0.1 + 0.9 * it / max(cfg.warmup_iters, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        queries, query_mask = prompt_batch(train_prompts, cfg.batch_size, it, cfg.seed, device)
+        with ctx:
+            # 1. rollout, 2. score, 3. logprobs and values, 4. KL-shaped reward, 5. GAE
+            batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg, kl_coef,
+                                     reward_fn, torch.Generator(device=device).manual_seed(cfg.seed + it))
+            # 6. PPO epochs (7. with the ptx loss when ptx_coef > 0)
+            t1 = time.time()
+            metrics.update(ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches,
+                                      torch.Generator().manual_seed(cfg.seed + it)))
+        metrics.update(kl_coef=kl_coef, lr=lr, t_update=time.time() - t1, t_iter=time.time() - t0)
+        # 8. KL coefficient: fixed, or adapted to the KL of this batch
+        if cfg.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
+        step = it + 1
+        if step % cfg.sample_every == 0 or step == 1:
+            print_samples(enc, batch, cfg.n_samples)
+        if step % cfg.eval_interval == 0 or step == cfg.iters:
+            with ctx:
+                metrics.update(evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device))
+        log.log(step, metrics, keys=["score", "kl", "kl_coef", "eval_score", "eval_kl", "pg_loss", "vf_loss",
+                                     "entropy", "resp_len", "t_generate", "t_update", "t_iter"])
+        if step % cfg.eval_interval == 0 or step == cfg.iters:
+            save_checkpoint(ckpt_path, policy, cfg, critic=critic.state_dict(),
+                            critic_config=dataclasses.asdict(critic.config), optimizer=optimizer.state_dict(),
+                            iteration=step, kl_coef=kl_coef)
+            plot_metrics(log.path, png_path, panels, title=f"PPO ({cfg.preset or 'custom'}, {cfg.sft_ckpt})")
+    print(f"done: score {metrics.get('score', float('nan')):.4f} | kl {metrics.get('kl', float('nan')):.4f} | "
+          f"saved {ckpt_path} and {png_path} | {time.time() - t_start:.0f}s")
+    return {**metrics, "iterations": cfg.iters, "ckpt_path": ckpt_path, "metrics_path": log.path,
+            "png_path": png_path, "time_s": time.time() - t_start}
+
+
+if __name__ == "__main__":
+    train(parse_config(Config, CONFIGS))

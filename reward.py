@@ -1,0 +1,365 @@
+"""
+Stage 2 of InstructGPT (Ouyang et al. 2022, arXiv:2203.02155, section 3.5 and appendix C.2): train a
+reward model (RM) on human rankings of responses.
+
+The RM is the SFT model with its unembedding replaced by a scalar head (model.ScalarGPT). It reads
+prompt + response + EOS and its score r(x, y) is the head's output at that final EOS token. For a prompt
+x with K ranked responses, all C(K, 2) pairs (y_w preferred to y_l) form ONE batch element:
+
+    loss(theta) = -1/C(K,2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r(x, y_w) - r(x, y_l)) ]    (eq. 1)
+
+so the K responses of a prompt are scored in one forward pass and the correlated pairs of one ranking
+count as one example (the paper found that shuffling them as separate examples overfits in one epoch).
+Since eq. (1) only sees differences of scores, after training the head's bias is set so that the
+labeler demonstrations score 0 on average ("we normalize the reward model using a bias so that the
+labeler demonstrations achieve a mean score of 0 before doing RL"); ppo.py uses that checkpoint as is.
+
+Data: JSON lines, either {"prompt", "chosen", "rejected"} (HH-RLHF, K = 2, written by
+data/hh_rlhf/prepare.py) or {"prompt", "ranked": [best, ..., worst]} (K-way), mixed freely. Pairs of
+identical responses (ties) are dropped and counted.
+
+References: InstructGPT eq. (1) and C.2 (one epoch, lr 9e-6 cosine to 10%, batch 64 prompts);
+Stiennon et al. 2020 (arXiv:2009.01325) section 3.4 and OpenAI's summarize-from-feedback reward model.
+
+    python reward.py --config tiny                     # after: python sft.py --config tiny (~4 min on a CPU)
+    python reward.py --config tiny --init_from scratch  # without an SFT model
+    python reward.py --config small                    # GPT-2 124M from out/sft/ckpt.pt, on a GPU
+"""
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, encode_response, get_tokenizer,
+                    load_model, lr_at, make_adamw, maybe_compile, pad_right, parse_config, plot_metrics,
+                    print_config, read_jsonl, save_checkpoint, setup_device)
+
+
+@dataclass
+class Config:
+    # io
+    out_dir: str = "out/reward"  # ckpt.pt, metrics.jsonl, reward.png, config.json
+    data_dir: str = "data/hh_rlhf"  # file names below are relative to it (absolute paths also work)
+    train_files: str = "comparisons_train.jsonl"  # comma-separated; rows {prompt, chosen, rejected} or {prompt, ranked}
+    val_files: str = "comparisons_val.jsonl"  # comma-separated, same formats
+    demo_file: str = "sft_val.jsonl"  # demonstrations {prompt, response} (or comparisons: their best) for the bias
+    init_from: str = "out/sft/ckpt.pt"  # SFT checkpoint (paper: SFT or GPT-3 6B), a GPT-2 name, or "scratch"
+    preset: str = ""  # name of the --config preset, recorded for the run
+    eval_interval: int = 25  # steps between validation passes (also run at step 0 and at the end)
+    log_interval: int = 1  # steps between progress lines
+    # model (shape used only with init_from=scratch)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    block_size: int = 512
+    dropout: float = 0.0  # off: the reward model should score the same text the same way
+    # DEVIATION: the paper's GPT-3 RM reads up to 2048 tokens; we cut prompts and responses to fit GPT-2's
+    # 1024 positions (and a CPU budget for tiny). Cut pairs still end with EOS, where the score is read.
+    max_prompt_tokens: int = 192  # a longer prompt keeps its end
+    max_response_tokens: int = 96  # a longer response is cut; EOS is appended after it anyway
+    # optim
+    epochs: int = 1  # paper: 1 ("multiple epochs quickly overfit")
+    max_steps: int = 0  # stop after this many steps if > 0 (quick runs)
+    batch_size: int = 8  # prompts per step, each with all its C(K,2) pairs (paper: 64)
+    micro_batch_size: int = 8  # prompts per forward pass; gradients accumulate up to batch_size
+    lr: float = 1e-4  # peak learning rate (paper: 9e-6 for the 6B RM)
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac (paper: 10%)
+    warmup_steps: int = 10  # linear warmup (DEVIATION: C.2 mentions none; it guards the fresh head's first steps)
+    weight_decay: float = 0.0  # AdamW, on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    # system
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+
+
+def _preset(size, **kw):
+    m = MODEL_PRESETS[size]
+    return dict(n_layer=m["n_layer"], n_head=m["n_head"], n_embd=m["n_embd"], block_size=m["block_size"], **kw)
+
+
+# DEVIATION: paper trains one 6B RM for all policy sizes on 33k prompts with K = 4..9 rankings; we train
+# an RM of the policy's own size (from its SFT checkpoint) on HH-RLHF pairs (K = 2), with a learning rate
+# scaled up for smaller models.
+_LONG = dict(max_prompt_tokens=640, max_response_tokens=256)
+CONFIGS = {
+    "tiny": _preset("tiny", lr=1e-4, batch_size=8, micro_batch_size=8),
+    "small": _preset("small", lr=1e-5, batch_size=32, micro_batch_size=8, **_LONG),
+    "medium": _preset("medium", lr=1e-5, batch_size=32, micro_batch_size=4, **_LONG),
+    "large": _preset("large", lr=9e-6, batch_size=64, micro_batch_size=2, **_LONG),
+    "xl": _preset("xl", lr=9e-6, batch_size=64, micro_batch_size=1, **_LONG),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The math
+
+def last_token_index(attention_mask):
+    """(B, T) mask, 1 on real tokens -> (B,) index of the last real token (any padding side)."""
+    T = attention_mask.size(-1)
+    positions = torch.arange(T, device=attention_mask.device)  # (T,)
+    return (attention_mask.long() * positions).max(dim=-1).values  # (B,)
+
+
+def score_sequences(reward_model, ids, attention_mask):
+    """Reward of each sequence: the head's output at its last real token, which must be the EOS that
+    ends the response (never a padding position, never a mean). ids, attention_mask (B, T) -> (B,)."""
+    scores = reward_model(ids, attention_mask)  # (B, T)
+    last = last_token_index(attention_mask)  # (B,)
+    return scores.gather(1, last[:, None]).squeeze(1).float()  # (B,)
+
+
+def preference_loss(r_chosen, r_rejected, prompt_index=None):
+    """InstructGPT eq. (1): -1/C(K,2) sum_pairs log sigmoid(r_w - r_l) per prompt, averaged over prompts.
+
+    r_chosen, r_rejected (P,) are the scores of the preferred and the other response of each pair;
+    prompt_index (P,) says which prompt (ranking) a pair comes from. Every pair of a prompt is weighted
+    1/(its number of pairs), C(K,2) without ties, so each ranking counts once whatever its K. Without
+    prompt_index every pair is its own prompt (K = 2): the mean binary cross-entropy.
+    """
+    losses = -F.logsigmoid(r_chosen - r_rejected)  # (P,)
+    if prompt_index is None:
+        return losses.mean()
+    _, which, n_pairs = torch.unique(prompt_index, return_inverse=True, return_counts=True)
+    return (losses / n_pairs[which]).sum() / len(n_pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: rankings -> token sequences -> batches
+
+def rm_tokens(enc, prompt, response, max_prompt_tokens, max_response_tokens):
+    """prompt + response + EOS as token ids. EOS is appended even after a cut response, so the score is
+    always read at an EOS token (common.encode_response leaves a cut response open, for SFT)."""
+    return (encode_prompt(enc, prompt, max_prompt_tokens)
+            + encode_response(enc, response, max_response_tokens, eos=False) + [EOS])
+
+
+def data_paths(data_dir, names):
+    """Comma-separated file names, relative to data_dir (an absolute name stays as it is)."""
+    return [os.path.join(data_dir, name.strip()) for name in names.split(",") if name.strip()]
+
+
+def read_rankings(paths):
+    """JSON lines files -> [(prompt, [response, ...] best first)]."""
+    rankings = []
+    for path in paths:
+        for i, row in enumerate(read_jsonl(path, what="comparisons")):
+            if "ranked" in row:
+                rankings.append((row["prompt"], list(row["ranked"])))
+            elif "chosen" in row and "rejected" in row:
+                rankings.append((row["prompt"], [row["chosen"], row["rejected"]]))
+            else:
+                sys.exit(f"error: {path} line {i + 1}: expected keys prompt + chosen/rejected or prompt + ranked, "
+                         f"got {sorted(row)}")
+    return rankings
+
+
+def tokenize_rankings(rankings, enc, cfg):
+    """Tokenize once: [{"seqs": K token lists, "pairs": [(w, l), ...]}] and counts of what was dropped.
+
+    Pair (w, l) means response w is ranked above l. A pair of identical responses is a tie and dropped;
+    so is a pair that becomes identical once cut to max_response_tokens (it carries no preference).
+    """
+    examples, counts = [], {"rankings": len(rankings), "pairs": 0, "ties": 0, "ties_after_cut": 0}
+    for prompt, responses in rankings:
+        seqs = [rm_tokens(enc, prompt, r, cfg.max_prompt_tokens, cfg.max_response_tokens) for r in responses]
+        pairs = []
+        for w in range(len(responses)):
+            for l in range(w + 1, len(responses)):
+                if responses[w] == responses[l]:
+                    counts["ties"] += 1
+                elif seqs[w] == seqs[l]:
+                    counts["ties_after_cut"] += 1
+                else:
+                    pairs.append((w, l))
+        if pairs:
+            examples.append({"seqs": seqs, "pairs": pairs})
+            counts["pairs"] += len(pairs)
+    counts["prompts"] = len(examples)
+    return examples, counts
+
+
+def collate(examples):
+    """Rankings -> one right-padded batch of all their responses and the pair indices into it:
+    ids, attention_mask (N, T); winner, loser, prompt_index (P,)."""
+    seqs, winner, loser, prompt_index = [], [], [], []
+    for p, ex in enumerate(examples):
+        for w, l in ex["pairs"]:
+            winner.append(len(seqs) + w)
+            loser.append(len(seqs) + l)
+            prompt_index.append(p)
+        seqs += ex["seqs"]
+    ids, attention_mask = pad_right(seqs)
+    return ids, attention_mask, torch.tensor(winner), torch.tensor(loser), torch.tensor(prompt_index)
+
+
+def read_demonstrations(path):
+    """(prompt, response) pairs from {prompt, response} rows, or the best response of comparison rows."""
+    demos = []
+    for row in read_jsonl(path, what="demonstrations"):
+        best = row["response"] if "response" in row else row["ranked"][0] if "ranked" in row else row["chosen"]
+        demos.append((row["prompt"], best))
+    return demos
+
+
+@torch.no_grad()
+def score_all(reward_model, seqs, device, batch_size, ctx):
+    """Scores (N,) of a list of token sequences, in batches."""
+    scores = []
+    for i in range(0, len(seqs), batch_size):
+        ids, attention_mask = pad_right(seqs[i:i + batch_size])
+        with ctx:
+            scores.append(score_sequences(reward_model, ids.to(device), attention_mask.to(device)).cpu())
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def score_text(reward_model, enc, prompt, response, max_prompt_tokens=Config.max_prompt_tokens,
+               max_response_tokens=Config.max_response_tokens):
+    """The reward of one prompt + response (pass the max_*_tokens of the RM's training config)."""
+    device = next(reward_model.parameters()).device
+    ids = torch.tensor([rm_tokens(enc, prompt, response, max_prompt_tokens, max_response_tokens)], device=device)
+    return score_sequences(reward_model, ids, torch.ones_like(ids)).item()
+
+
+@torch.no_grad()
+def evaluate(reward_model, examples, device, batch_size, ctx):
+    """Validation metrics over all pairs: eq. (1) loss, accuracy (pairs ranked correctly), scores."""
+    reward_model.eval()
+    r_w, r_l, index = [], [], []
+    for i in range(0, len(examples), batch_size):
+        ids, attention_mask, winner, loser, prompt_index = collate(examples[i:i + batch_size])
+        with ctx:
+            scores = score_sequences(reward_model, ids.to(device), attention_mask.to(device)).cpu()  # (N,)
+        r_w.append(scores[winner])
+        r_l.append(scores[loser])
+        index.append(prompt_index + i)
+    r_w, r_l, index = torch.cat(r_w), torch.cat(r_l), torch.cat(index)
+    return {"val/loss": preference_loss(r_w, r_l, index).item(),
+            "val/acc": (r_w > r_l).float().mean().item(),
+            "val/margin": (r_w - r_l).mean().item(),
+            "val/chosen_mean": r_w.mean().item(), "val/chosen_std": r_w.std().item() if len(r_w) > 1 else 0.0,
+            "val/rejected_mean": r_l.mean().item(), "val/rejected_std": r_l.std().item() if len(r_l) > 1 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def train(cfg):
+    t_start = time.time()
+    if cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
+        sys.exit(f"error: SFT checkpoint {cfg.init_from} not found. Run sft.py first "
+                 f"(python sft.py --config {cfg.preset or 'tiny'}), or pass --init_from scratch or a GPT-2 name.")
+    assert cfg.batch_size % cfg.micro_batch_size == 0, "batch_size must be a multiple of micro_batch_size"
+    grad_accum = cfg.batch_size // cfg.micro_batch_size
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    print_config(cfg, cfg.out_dir)
+    device = setup_device(cfg.device, cfg.seed)
+    ctx = autocast(device, cfg.dtype)
+
+    # data, tokenized once
+    enc = get_tokenizer()
+    train_set, train_counts = tokenize_rankings(read_rankings(data_paths(cfg.data_dir, cfg.train_files)), enc, cfg)
+    val_set, val_counts = tokenize_rankings(read_rankings(data_paths(cfg.data_dir, cfg.val_files)), enc, cfg)
+    demos = [rm_tokens(enc, p, r, cfg.max_prompt_tokens, cfg.max_response_tokens)
+             for p, r in read_demonstrations(os.path.join(cfg.data_dir, cfg.demo_file))]
+    print(f"train: {train_counts}\nval: {val_counts}\ndemonstrations: {len(demos)}")
+    assert train_set and val_set and demos, "need training pairs, validation pairs and demonstrations"
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # model: the SFT trunk with a fresh scalar head (InstructGPT 3.5)
+    model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
+    reward_model, _ = load_model(cfg.init_from, kind="scalar", model_cfg=model_cfg, dropout=cfg.dropout,
+                                 device=device)
+    longest = cfg.max_prompt_tokens + cfg.max_response_tokens + 1
+    assert longest <= reward_model.config.block_size, \
+        f"max_prompt_tokens + max_response_tokens + 1 = {longest} exceeds block_size {reward_model.config.block_size}"
+    print(f"reward model: {sum(p.numel() for p in reward_model.parameters()) / 1e6:.1f}M parameters "
+          f"from {cfg.init_from}; {total_steps} steps of {cfg.batch_size} prompts in {grad_accum} micro-batches")
+    model = maybe_compile(reward_model, cfg.compile)
+
+    # optimizer: weight decay on matrices only (never on the head's bias, which eq. (1) cannot see)
+    params = [p for p in reward_model.parameters() if p.requires_grad]
+    optimizer = make_adamw(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+
+    log = MetricsLog(cfg.out_dir, total_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    val_metrics = evaluate(model, val_set, device, cfg.micro_batch_size, ctx)
+    log.log(0, val_metrics, keys=["val/loss", "val/acc"])
+    step, window = 0, []  # window: (loss, accuracy) of the steps since the last validation
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train_set), generator=gen).tolist()
+        for b in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            t0 = time.time()
+            model.train()
+            lr = lr_at(step, cfg.lr, cfg.lr * cfg.min_lr_frac, cfg.warmup_steps, total_steps)  # C.2: cosine to 10%
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = [train_set[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+            loss_sum, correct, n_pairs = 0.0, 0, 0
+            for m in range(0, len(batch), cfg.micro_batch_size):
+                micro = batch[m:m + cfg.micro_batch_size]
+                ids, attention_mask, winner, loser, prompt_index = [t.to(device) for t in collate(micro)]
+                with ctx:
+                    scores = score_sequences(model, ids, attention_mask)  # (N,) all K responses of each prompt
+                # the mean over prompts of the whole batch: weight each micro-batch by its share of prompts
+                loss = preference_loss(scores[winner], scores[loser], prompt_index) * len(micro) / len(batch)
+                loss.backward()
+                loss_sum += loss.item()
+                correct += (scores[winner] > scores[loser]).sum().item()
+                n_pairs += len(winner)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            metrics = {"train/loss": loss_sum, "train/acc": correct / n_pairs, "lr": lr,
+                       "grad_norm": grad_norm.item(), "epoch": epoch + (b + 1) / steps_per_epoch,
+                       "ms_per_step": 1000 * (time.time() - t0)}
+            window.append((loss_sum, correct / n_pairs))
+            if step % cfg.eval_interval == 0 or step == total_steps:
+                # a batch holds only batch_size rankings: average the train metrics over the window
+                metrics["train/loss_avg"] = sum(w[0] for w in window) / len(window)
+                metrics["train/acc_avg"] = sum(w[1] for w in window) / len(window)
+                metrics.update(evaluate(model, val_set, device, cfg.micro_batch_size, ctx))
+                window = []
+            if step % cfg.log_interval == 0 or "val/acc" in metrics:
+                log.log(step, metrics, keys=["train/loss", "train/acc", "val/loss", "val/acc", "ms_per_step"])
+
+    # normalise: shift the head's bias so the demonstrations score 0 on average (InstructGPT end of 3.5)
+    reward_model.eval()
+    demo_mean = score_all(reward_model, demos, device, cfg.micro_batch_size, ctx).mean().item()
+    with torch.no_grad():
+        reward_model.score_head.bias -= demo_mean
+    reward_shift = -demo_mean
+    print(f"normalised: demonstrations scored {demo_mean:+.4f} on average; head bias shifted by {reward_shift:+.4f}")
+    final = evaluate(reward_model, val_set, device, cfg.micro_batch_size, ctx)  # same accuracy, shifted scores
+    ckpt_path = save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), reward_model, cfg,
+                                reward_shift=reward_shift, val_metrics=final)
+    png_path = plot_metrics(log.path, os.path.join(cfg.out_dir, "reward.png"),
+                            {"loss (eq. 1)": ["train/loss_avg", "val/loss"],
+                             "pairwise accuracy": ["train/acc_avg", "val/acc"],
+                             "val scores": ["val/chosen_mean", "val/rejected_mean", "val/margin"]},
+                            title=f"reward model ({cfg.preset or 'custom'}, init {cfg.init_from})")
+    print(f"val accuracy {final['val/acc']:.3f} (chance 0.5) | val loss {final['val/loss']:.4f} | "
+          f"saved {ckpt_path} and {png_path} | {time.time() - t_start:.0f}s")
+    return {**final, "reward_shift": reward_shift, "steps": step, "train_counts": train_counts,
+            "val_counts": val_counts, "ckpt_path": ckpt_path, "metrics_path": log.path, "png_path": png_path,
+            "time_s": time.time() - t_start}
+
+
+if __name__ == "__main__":
+    train(parse_config(Config, CONFIGS))

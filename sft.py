@@ -1,0 +1,306 @@
+"""
+Stage 1 of InstructGPT (Ouyang et al. 2022, arXiv:2203.02155, section 3.5 "Supervised fine-tuning"):
+fine-tune a language model on demonstrations, (prompt, response) pairs of the desired behaviour.
+
+Objective: the ordinary next-token loss, but on the response only. Each example is
+prompt + response + EOS; the loss is the mean negative log-likelihood of the response tokens and of the
+EOS that ends them (so the model learns to stop), averaged over all such tokens of a batch. Prompt
+tokens and padding carry no loss: the model conditions on the prompt, it is not asked to write it.
+
+The best checkpoint by validation loss, out_dir/ckpt.pt, is the starting point of reward.py (the
+reward model's trunk) and ppo.py (the policy, its frozen reference, and the critic's trunk).
+
+    python data/hh_rlhf/prepare.py              # once: writes data/hh_rlhf/sft_{train,val}.jsonl
+    python sft.py --config tiny                 # from scratch, 4x256: ~4 minutes on a busy 2-core CPU
+    python sft.py --config small                # GPT-2 124M on one GPU
+    python sft.py --config small --lr 1e-5 --max_steps 500 --out_dir out/sft_lr1e-5
+    python sft.py --help                        # every option with its default
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import (EOS, GPT2_NAMES, MODEL_PRESETS, MetricsLog, autocast, decode_response, encode_prompt,
+                    encode_response, get_tokenizer, load_model, lr_at, make_adamw, maybe_compile, pad_left, pad_right,
+                    parse_config, plot_metrics, print_config, read_jsonl, save_checkpoint, setup_device)
+from model import token_logprobs
+
+
+@dataclass
+class Config:
+    # io
+    out_dir: str = "out/sft"  # ckpt.pt (best val loss, used by reward.py and ppo.py), last.pt, metrics.jsonl, sft.png
+    data_dir: str = "data/hh_rlhf"  # holds sft_train.jsonl and sft_val.jsonl ({"prompt", "response"} rows)
+    preset: str = ""  # name of the --config preset, recorded by parse_config
+    eval_interval: int = 100  # evaluate (val loss, samples, best checkpoint) every this many optimizer steps
+    eval_examples: int = 512  # validation demonstrations for the val loss (the first N, the same each time)
+    num_eval_samples: int = 2  # validation prompts answered greedily at each evaluation
+    max_new_tokens: int = 48  # length limit of those sample responses
+    # data
+    max_prompt_tokens: int = 384  # prompt budget; a longer prompt keeps its end (the latest turns)
+    max_response_tokens: int = 128  # response budget including its EOS; a longer response is cut, without EOS
+    # model
+    init_from: str = "gpt2"  # "scratch", a GPT-2 name (gpt2, gpt2-medium, ...), a HF folder, or a .pt checkpoint
+    n_layer: int = 12  # model shape, used when init_from == "scratch"
+    n_head: int = 12  # (same)
+    n_embd: int = 768  # (same)
+    block_size: int = 1024  # (same) maximum sequence length
+    dropout: float = 0.2  # InstructGPT 3.5: residual dropout 0.2 (this one knob also drops attention and embeddings)
+    # optim
+    max_steps: int = 2000  # optimizer steps; epochs = max_steps * batch_size * grad_accum / #train demonstrations
+    batch_size: int = 8  # demonstrations per micro-batch
+    grad_accum: int = 4  # micro-batches per optimizer step; InstructGPT C.1: batch 32 for 1.3B and 6B
+    lr: float = 2e-5  # peak learning rate; InstructGPT C.1: 9.65e-6 for 1.3B and 6B, 5.03e-6 for 175B
+    min_lr: float = 2e-6  # end of the cosine decay; InstructGPT C.1: 10% of the peak
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only (biases and LayerNorms excluded)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+    # system
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "bfloat16"  # autocast dtype on CUDA ("float32" to disable); CPU always runs float32
+    compile: bool = False  # torch.compile the transformer (CUDA only)
+    seed: int = 1337
+
+
+# The model part comes from common.MODEL_PRESETS; `tiny` trains from scratch, the others start from GPT-2.
+CONFIGS = {
+    # A few minutes on 2 CPU cores: shows the val loss falling from ~10.8 (uniform over 50257 tokens).
+    "tiny": {**MODEL_PRESETS["tiny"], "init_from": GPT2_NAMES["tiny"], "dropout": 0.0,
+             "max_prompt_tokens": 128, "max_response_tokens": 64, "batch_size": 8, "grad_accum": 1,
+             "max_steps": 200, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20, "eval_interval": 50,
+             "eval_examples": 64},
+    # One GPU: batch 32 through gradient accumulation, ~1.5 epochs of helpful-base (43.8k demonstrations).
+    "small": {**MODEL_PRESETS["small"], "init_from": GPT2_NAMES["small"], "batch_size": 8, "grad_accum": 4,
+              "max_steps": 2000, "lr": 2e-5, "min_lr": 2e-6},
+    "medium": {**MODEL_PRESETS["medium"], "init_from": GPT2_NAMES["medium"], "batch_size": 4, "grad_accum": 8,
+               "max_steps": 2000, "lr": 1e-5, "min_lr": 1e-6},
+    "large": {**MODEL_PRESETS["large"], "init_from": GPT2_NAMES["large"], "batch_size": 4, "grad_accum": 8,
+              "max_steps": 2000, "lr": 1e-5, "min_lr": 1e-6},
+    "xl": {**MODEL_PRESETS["xl"], "init_from": GPT2_NAMES["xl"], "batch_size": 2, "grad_accum": 16,
+           "max_steps": 2000, "lr": 1e-5, "min_lr": 1e-6},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The math
+
+def sft_loss(logits, targets, loss_mask):
+    """Mean negative log-likelihood of `targets` over the positions where loss_mask is 1.
+
+    logits (..., V), targets (...), loss_mask (...) -> scalar. The mean is over all counted tokens of the
+    batch (sum of NLL / number of tokens), not a mean of per-sequence means: every response token weighs
+    the same, as in ordinary language-model training.
+    """
+    nll = -token_logprobs(logits, targets)  # (...)
+    mask = loss_mask.float()  # (...)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+def batch_loss(trunk, lm_head, x, y, loss_mask):
+    """sft_loss of a right-padded batch, running the output layer only where loss_mask is 1.
+
+    Equal to sft_loss(model(x), y, loss_mask): the other positions are masked anyway, and the 50k-wide
+    output layer is most of a small model's compute (3x faster for `tiny` on CPU). Right padding needs no
+    attention mask: causal attention never looks ahead, so real tokens never see the padding after them.
+    """
+    h = trunk(x)  # (B, T, C)
+    keep = loss_mask.bool()  # (B, T)
+    logits = lm_head(h[keep])  # (N, V), N = number of response tokens in the batch
+    return sft_loss(logits, y[keep], loss_mask[keep])
+
+
+def accumulate_gradients(trunk, lm_head, micro, ctx):
+    """Backpropagate the SFT loss of one optimizer step made of micro-batches [(x, y, loss_mask)]; return it.
+
+    Each micro-batch's mean is weighted by its share of the step's response tokens, so the loss (and the
+    gradient) is the mean over all of them, exactly as if the micro-batches were one batch.
+    """
+    n_step = sum(int(loss_mask.sum()) for _, _, loss_mask in micro)  # response tokens in the whole step
+    loss = 0.0
+    for x, y, loss_mask in micro:
+        with ctx:
+            mb_loss = batch_loss(trunk, lm_head, x, y, loss_mask) * int(loss_mask.sum()) / max(n_step, 1)
+        mb_loss.backward()
+        loss += mb_loss.item()
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: demonstrations tokenized once, batched with a loss mask
+
+def encode_demo(enc, prompt, response, max_prompt_tokens, max_response_tokens):
+    """One demonstration -> (tokens, n_prompt, prompt_cut, response_cut).
+
+    tokens = prompt + response + EOS within the budgets: a long prompt keeps its end, a long response is
+    cut and then carries no EOS (it did not end there).
+    """
+    p = encode_prompt(enc, prompt, max_prompt_tokens + 1)  # one extra token tells whether it was cut
+    r = encode_response(enc, response, max_response_tokens)
+    return p[-max_prompt_tokens:] + r, min(len(p), max_prompt_tokens), len(p) > max_prompt_tokens, r[-1] != EOS
+
+
+def collate(examples):
+    """[(tokens, n_prompt)] -> x, y, loss_mask, each (B, T-1), right-padded.
+
+    y is x shifted by one (the logits at position t predict token t + 1); loss_mask is 1 where y is a
+    response token or its EOS, 0 on the prompt and on padding.
+    """
+    ids, attention_mask = pad_right([tokens for tokens, _ in examples])  # (B, T)
+    x, y = ids[:, :-1], ids[:, 1:]  # (B, T-1)
+    target_pos = torch.arange(1, ids.size(1))[None, :]  # (1, T-1): position of y[:, t] in the sequence
+    n_prompt = torch.tensor([n for _, n in examples])[:, None]  # (B, 1)
+    loss_mask = (target_pos >= n_prompt) & attention_mask[:, 1:].bool()  # (B, T-1)
+    return x, y, loss_mask.long()
+
+
+def index_batches(n, batch_size, seed):
+    """Endless batches of indices into range(n): each epoch is a fresh shuffle, every example once."""
+    g = torch.Generator().manual_seed(seed)
+    pending = []
+    while True:
+        pending += torch.randperm(n, generator=g).tolist()
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+
+
+def load_demos(path, enc, cfg, split):
+    """Read and tokenize a split once; print its size and how many prompts/responses were cut."""
+    rows = read_jsonl(path, f"SFT {split}")
+    assert rows, f"{path} is empty: no demonstrations to train on"
+    for i, r in enumerate(rows):
+        assert isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("prompt", "response")), (
+            f"{path}: line {i + 1} is not a {{'prompt': str, 'response': str}} object")
+    encoded = [encode_demo(enc, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens)
+               for r in rows]
+    n_tokens = sum(len(t) for t, *_ in encoded)
+    print(f"{split}: {len(rows)} demonstrations, {n_tokens} tokens, prompts cut to their last {cfg.max_prompt_tokens} "
+          f"tokens: {sum(e[2] for e in encoded)}, responses cut to {cfg.max_response_tokens} tokens (no EOS): "
+          f"{sum(e[3] for e in encoded)}")
+    return [(tokens, n_prompt) for tokens, n_prompt, *_ in encoded]
+
+
+@torch.no_grad()
+def evaluate(trunk, lm_head, demos, batch_size, ctx, device):
+    """Validation loss: mean NLL over every response token of `demos` (same weighting as training)."""
+    total, count = 0.0, 0
+    for i in range(0, len(demos), batch_size):
+        x, y, loss_mask = (t.to(device) for t in collate(demos[i:i + batch_size]))
+        n = int(loss_mask.sum())
+        with ctx:
+            total += batch_loss(trunk, lm_head, x, y, loss_mask).item() * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy_responses(model, enc, prompts, max_new_tokens, ctx, device):
+    """Decode the model's greedy (temperature 0) response to each token list in `prompts`."""
+    if not prompts:
+        return []
+    ids, attention_mask = pad_left(prompts)  # (B, T)
+    with ctx:
+        out = model.generate(ids.to(device), max_new_tokens, temperature=0, eos_token_id=EOS,
+                             attention_mask=attention_mask.to(device))
+    rows = out[:, ids.size(1):].tolist()
+    return [decode_response(enc, row) for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def train(cfg):
+    print_config(cfg, cfg.out_dir)
+    assert min(cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.max_prompt_tokens, cfg.max_response_tokens) >= 1, (
+        "max_steps, batch_size, grad_accum, max_prompt_tokens and max_response_tokens must all be >= 1")
+    device = setup_device(cfg.device, cfg.seed)
+    ctx = autocast(device, cfg.dtype)
+
+    # data: tokenized once, here
+    enc = get_tokenizer()
+    train_demos = load_demos(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc, cfg, "train")
+    val_demos = load_demos(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc, cfg, "val")[:cfg.eval_examples]
+    sample_prompts = [tokens[:n_prompt] for tokens, n_prompt in val_demos[:cfg.num_eval_samples]]
+    demos_per_step = cfg.batch_size * cfg.grad_accum
+    print(f"{demos_per_step} demonstrations per step x {cfg.max_steps} steps = "
+          f"{cfg.max_steps * demos_per_step / len(train_demos):.2f} epochs of {len(train_demos)}")
+    # DEVIATION: InstructGPT trains SFT for 16 epochs and notes the val loss overfits after 1 epoch while
+    # the RM score keeps improving; we train ~1-2 epochs because we select by val loss (see below).
+
+    # model
+    model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
+    model, _ = load_model(cfg.init_from, "gpt", model_cfg, cfg.dropout, device)
+    block_size = model.config.block_size
+    assert cfg.max_prompt_tokens + cfg.max_response_tokens <= block_size, (
+        f"max_prompt_tokens {cfg.max_prompt_tokens} + max_response_tokens {cfg.max_response_tokens} > block_size "
+        f"{block_size}: a full demonstration would not fit in the model's context; lower the token budgets")
+    assert cfg.max_prompt_tokens + cfg.max_new_tokens <= block_size, (
+        f"max_prompt_tokens + max_new_tokens ({cfg.max_new_tokens}) > block_size {block_size}: lower max_new_tokens")
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters from {cfg.init_from}, block_size {block_size}")
+    use_compile = cfg.compile and device.type == "cuda"
+    if cfg.compile and not use_compile:
+        print("note: --compile is used on CUDA only; running eagerly")
+    trunk = maybe_compile(model.transformer, use_compile)  # compiled view; `model` keeps the plain weights
+
+    # optimizer: weight decay on matrices (embeddings and Linear weights), not on biases or LayerNorm gains
+    optimizer = make_adamw(model.parameters(), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+
+    log = MetricsLog(cfg.out_dir, cfg.max_steps)
+    ckpt_path, last_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "last.pt")
+    png_path = os.path.join(cfg.out_dir, "sft.png")
+    batches = index_batches(len(train_demos), cfg.batch_size, cfg.seed)
+    best_val, best_step, metrics, t_start = float("inf"), 0, {}, time.time()
+
+    for step in range(cfg.max_steps + 1):  # `step` = optimizer updates done so far; step 0 evaluates the init
+        if step > 0:
+            # one optimizer step over grad_accum micro-batches
+            t0 = time.time()
+            lr = lr_at(step - 1, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            # DEVIATION: InstructGPT (C.1) uses no warmup; a short one keeps a from-scratch `tiny` stable.
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [[t.to(device) for t in collate([train_demos[i] for i in next(batches)])]
+                     for _ in range(cfg.grad_accum)]
+            loss = accumulate_gradients(trunk, model.lm_head, micro, ctx)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.time() - t0
+            tokens = sum(x.numel() for x, _, _ in micro)  # positions processed, padding included
+            metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tokens / dt,
+                       "ms_per_step": 1000 * dt}
+
+        evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        if evaluating:
+            model.eval()
+            metrics["val_loss"] = evaluate(trunk, model.lm_head, val_demos, cfg.batch_size, ctx, device)
+        log.log(step, metrics, keys=["loss", "val_loss", "lr", "grad_norm", "tok_per_s", "ms_per_step"])
+        if evaluating:
+            # DEVIATION: InstructGPT selects the final SFT model by reward-model score on validation prompts;
+            # we select by validation loss, because the reward model is trained after (and from) this one.
+            if metrics["val_loss"] < best_val:
+                best_val, best_step = metrics["val_loss"], step
+                save_checkpoint(ckpt_path, model, cfg, step=step, val_loss=best_val, best_val_loss=best_val)
+            responses = greedy_responses(model, enc, sample_prompts, cfg.max_new_tokens, ctx, device)
+            for prompt, response in zip(sample_prompts, responses):
+                print(f"---- prompt (end): ...{enc.decode(prompt)[-200:]!r}\n---- greedy response: {response!r}")
+            plot_metrics(log.path, png_path, {"loss (response tokens)": ["loss", "val_loss"], "learning rate": ["lr"]},
+                         title=f"sft.py --config {cfg.preset}" if cfg.preset else "sft.py")
+            model.train()
+
+    val_loss, loss = metrics["val_loss"], metrics.get("loss", float("nan"))
+    save_checkpoint(last_path, model, cfg, step=cfg.max_steps, val_loss=val_loss, best_val_loss=best_val)
+    wall = time.time() - t_start
+    print(f"done: {cfg.max_steps} steps in {wall:.0f}s, train loss {loss:.4f}, val loss {val_loss:.4f} "
+          f"(best {best_val:.4f} at step {best_step} -> {ckpt_path})")
+    return {"steps": cfg.max_steps, "train_loss": loss, "val_loss": val_loss, "best_val_loss": best_val,
+            "best_step": best_step, "tok_per_s": metrics.get("tok_per_s", 0.0), "time_s": wall, "ckpt_path": ckpt_path,
+            "last_path": last_path, "metrics_path": log.path, "plot_path": png_path}
+
+
+if __name__ == "__main__":
+    train(parse_config(Config, CONFIGS))

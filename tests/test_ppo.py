@@ -1,0 +1,277 @@
+"""PPO (ppo.py): each piece of math against a reference written here, rollout/update consistency, learning
+on a programmatic reward, KL control, and train() end to end with checkpoint, plot and resume."""
+import copy
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import ppo
+from common import EOS, get_tokenizer, load_model, pad_left, save_checkpoint
+from model import GPT, GPTConfig, ScalarGPT, token_logprobs
+from reward import score_sequences
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "ppo")
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=128, max_prompt_tokens=48, max_new_tokens=8)
+
+
+def tiny_config(tmp_path, **kw):
+    return ppo.Config(**{**TINY, "out_dir": str(tmp_path / "out"), "data_dir": FIXTURES, "sft_ckpt": "scratch",
+                         "reward_ckpt": "scratch", "device": "cpu", "iters": 2, "batch_size": 8,
+                         "minibatch_size": 4, "noptepochs": 2, "eval_interval": 1, "eval_prompts": 4,
+                         "sample_every": 1, "n_samples": 1, "lr": 1e-3, "warmup_iters": 1, **kw})
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+def ragged_mask(lengths, T):
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()  # (B, T)
+
+
+def test_gae_matches_naive_loop():
+    torch.manual_seed(0)
+    lengths, T, gamma, lam = [5, 1, 7, 3], 7, 0.9, 0.8
+    mask = ragged_mask(lengths, T)
+    rewards, values = torch.randn(4, T), torch.randn(4, T)  # garbage on padding on purpose
+    advantages, returns = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    for i, L in enumerate(lengths):  # A_t = sum_l (gamma lam)^l delta_{t+l}, V = 0 after the last token
+        v = lambda t: values[i, t].item() if t < L else 0.0
+        for t in range(L):
+            ref = sum((gamma * lam) ** l * (rewards[i, t + l].item() + gamma * v(t + l + 1) - v(t + l))
+                      for l in range(L - t))
+            assert abs(advantages[i, t].item() - ref) < 1e-5, (i, t, advantages[i, t].item(), ref)
+            assert abs(returns[i, t].item() - (ref + values[i, t].item())) < 1e-5
+        assert torch.all(advantages[i, L:] == 0) and torch.all(returns[i, L:] == 0), "padding must get nothing"
+
+
+def test_whiten_gives_masked_mean_zero_variance_one():
+    torch.manual_seed(0)
+    mask = ragged_mask([6, 2, 4], 6)
+    x = torch.randn(3, 6) * 5 + 3
+    w = ppo.whiten(x, mask)
+    real = w[mask.bool()]
+    print(f"mean {real.mean().item():.2e} var {real.var(unbiased=False).item():.6f}")
+    assert abs(real.mean().item()) < 1e-5 and abs(real.var(unbiased=False).item() - 1) < 1e-4
+    assert torch.all(w[~mask.bool()] == 0)
+
+
+def test_policy_loss_hand_computed_clipping():
+    # ratio = exp(logprobs - old): 1.5 (clipped to 1.2 for A > 0), 0.5 (clipped to 0.8 for A < 0), and the
+    # two cases where min() keeps the unclipped term, plus ratio 1.1 inside the range; the 6th is padding.
+    ratios = torch.tensor([[1.5, 0.5, 1.5, 0.5, 1.1, 3.0]])
+    advantages = torch.tensor([[2.0, -1.0, -1.0, 3.0, 1.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    old = torch.zeros(1, 6)
+    loss, clipfrac, approx_kl = ppo.ppo_policy_loss(ratios.log(), old, advantages, mask, cliprange=0.2)
+    # -min(r A, clip(r) A): 1.2 * 2 | 0.8 * -1 | 1.5 * -1 (unclipped is worse) | 0.5 * 3 (unclipped) | 1.1
+    objective = [1.2 * 2.0, 0.8 * -1.0, 1.5 * -1.0, 0.5 * 3.0, 1.1 * 1.0]
+    assert abs(loss.item() - (-sum(objective) / 5)) < 1e-6
+    assert abs(clipfrac.item() - 2 / 5) < 1e-6  # the first two are clipped
+    r = ratios[0, :5]
+    assert abs(approx_kl.item() - (r - 1 - r.log()).mean().item()) < 1e-6
+
+
+def test_policy_loss_gradient_vanishes_where_clipped():
+    logprobs = torch.tensor([[1.5, 0.5, 1.1]]).log().requires_grad_()
+    advantages = torch.tensor([[2.0, -1.0, 1.0]])
+    loss, _, _ = ppo.ppo_policy_loss(logprobs, torch.zeros(1, 3), advantages, torch.ones(1, 3), 0.2)
+    loss.backward()
+    assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 1] == 0 and logprobs.grad[0, 2] != 0
+
+
+def test_value_loss_clips_as_specified():
+    old = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.1, -0.5, 9.0]])
+    returns = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, clipfrac = ppo.ppo_value_loss(values, old, returns, mask, cliprange_value=0.2)
+    # clipped values 0.2, 0.1, -0.2; max of squared errors: (0.2-1)^2 > (0.5-1)^2 | both 0.81 | 1.5^2 > 1.2^2
+    expected = 0.5 * ((0.8 ** 2) + (0.9 ** 2) + (1.5 ** 2)) / 3
+    assert abs(loss.item() - expected) < 1e-6
+    assert abs(clipfrac.item() - 1 / 3) < 1e-6  # only the first uses the clipped value
+
+
+def test_kl_reward_puts_score_on_last_real_token():
+    torch.manual_seed(0)
+    mask = ragged_mask([3, 5, 1], 5)
+    scores = torch.tensor([1.0, -2.0, 0.5])
+    logprobs, ref_logprobs = torch.randn(3, 5), torch.randn(3, 5)
+    rewards, kl = ppo.compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    expected = -0.1 * (logprobs - ref_logprobs) * mask
+    for i, last in enumerate([2, 4, 0]):
+        expected[i, last] += scores[i]
+    torch.testing.assert_close(rewards, expected)
+    assert torch.all(rewards[~mask.bool()] == 0) and torch.all(kl[~mask.bool()] == 0)
+    # policy == ref: the KL part is exactly zero, only the scores remain
+    rewards, kl = ppo.compute_rewards(scores, logprobs, logprobs.clone(), mask, kl_coef=0.1)
+    assert torch.all(kl == 0) and torch.equal(rewards.sum(1), scores)
+
+
+def test_adaptive_kl_controller_proportional_and_clipped():
+    # Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon
+    assert ppo.adaptive_kl_coef(0.1, 6.6, 6.0, 100, 10) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, 60.0, 6.0, 100, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, 0.0, 6.0, 100, 10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+
+
+def test_response_mask_keeps_first_eos_and_nothing_after():
+    responses = torch.tensor([[5, 6, EOS, EOS, EOS], [EOS, EOS, EOS, EOS, EOS], [1, 2, 3, 4, 5]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    assert torch.equal(ppo.response_mask_from_eos(responses), expected)
+
+
+def test_entropy_sample_estimate_matches_exact_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 8, 5) * 2
+    exact = ppo.entropy_from_logits(logits, temperature=0.7)  # (4, 8)
+    probs = torch.softmax(logits / 0.7, -1)
+    torch.testing.assert_close(exact, -(probs * probs.log()).sum(-1))
+    samples = torch.multinomial(probs.view(-1, 5), 4000, replacement=True)  # (32, 4000)
+    estimate = -probs.view(-1, 5).log().gather(1, samples).mean(1)  # what rollout() logs
+    assert (estimate - exact.view(-1)).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def test_policy_logprobs_match_full_forward_token_logprobs():
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    ids, attention_mask = pad_left([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    P = 4  # the last 3 columns are the "response"
+    ours = ppo.policy_logprobs(policy, ids, attention_mask, P, temperature=0.7)
+    logits = policy(ids, attention_mask)  # (B, T, V), the model's own path
+    ref = token_logprobs(logits[:, P - 1:-1], ids[:, P:], temperature=0.7)
+    print(f"max diff {(ours - ref).abs().max().item():.2e}")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_score_read_at_eos_appended_when_missing():
+    torch.manual_seed(0)
+    rm = ScalarGPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))
+    ids = torch.tensor([[EOS, 7, 8, 9, EOS, EOS], [5, 6, 7, 1, 2, 3]])  # row 0: left pad, EOS; row 1: no EOS
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    scores = ppo.score_responses(rm, ids, attention_mask, has_eos=torch.tensor([True, False]))
+    s0 = score_sequences(rm, torch.tensor([[7, 8, 9, EOS]]), torch.ones(1, 4, dtype=torch.long))
+    s1 = score_sequences(rm, torch.tensor([[5, 6, 7, 1, 2, 3, EOS]]), torch.ones(1, 7, dtype=torch.long))
+    torch.testing.assert_close(scores, torch.cat([s0, s1]), atol=1e-5, rtol=0)
+
+
+def letters():
+    """Token ids of "a", "b", "c", "d" (single bytes in GPT-2's BPE)."""
+    return [get_tokenizer().encode_ordinary(c)[0] for c in "abcd"]
+
+
+@pytest.fixture(scope="session")
+def letters_policy(tmp_path_factory):
+    """A tiny 'SFT' policy: after any fixture prompt it writes 1-10 random letters from a, b, c, d then
+    EOS. Trained here in a few seconds so a programmatic reward has signal at initialisation (a random
+    GPT spreads its samples over all 50257 tokens), and so rollouts mix early EOS with none."""
+    enc = get_tokenizer()
+    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], TINY["max_prompt_tokens"])
+               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))]
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
+                           block_size=TINY["block_size"]))
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    ids_letters = torch.tensor(letters())
+    R = 11  # a response is at most 10 letters + EOS; left padding puts every response at the end of its row
+    for step in range(60):
+        rows, n_resp = [], []
+        for i in torch.randint(len(prompts), (16,)).tolist():
+            n = int(torch.randint(1, 11, ()))
+            rows.append(prompts[i] + ids_letters[torch.randint(4, (n,))].tolist() + [EOS])
+            n_resp.append(n + 1)
+        ids, attention_mask = pad_left(rows)
+        logprobs = ppo.policy_logprobs(policy, ids, attention_mask, ids.size(1) - R, 1.0)  # (16, R)
+        target_mask = torch.arange(R)[None, :] >= R - torch.tensor(n_resp)[:, None]  # (16, R)
+        loss = -ppo.masked_mean(logprobs, target_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"letters policy: final loss {loss.item():.3f} (uniform over 4 letters ~1.39 + EOS)")
+    path = str(tmp_path_factory.mktemp("letters") / "policy.pt")
+    save_checkpoint(path, policy, ppo.Config())
+    return path
+
+
+def count_a(queries, query_mask, responses, response_mask):
+    """Programmatic reward: how many response tokens are the letter "a"."""
+    return ((responses == letters()[0]) & response_mask).sum(1).float()
+
+
+def test_rollout_logprobs_are_what_the_update_recomputes(letters_policy):
+    """ratio == 1 on the first minibatch: left-padded prompts, temperature != 1, early EOS in the batch."""
+    cfg = ppo.Config(**{**TINY, "temperature": 0.7, "max_new_tokens": 8, "minibatch_size": 4})
+    policy, _ = load_model(letters_policy, "gpt")
+    ref_policy = copy.deepcopy(policy)
+    torch.manual_seed(0)
+    critic = ScalarGPT(policy.config)
+    enc = get_tokenizer()
+    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
+               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))][:8]
+    queries, query_mask = pad_left(prompts)
+    assert len({len(p) for p in prompts}) > 1, "need left padding"
+    batch, _ = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, 0.1, reward_fn=count_a,
+                           generator=torch.Generator().manual_seed(0))
+    lengths = batch["response_mask"].sum(1)
+    print(f"response lengths {lengths.tolist()} of {batch['responses'].size(1)}")
+    assert (lengths < batch["responses"].size(1)).any() and batch["has_eos"].any() and not batch["has_eos"].all()
+    assert torch.all(batch["kl"] == 0), "policy == ref: zero KL"
+    for idx in (torch.tensor([5, 0, 3, 6]), torch.arange(8)):
+        mb = ppo.minibatch(batch, idx)
+        logprobs = ppo.policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"], cfg.temperature)
+        ratio = torch.exp(logprobs - mb["logprobs"])[mb["response_mask"]]
+        print(f"max |ratio - 1| = {(ratio - 1).abs().max().item():.2e}")
+        assert (ratio - 1).abs().max() < 1e-5
+
+
+def run_letters(tmp_path, letters_policy, kl_coef, iters):
+    cfg = tiny_config(tmp_path, sft_ckpt=letters_policy, iters=iters, batch_size=16, minibatch_size=8,
+                      noptepochs=4, lr=3e-3, kl_coef=kl_coef, eval_interval=iters, sample_every=iters,
+                      warmup_iters=1)
+    result = ppo.train(cfg, reward_fn=count_a)
+    rows = [json.loads(line) for line in open(result["metrics_path"])]
+    return [r for r in rows if r["step"] > 0], result  # step 0 is the evaluation before training
+
+
+def test_ppo_raises_a_programmatic_reward_and_kl_coef_holds_it_back(tmp_path, letters_policy):
+    rows, result = run_letters(tmp_path / "free", letters_policy, kl_coef=0.01, iters=12)
+    first, last = sum(r["score"] for r in rows[:3]) / 3, sum(r["score"] for r in rows[-3:]) / 3
+    print(f"kl_coef 0.01: score {first:.2f} -> {last:.2f}, kl {rows[-1]['kl']:.2f}")
+    assert last > first + 1.5, "mean count of 'a' should rise clearly"
+    assert all(torch.isfinite(torch.tensor(r["kl"])) for r in rows) and rows[-1]["kl"] < 30
+    rows_kl, _ = run_letters(tmp_path / "held", letters_policy, kl_coef=3.0, iters=12)
+    last_kl = sum(r["score"] for r in rows_kl[-3:]) / 3
+    print(f"kl_coef 3: score -> {last_kl:.2f}, kl {rows_kl[-1]['kl']:.3f}")
+    assert rows_kl[-1]["kl"] < 0.25 * rows[-1]["kl"] and last_kl < last - 0.5
+
+
+# ---------------------------------------------------------------------------------------------- train()
+
+def test_train_writes_metrics_plot_checkpoint_and_resumes(tmp_path):
+    cfg = tiny_config(tmp_path, ptx_coef=0.5, ptx_batch_size=4, missing_eos_penalty=1.0)
+    result = ppo.train(cfg)
+    rows = [json.loads(line) for line in open(result["metrics_path"])]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("score", "reward", "kl", "kl_coef", "entropy", "pg_loss", "vf_loss", "approx_kl", "pg_clipfrac",
+                "vf_clipfrac", "explained_var", "resp_len", "eos_frac", "lr", "t_iter", "t_generate",
+                "t_update", "eval_score", "eval_kl", "ptx_loss"):
+        assert key in rows[-1], key
+    assert os.path.getsize(result["png_path"]) > 0
+    policy, ckpt = load_model(result["ckpt_path"], "gpt")  # loadable by sample.py as a plain GPT
+    assert ckpt["kind"] == "gpt" and ckpt["iteration"] == 2 and "critic" in ckpt and "optimizer" in ckpt
+    # resume: continues at iteration 3 with the saved policy, critic and optimizer
+    resumed = ppo.train(dataclasses.replace(cfg, iters=3, resume=True))
+    rows = [json.loads(line) for line in open(resumed["metrics_path"])]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert load_model(resumed["ckpt_path"], "gpt")[1]["iteration"] == 3
+
+
+def test_train_adaptive_kl_on_shared_hh(tmp_path, hh_prepared):
+    cfg = tiny_config(tmp_path, data_dir=hh_prepared, iters=2, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+    result = ppo.train(cfg)
+    rows = [json.loads(line) for line in open(result["metrics_path"])]
+    assert len(rows) == 3 and os.path.exists(result["ckpt_path"]) and os.path.exists(result["png_path"])
+    assert rows[2]["kl_coef"] != rows[1]["kl_coef"], "adaptive controller should move kl_coef"

@@ -1,0 +1,201 @@
+"""Reward model (reward.py): eq. (1) against references, score read at EOS, learning, normalisation, data paths."""
+import itertools
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reward
+from common import EOS, get_tokenizer, load_model, pad_left, pad_right
+from model import GPTConfig, ScalarGPT
+
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, max_prompt_tokens=16, max_response_tokens=24)
+WORDS = ("apple river stone cloud green table music paper light window garden yellow horse street "
+         "summer silver bread candle forest letter").split()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def synthetic_preferences(n, seed, marker="banana"):
+    """The chosen response contains `marker` somewhere, the rejected one never; both random words."""
+    rng = random.Random(seed)
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
+    rows = []
+    for _ in range(n):
+        chosen = words(rng.randint(3, 8)).split()
+        chosen.insert(rng.randint(0, len(chosen)), marker)
+        rows.append({"prompt": f"\n\nHuman: say {words(2)}\n\nAssistant:", "chosen": " " + " ".join(chosen),
+                     "rejected": " " + words(rng.randint(3, 9))})
+    return rows
+
+
+def tiny_config(tmp_path, **kw):
+    return reward.Config(**{**TINY, "out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path),
+                            "init_from": "scratch", "device": "cpu", "eval_interval": 10, "log_interval": 10,
+                            "batch_size": 8, "micro_batch_size": 8, "lr": 1e-3, "warmup_steps": 5, **kw})
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+def test_preference_loss_matches_bce_and_hand_computation():
+    r_w = torch.tensor([1.0, -0.5, 2.0, 0.0])
+    r_l = torch.tensor([0.0, 0.5, -1.0, 0.0])
+    ours = reward.preference_loss(r_w, r_l)
+    bce = F.binary_cross_entropy_with_logits(r_w - r_l, torch.ones(4))
+    hand = sum(-math.log(1 / (1 + math.exp(-(w - l)))) for w, l in zip(r_w.tolist(), r_l.tolist())) / 4
+    print(f"ours {ours.item():.6f} bce {bce.item():.6f} hand {hand:.6f}")
+    torch.testing.assert_close(ours, bce)
+    assert abs(ours.item() - hand) < 1e-6
+    # K = 2: one pair per prompt, so passing prompt indices changes nothing
+    torch.testing.assert_close(reward.preference_loss(r_w, r_l, torch.arange(4)), bce)
+
+
+def test_k4_ranking_gives_6_pairs_scaled_by_1_over_c_k_2_once():
+    # two prompts: K = 4 (6 pairs) and K = 2 (1 pair); each prompt's pairs are averaged, then the prompts
+    rankings = [("p", ["a", "b", "c", "d"]), ("q", ["e", "f"])]
+    examples, counts = reward.tokenize_rankings(rankings, get_tokenizer(), reward.Config(**TINY))
+    assert [len(ex["pairs"]) for ex in examples] == [6, 1] and counts["pairs"] == 7
+    assert examples[0]["pairs"] == list(itertools.combinations(range(4), 2))
+    ids, attention_mask, winner, loser, prompt_index = reward.collate(examples)
+    assert ids.shape[0] == 6 and prompt_index.tolist() == [0] * 6 + [1]
+    scores = torch.randn(6)
+    ours = reward.preference_loss(scores[winner], scores[loser], prompt_index)
+    per_prompt = []
+    for offset, k in ((0, 4), (4, 2)):
+        pairs = list(itertools.combinations(range(k), 2))
+        total = sum(-math.log(torch.sigmoid(scores[offset + w] - scores[offset + l]).item()) for w, l in pairs)
+        per_prompt.append(total / math.comb(k, 2))
+    hand = sum(per_prompt) / 2
+    print(f"ours {ours.item():.6f} hand {hand:.6f}")
+    assert abs(ours.item() - hand) < 1e-5
+    # scaling twice (per-pair mean of the batch, or 1/C(K,2) on top of a mean) would give something else
+    assert abs(ours.item() - reward.preference_loss(scores[winner], scores[loser]).item()) > 1e-3
+
+
+def test_ties_are_dropped_and_counted():
+    rankings = [("p", ["a", "b", "a", "c"]), ("q", ["same", "same"])]
+    examples, counts = reward.tokenize_rankings(rankings, get_tokenizer(), reward.Config(**TINY))
+    assert counts["ties"] == 2 and counts["pairs"] == 5 and counts["prompts"] == 1
+    assert (0, 2) not in examples[0]["pairs"]
+
+
+# ---------------------------------------------------------------------------------------------- score at EOS
+
+def test_last_token_index_any_padding_side():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert reward.last_token_index(mask).tolist() == [2, 4, 2, 4]
+
+
+def test_score_read_at_eos_whatever_the_padding():
+    torch.manual_seed(0)
+    model = ScalarGPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+    torch.nn.init.normal_(model.score_head.weight, std=1.0)  # scores of order 1, so differences show
+    enc = get_tokenizer()
+    seq = reward.rm_tokens(enc, "\n\nHuman: hi there\n\nAssistant:", " Hello, how can I help?", 16, 24)
+    assert seq[-1] == EOS
+    with torch.no_grad():
+        alone = model(torch.tensor([seq]))[0, -1]
+        for left, right in [(0, 0), (3, 0), (0, 5), (7, 2), (1, 11)]:
+            ids = torch.tensor([[EOS] * left + seq + [EOS] * right])
+            attention_mask = torch.tensor([[0] * left + [1] * len(seq) + [0] * right])
+            score = reward.score_sequences(model, ids, attention_mask)
+            torch.testing.assert_close(score, alone[None], atol=1e-5, rtol=1e-5)
+        # and in a mixed batch with a shorter sequence, both padding sides
+        short = seq[:5] + [EOS]
+        for pad in (pad_left, pad_right):
+            ids, attention_mask = pad([seq, short])
+            scores = reward.score_sequences(model, ids, attention_mask)
+            torch.testing.assert_close(scores[0], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(scores[1], model(torch.tensor([short]))[0, -1], atol=1e-5, rtol=1e-5)
+        # not vacuous: another position (or the mean) gives a different number
+        full = model(torch.tensor([seq]))[0]
+        assert (full[-2] - alone).abs() > 1e-3 and (full.mean() - alone).abs() > 1e-3
+
+
+def test_cut_response_still_ends_with_eos():
+    enc = get_tokenizer()
+    seq = reward.rm_tokens(enc, "prompt", " one two three four five six seven eight", 16, 3)
+    assert len(seq) == len(enc.encode_ordinary("prompt")) + 3 + 1 and seq[-1] == EOS
+
+
+# ---------------------------------------------------------------------------------------------- train()
+
+@pytest.fixture(scope="module")
+def trained_on_marker(tmp_path_factory):
+    """The real train() on a synthetic preference: chosen responses contain "banana"."""
+    tmp = tmp_path_factory.mktemp("marker")
+    write_jsonl(tmp / "comparisons_train.jsonl", synthetic_preferences(320, seed=0))
+    val = synthetic_preferences(64, seed=1)
+    write_jsonl(tmp / "comparisons_val.jsonl", val)
+    write_jsonl(tmp / "sft_val.jsonl", [{"prompt": r["prompt"], "response": r["chosen"]} for r in val])
+    cfg = tiny_config(tmp)
+    return cfg, reward.train(cfg)
+
+
+def test_reward_model_learns_synthetic_preference(trained_on_marker):
+    cfg, result = trained_on_marker
+    rows = [json.loads(line) for line in open(result["metrics_path"])]
+    first = next(r for r in rows if "val/acc" in r)
+    print(f"val acc {first['val/acc']:.3f} -> {result['val/acc']:.3f} in {result['steps']} steps, "
+          f"val loss {first['val/loss']:.3f} -> {result['val/loss']:.3f}")
+    assert result["steps"] == 40
+    assert result["val/acc"] >= 0.95
+    assert result["val/loss"] < first["val/loss"] - 0.3
+    assert os.path.isfile(result["png_path"]) and os.path.isfile(os.path.join(cfg.out_dir, "config.json"))
+
+
+def test_normalised_demonstrations_score_mean_zero(trained_on_marker):
+    cfg, result = trained_on_marker
+    reward_model, ckpt = load_model(result["ckpt_path"], kind="scalar")
+    assert ckpt["kind"] == "scalar" and abs(ckpt["reward_shift"] - result["reward_shift"]) < 1e-9
+    enc = get_tokenizer()
+    demos = reward.read_demonstrations(os.path.join(cfg.data_dir, cfg.demo_file))
+    scores = [reward.score_text(reward_model.eval(), enc, p, r, cfg.max_prompt_tokens, cfg.max_response_tokens)
+              for p, r in demos]
+    print(f"mean demo score after normalisation {sum(scores) / len(scores):+.2e} (shift {result['reward_shift']:+.3f})")
+    assert abs(sum(scores) / len(scores)) < 1e-4
+    assert abs(result["val/chosen_mean"]) < 1e-4  # the val chosen responses are the demonstrations here
+
+
+def test_k_way_rankings_train_through_the_same_path(tmp_path):
+    ranked = []
+    for row in synthetic_preferences(24, seed=2):
+        # best has the marker twice, then once, then none; one ranking has a duplicated response (a tie)
+        two = row["chosen"] + " banana"
+        ranked.append({"prompt": row["prompt"], "ranked": [two, row["chosen"], row["rejected"], " stone"]})
+    ranked[0]["ranked"].append(ranked[0]["ranked"][2])
+    write_jsonl(tmp_path / "ranked_train.jsonl", ranked)
+    write_jsonl(tmp_path / "pairs_train.jsonl", synthetic_preferences(8, seed=3))
+    write_jsonl(tmp_path / "comparisons_val.jsonl", ranked[1:5] + synthetic_preferences(4, seed=4))
+    cfg = tiny_config(tmp_path, train_files="ranked_train.jsonl, pairs_train.jsonl", demo_file="comparisons_val.jsonl",
+                      batch_size=4, micro_batch_size=2)
+    result = reward.train(cfg)
+    counts = result["train_counts"]
+    assert counts["rankings"] == 32 and counts["ties"] == 1
+    assert counts["pairs"] == 24 * 6 + (math.comb(5, 2) - 1 - 6) + 8  # K=4 -> 6 pairs; the K=5 row 10 - 1 tie
+    assert result["steps"] == 8 and math.isfinite(result["val/loss"])
+    assert result["val_counts"]["pairs"] == 4 * 6 + 4
+
+
+def test_train_on_shared_hh_few_steps(hh_prepared, tmp_path):
+    cfg = reward.Config(**{**TINY, "block_size": 128, "max_prompt_tokens": 64, "max_response_tokens": 32},
+                        out_dir=str(tmp_path / "out"), data_dir=hh_prepared, init_from="scratch", device="cpu",
+                        max_steps=3, eval_interval=3, batch_size=4, micro_batch_size=4)
+    result = reward.train(cfg)
+    assert result["steps"] == 3 and result["train_counts"]["pairs"] > 1000
+    assert math.isfinite(result["val/loss"]) and 0.0 <= result["val/acc"] <= 1.0
+    assert os.path.isfile(result["ckpt_path"]) and os.path.isfile(result["png_path"])
+
+
+def test_missing_sft_checkpoint_says_run_sft_first(tmp_path):
+    with pytest.raises(SystemExit, match="sft.py"):
+        reward.train(reward.Config(init_from=str(tmp_path / "sft" / "ckpt.pt"), out_dir=str(tmp_path / "out")))

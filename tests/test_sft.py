@@ -1,0 +1,177 @@
+"""Tests for sft.py: the response-only loss, the demonstration encoding and mask, and train() end to end."""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sft
+from common import EOS, get_tokenizer, load_model, lr_at
+from model import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H, A = "\n\nHuman: ", "\n\nAssistant:"
+DEMOS = [
+    {"prompt": H + "What is the capital of France?" + A, "response": " Paris is the capital of France."},
+    {"prompt": H + "Can you help me bake bread?" + A + " Sure! What kind?" + H + "Sourdough." + A,
+     "response": " You need a starter, flour, water and salt."},
+    {"prompt": H + "Say hi." + A, "response": " Hi!"},
+    {"prompt": H + "Name a colour." + A, "response": " Blue, like the sea on a clear day."},
+]
+
+
+def write_data(data_dir, train_rows, val_rows):
+    os.makedirs(data_dir, exist_ok=True)
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        with open(os.path.join(data_dir, f"sft_{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(data_dir)
+
+
+def tiny_config(tmp_path, data_dir, **overrides):
+    """A 2-layer, 64-wide model from scratch: a few ms per step on CPU."""
+    cfg = dict(out_dir=str(tmp_path / "out"), data_dir=data_dir, init_from="scratch", n_layer=2, n_head=2,
+               n_embd=64, block_size=128, dropout=0.0, max_prompt_tokens=48, max_response_tokens=24,
+               batch_size=4, grad_accum=1, max_steps=20, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+               eval_interval=10, eval_examples=8, num_eval_samples=1, max_new_tokens=4, device="cpu")
+    cfg.update(overrides)
+    return sft.Config(**cfg)
+
+
+def test_sft_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    B, T, V = 3, 5, 11
+    logits, targets = torch.randn(B, T, V), torch.randint(0, V, (B, T))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]])
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                total -= F.log_softmax(logits[b, t].double(), dim=-1)[targets[b, t]].item()
+                count += 1
+    expected = total / count  # mean over all response tokens of the batch, not a mean of row means
+    got = sft.sft_loss(logits, targets, mask).item()
+    print(f"sft_loss {got:.6f} vs hand {expected:.6f}, diff {abs(got - expected):.2e}")
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_prompt_targets_and_padding_never_change_the_loss():
+    torch.manual_seed(1)
+    B, T, V = 2, 6, 13
+    logits, targets = torch.randn(B, T, V), torch.randint(0, V, (B, T))
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])  # row 0: prompt, response, padding
+    base = sft.sft_loss(logits, targets, mask)
+    other_targets = torch.where(mask.bool(), targets, (targets + 5) % V)  # every masked-out target changed
+    other_logits = torch.where(mask.bool()[..., None], logits, 100 * torch.randn(B, T, V))
+    assert sft.sft_loss(logits, other_targets, mask) == base
+    assert sft.sft_loss(other_logits, targets, mask) == base
+
+
+def test_encoded_mask_covers_exactly_response_and_eos():
+    enc = get_tokenizer()
+    examples = []
+    for d in DEMOS[:3]:
+        tokens, n_prompt, prompt_cut, response_cut = sft.encode_demo(enc, d["prompt"], d["response"], 64, 32)
+        assert not prompt_cut and not response_cut
+        assert tokens == enc.encode_ordinary(d["prompt"]) + enc.encode_ordinary(d["response"]) + [EOS]
+        examples.append((tokens, n_prompt))
+    x, y, loss_mask = sft.collate(examples)  # rows of different lengths: padding on the right
+    assert x.shape == y.shape == loss_mask.shape == (3, max(len(t) for t, _ in examples) - 1)
+    for i, (d, (tokens, n_prompt)) in enumerate(zip(DEMOS, examples)):
+        assert x[i, :len(tokens) - 1].tolist() == tokens[:-1] and y[i, :len(tokens) - 1].tolist() == tokens[1:]
+        assert y[i][loss_mask[i].bool()].tolist() == enc.encode_ordinary(d["response"]) + [EOS]
+        # the first counted position is the last prompt token, which predicts the first response token
+        assert loss_mask[i].nonzero()[0].item() == n_prompt - 1
+        assert loss_mask[i, len(tokens) - 1:].sum() == 0  # padding
+
+
+def test_encode_demo_keeps_prompt_end_and_cuts_long_response_without_eos():
+    enc = get_tokenizer()
+    prompt = H + "one two three four five six seven eight nine ten" + A
+    response = " alpha beta gamma delta epsilon zeta eta theta"
+    tokens, n_prompt, prompt_cut, response_cut = sft.encode_demo(enc, prompt, response, 5, 4)
+    assert prompt_cut and response_cut and n_prompt == 5 and len(tokens) == 9
+    assert tokens[:5] == enc.encode_ordinary(prompt)[-5:]  # the end of the prompt, "...Assistant:"
+    assert tokens[5:] == enc.encode_ordinary(response)[:4] and EOS not in tokens
+
+
+def test_batch_loss_equals_loss_on_full_logits():
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=EOS + 1)).eval()
+    examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p) for n, p in ((12, 5), (7, 3), (20, 11))]
+    x, y, loss_mask = sft.collate(examples)
+    attention_mask = (torch.arange(x.size(1))[None] < torch.tensor([len(t) - 1 for t, _ in examples])[:, None])
+    full = sft.sft_loss(model(x, attention_mask.long()), y, loss_mask)  # explicit padding mask
+    fast = sft.batch_loss(model.transformer, model.lm_head, x, y, loss_mask)  # selected logits, no mask
+    print(f"batch_loss {fast.item():.6f} vs full logits {full.item():.6f}")
+    assert fast.item() == pytest.approx(full.item(), abs=1e-5)
+
+
+def test_lr_warms_up_then_decays_to_min_lr():
+    lrs = [lr_at(s, 1e-3, 1e-4, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, 1e-3, 1e-4, 10, 100) == pytest.approx(1e-4)
+
+
+def test_tiny_model_overfits_a_few_demonstrations(tmp_path):
+    data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
+    cfg = tiny_config(tmp_path, data_dir, max_steps=40, lr=1e-2, min_lr=1e-3, warmup_steps=10, eval_interval=40)
+    result = sft.train(cfg)
+    print(f"train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
+    assert result["train_loss"] < 0.05 and result["val_loss"] < 0.05  # val = train here: memorised
+
+
+def test_train_writes_checkpoints_plot_and_metrics(tmp_path):
+    data_dir = write_data(tmp_path / "data", DEMOS * 3, DEMOS[:2])
+    result = sft.train(tiny_config(tmp_path, data_dir, max_steps=10, eval_interval=5, grad_accum=2))
+    for key in ("ckpt_path", "last_path", "metrics_path", "plot_path"):
+        assert os.path.isfile(result[key]), key
+    rows = [json.loads(line) for line in open(result["metrics_path"])]
+    assert [r["step"] for r in rows] == list(range(11))
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 10]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    model, ckpt = load_model(result["ckpt_path"])
+    assert isinstance(model, GPT) and ckpt["config"]["n_embd"] == 64 and ckpt["val_loss"] == result["best_val_loss"]
+    assert torch.load(result["last_path"], weights_only=True)["step"] == 10
+    if os.path.isfile(os.path.join(REPO, "sample.py")):
+        out = subprocess.run([sys.executable, "sample.py", "--init_from", result["ckpt_path"], "--prompt", "Hello",
+                              "--max_new_tokens", "5", "--device", "cpu"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+
+
+def test_train_on_shared_hh_data(hh_prepared, tmp_path):
+    cfg = tiny_config(tmp_path, hh_prepared, max_prompt_tokens=96, max_response_tokens=32, batch_size=8,
+                      max_steps=8, eval_interval=8, eval_examples=16)
+    result = sft.train(cfg)
+    rows = [json.loads(line) for line in open(result["metrics_path"])]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+
+def test_clear_errors_for_missing_data_and_small_block_size(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        sft.train(tiny_config(tmp_path, str(tmp_path / "nowhere")))
+    data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
+    with pytest.raises(AssertionError, match="block_size"):
+        sft.train(tiny_config(tmp_path, data_dir, block_size=64, max_prompt_tokens=48, max_response_tokens=24))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=EOS + 1))
+    examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p) for n, p in ((12, 5), (7, 3), (20, 11), (9, 8))]
+    micro = [sft.collate(examples[:1]), sft.collate(examples[1:])]  # 1 + 3 rows: unequal token counts
+    loss = sft.accumulate_gradients(model.transformer, model.lm_head, micro, contextlib.nullcontext())
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    x, y, loss_mask = sft.collate(examples)
+    big = sft.sft_loss(model(x), y, loss_mask)
+    big.backward()
+    assert loss == pytest.approx(big.item(), abs=1e-5)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
