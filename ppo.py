@@ -442,6 +442,8 @@ def train(cfg, reward_fn=None):
     assert len(train_prompts) >= cfg.batch_size, f"{len(train_prompts)} prompts < batch_size {cfg.batch_size}"
     ptx_batches = None
     if cfg.ptx_coef > 0:
+        # DEVIATION: the paper's ptx batches come from GPT-3's pretraining mix; we have no such corpus here,
+        # so the "pretraining distribution" is the HH dialogues themselves (prompt + chosen response).
         texts = read_jsonl(os.path.join(cfg.data_dir, "sft_train.jsonl"), what="pretraining text (ptx)")
         seqs = [(enc.encode_ordinary(r["prompt"] + r["response"]) + [EOS])[:cfg.ptx_max_tokens] for r in texts]
         ptx_batches = ptx_iterator(seqs, cfg.ptx_batch_size, cfg.seed, device)

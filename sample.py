@@ -87,11 +87,13 @@ def main(cfg):
             sys.exit(f"error: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
                      f"{model.config.block_size}")
         queries = []
-        for p in prompts:
-            ids = enc.encode_ordinary(p)
-            if len(ids) > budget:
-                sys.exit(f"error: prompt of {len(ids)} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
+        for i, p in enumerate(prompts):
+            n = len(enc.encode_ordinary(p))
+            if n > budget and not cfg.prompt_file:
+                sys.exit(f"error: prompt of {n} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
                          f"model's block_size {model.config.block_size}: shorten the prompt or lower max_new_tokens")
+            if n > budget:  # prompts from a file keep their end (the latest turns), as in training
+                print(f"note: prompt {i + 1} ({n} tokens) cut to its last {budget} tokens to fit block_size")
             queries += [encode_prompt(enc, p, budget)] * cfg.num_samples
         idx, mask = pad_left(queries)  # (N, T)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same samples for every checkpoint

@@ -64,3 +64,12 @@ def test_checkpoint_of_another_shape_is_refused_clearly(tiny_ckpt, tmp_path):
     torch.save(ckpt, bad)
     out = run_sample("--init_from", str(bad), "--device", "cpu")
     assert out.returncode != 0 and "do not fit this model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_long_prompts_from_a_file_keep_their_end(tiny_ckpt, tmp_path):
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("word " * 100 + "THE END\n")
+    out = run_sample("--init_from", tiny_ckpt, "--prompt_file", str(prompts), "--max_new_tokens", "4",
+                     "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "cut to its last 60 tokens" in out.stdout
