@@ -8,9 +8,11 @@ in its own file.
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import typing
@@ -58,6 +60,15 @@ def _parse_optional(t):
     return parse
 
 
+def _field_comments(config_cls):
+    """{field: its trailing comment} from the dataclass source, so --help shows each field's meaning."""
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.M)}
+
+
 def parse_config(config_cls, presets, argv=None):
     """Build a `config_cls` from `--config NAME` (a key of `presets`) and `--field value` overrides."""
     fields = dataclasses.fields(config_cls)
@@ -69,11 +80,13 @@ def parse_config(config_cls, presets, argv=None):
                                 sys.exit(f"error: {msg}\nvalid options: --config, {names}"))
     parser.add_argument("--config", choices=sorted(presets), help="named preset (applied before the flags)")
     defaults = config_cls()
+    docs = _field_comments(config_cls)
     for f in fields:
         t = _field_type(config_cls, f)
         parse = _parse_bool if t is bool else _parse_optional(t) if getattr(defaults, f.name) is None else t
+        doc = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".lstrip()
         parser.add_argument(f"--{f.name}", type=parse, default=None, metavar=t.__name__.upper(),
-                            help=f"default: {getattr(defaults, f.name)!r}")
+                            help=doc.replace("%", "%%"))  # argparse %-formats help strings
     args = parser.parse_args(argv)
     values = dict(presets[args.config]) if args.config else {}
     unknown = set(values) - {f.name for f in fields}
@@ -312,8 +325,8 @@ class MetricsLog:
 
     def log(self, step, metrics, keys=None):
         """Log `metrics` for `step` (1-based); print `keys` (default: all) with the ETA."""
-        if self.step0 is None:
-            self.step0, self.t0 = step - 1, time.time()
+        if self.step0 is None:  # the clock starts at the first logged step; ETA from the steps since
+            self.step0, self.t0 = step, time.time()
         elapsed = time.time() - self.t0
         eta = elapsed / max(step - self.step0, 1) * (self.total - step)
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
