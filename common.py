@@ -327,13 +327,13 @@ class MetricsLog:
         """Log `metrics` for `step` (1-based); print `keys` (default: all) with the ETA."""
         if self.step0 is None:  # the clock starts at the first logged step; ETA from the steps since
             self.step0, self.t0 = step, time.time()
-        elapsed = time.time() - self.t0
-        eta = elapsed / max(step - self.step0, 1) * (self.total - step)
+        done = step - self.step0
+        eta = format_time((time.time() - self.t0) / done * (self.total - step)) if done > 0 else "?"
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         shown = " | ".join(f"{k} {_fmt(metrics[k])}" for k in (keys or metrics) if k in metrics)
-        print(f"step {step}/{self.total} | {shown} | eta {format_time(eta)}", flush=True)
+        print(f"step {step}/{self.total} | {shown} | eta {eta}", flush=True)
 
 
 def _fmt(v):
