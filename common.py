@@ -98,6 +98,18 @@ def parse_config(config_cls, presets, argv=None):
     return config_cls(**values)
 
 
+def run(train, config_cls, presets):
+    """A stage's command-line entry: parse the flags, then train(). A failed check of the settings (an
+    assert with a message, e.g. token budgets that do not fit block_size) ends with its message alone."""
+    cfg = parse_config(config_cls, presets)
+    try:
+        return train(cfg)
+    except AssertionError as e:
+        if not str(e):
+            raise  # an assert without a message is a bug, keep its traceback
+        sys.exit(f"error: {e}")
+
+
 def print_config(cfg, out_dir=None):
     """Print the resolved config and save it as out_dir/config.json."""
     d = dataclasses.asdict(cfg)
@@ -204,7 +216,8 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu")
         try:
             lm = GPT.from_pretrained(init_from, dropout=dropout)
         except (RuntimeError, ValueError, OSError) as e:
-            sys.exit(f"error: could not load GPT-2 weights '{init_from}': {e}")
+            sys.exit(f"error: could not load GPT-2 weights '{init_from}': {e}. A folder holding config.json and "
+                     f"model.safetensors also works as --init_from.")
         model = lm if cls is GPT else _transplant(lm.state_dict(), lm.config, cls)
     else:
         if not init_from.endswith(".pt") and not os.path.exists(init_from):

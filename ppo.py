@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, get_tokenizer, load_checkpoint,
-                    load_model, make_adamw, pad_left, pad_right, parse_config, plot_metrics, print_config,
-                    read_jsonl, save_checkpoint, setup_device)
+                    load_model, make_adamw, pad_left, pad_right, plot_metrics, print_config, read_jsonl,
+                    run, save_checkpoint, setup_device)
 from model import GPTConfig, ScalarGPT, token_logprobs
 from reward import last_token_index, score_sequences
 from sft import index_batches
@@ -533,4 +533,4 @@ def train(cfg, reward_fn=None):
 
 
 if __name__ == "__main__":
-    train(parse_config(Config, CONFIGS))
+    run(train, Config, CONFIGS)

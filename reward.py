@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, encode_response, get_tokenizer,
-                    load_model, lr_at, make_adamw, maybe_compile, pad_right, parse_config, plot_metrics,
-                    print_config, read_jsonl, save_checkpoint, setup_device)
+                    load_model, lr_at, make_adamw, maybe_compile, pad_right, plot_metrics,
+                    print_config, read_jsonl, run, save_checkpoint, setup_device)
 
 
 @dataclass
@@ -362,4 +362,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(parse_config(Config, CONFIGS))
+    run(train, Config, CONFIGS)

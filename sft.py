@@ -25,7 +25,7 @@ import torch
 
 from common import (EOS, GPT2_NAMES, MODEL_PRESETS, MetricsLog, autocast, decode_response, encode_prompt,
                     encode_response, get_tokenizer, load_model, lr_at, make_adamw, maybe_compile, pad_left, pad_right,
-                    parse_config, plot_metrics, print_config, read_jsonl, save_checkpoint, setup_device)
+                    plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device)
 from model import token_logprobs
 
 
@@ -303,4 +303,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(parse_config(Config, CONFIGS))
+    run(train, Config, CONFIGS)

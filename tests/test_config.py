@@ -62,3 +62,10 @@ def test_help_lists_every_field_with_its_meaning_and_default(script):
 def test_model_size_presets_are_gpt2_shapes():
     assert MODEL_PRESETS["small"] == dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
     assert MODEL_PRESETS["xl"]["n_embd"] == 1600
+
+
+def test_settings_that_cannot_work_end_with_one_message(tmp_path):
+    out = subprocess.run([sys.executable, "ppo.py", "--config", "tiny", "--batch_size", "10", "--minibatch_size", "4",
+                          "--out_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "error: batch_size must be a multiple of minibatch_size" in out.stderr and "Traceback" not in out.stderr
