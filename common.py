@@ -285,27 +285,26 @@ def encode_response(enc, text, max_tokens, eos=True):
     return ids + [EOS] if eos else ids
 
 
-def pad_left(seqs, pad_id=EOS):
-    """List of token lists -> (ids, attention_mask), both LongTensor (B, T_max), padding on the left."""
+def pad(seqs, side, pad_id=EOS):
+    """List of token lists -> (ids, attention_mask), both LongTensor (B, T_max), padded on `side`."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
+        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
     return ids, mask
+
+
+def pad_left(seqs, pad_id=EOS):
+    """Prompts for generation: left padding, so every row's next token goes in the same column."""
+    return pad(seqs, "left", pad_id)
 
 
 def pad_right(seqs, pad_id=EOS):
-    """List of token lists -> (ids, attention_mask), both LongTensor (B, T_max), padding on the right."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
+    """Training sequences: right padding, which causal attention never sees from a real token."""
+    return pad(seqs, "right", pad_id)
 
 
 def read_jsonl(path, what="data"):
