@@ -209,10 +209,12 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         kv_cache = None
         if use_cache:
-            C, nh = self.config.n_embd, self.config.n_head
-            p = self.lm_head.weight
-            kv_cache = [(torch.empty(B, nh, T + max_new_tokens, C // nh, dtype=p.dtype, device=p.device),
-                         torch.empty(B, nh, T + max_new_tokens, C // nh, dtype=p.dtype, device=p.device))
+            C, nh, device = self.config.n_embd, self.config.n_head, self.lm_head.weight.device
+            # keys/values are stored in the dtype they are computed in (bf16 under autocast: half the memory)
+            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                     else self.lm_head.weight.dtype)
+            kv_cache = [(torch.empty(B, nh, T + max_new_tokens, C // nh, dtype=dtype, device=device),
+                         torch.empty(B, nh, T + max_new_tokens, C // nh, dtype=dtype, device=device))
                         for _ in range(self.config.n_layer)]
         past_len, n = 0, T
         for _ in range(max_new_tokens):

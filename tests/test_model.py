@@ -194,3 +194,13 @@ def test_scalar_model_loads_trunk_from_a_gpt_checkpoint(tmp_path):
     lm2, _ = load_model(path, kind="gpt")
     assert torch.equal(lm2(idx), lm(idx))
     assert json.loads(json.dumps(ckpt["model_config"])) == ckpt["model_config"]
+
+
+def test_kv_cache_under_bf16_autocast_equals_recomputation():
+    # the GPU path (bf16 autocast, cache in bf16) run on CPU
+    model = tiny_gpt(6)
+    idx, mask = left_padded_batch([4, 10, 7], TINY.vocab_size, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = model.generate(idx, 12, temperature=0.0, attention_mask=mask)
+        recomputed = model.generate(idx, 12, temperature=0.0, attention_mask=mask, use_cache=False)
+    assert torch.equal(cached, recomputed)
