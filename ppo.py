@@ -103,11 +103,6 @@ class Config:
     seed: int = 1337
 
 
-def _preset(size, **kw):
-    m = MODEL_PRESETS[size]
-    return dict(n_layer=m["n_layer"], n_head=m["n_head"], n_embd=m["n_embd"], block_size=m["block_size"], **kw)
-
-
 # DEVIATION: paper uses batches of 512 episodes, 64 per minibatch, one inner epoch, a 6B critic for every
 # policy size and an EMA of the policy weights (decay 0.992); we use smaller batches, 4 epochs (Ziegler et
 # al. 2019) to get more out of each expensive rollout, a critic of the policy's size, and no EMA.
@@ -115,12 +110,13 @@ _GPU = dict(max_prompt_tokens=512, max_new_tokens=128, batch_size=64, minibatch_
             cliprange=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, kl_coef=0.02, eval_prompts=64)
 # DEVIATION (tiny only): lr 1e-4, prompts cut to 128 tokens, 2 epochs, so a CPU run takes ~4 minutes.
 CONFIGS = {
-    "tiny": _preset("tiny", max_prompt_tokens=128, max_new_tokens=48, iters=40, batch_size=16, minibatch_size=8,
-                    noptepochs=2, lr=1e-4, warmup_iters=5, eval_interval=10, eval_prompts=32, sample_every=10),
-    "small": _preset("small", lr=5e-6, iters=500, gradient_accumulation_steps=2, **_GPU),
-    "medium": _preset("medium", lr=3e-6, iters=500, gradient_accumulation_steps=4, **_GPU),
-    "large": _preset("large", lr=2e-6, iters=500, gradient_accumulation_steps=8, **_GPU),
-    "xl": _preset("xl", lr=1.5e-6, iters=500, gradient_accumulation_steps=16, **_GPU),
+    "tiny": dict(MODEL_PRESETS["tiny"], max_prompt_tokens=128, max_new_tokens=48, iters=40, batch_size=16,
+                 minibatch_size=8, noptepochs=2, lr=1e-4, warmup_iters=5, eval_interval=10, eval_prompts=32,
+                 sample_every=10),
+    "small": dict(MODEL_PRESETS["small"], lr=5e-6, iters=500, gradient_accumulation_steps=2, **_GPU),
+    "medium": dict(MODEL_PRESETS["medium"], lr=3e-6, iters=500, gradient_accumulation_steps=4, **_GPU),
+    "large": dict(MODEL_PRESETS["large"], lr=2e-6, iters=500, gradient_accumulation_steps=8, **_GPU),
+    "xl": dict(MODEL_PRESETS["xl"], lr=1.5e-6, iters=500, gradient_accumulation_steps=16, **_GPU),
 }
 
 
@@ -193,12 +189,6 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
     with torch.no_grad():
         clipfrac = masked_mean((losses_clipped > losses).float(), mask)
     return loss, clipfrac
-
-
-def entropy_from_logits(logits, temperature=1.0):
-    """Entropy of softmax(logits / temperature) (B, T, V) -> (B, T): logsumexp(z) - sum_v p_v z_v."""
-    z = logits.float() / temperature
-    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
 def explained_variance(values, returns, mask):
@@ -300,7 +290,7 @@ def rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg, 
     batch.update(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards, kl=kl,
                  advantages=advantages, returns=returns)
     # entropy: E_y~pi[-log pi(y)], estimated from the sampled tokens (free; the exact value would cost
-    # another pass over the (B, R, V) logits, see entropy_from_logits)
+    # another pass over the (B, R, V) logits)
     stats = {"score": batch["scores"].mean().item(), "reward": rewards.sum(1).mean().item(),
              "kl": kl.sum(1).mean().item(), "entropy": masked_mean(-logprobs, mask).item(),
              "explained_var": explained_variance(values, returns, mask).item(),

@@ -81,21 +81,16 @@ class Config:
     seed: int = 1337
 
 
-def _preset(size, **kw):
-    m = MODEL_PRESETS[size]
-    return dict(n_layer=m["n_layer"], n_head=m["n_head"], n_embd=m["n_embd"], block_size=m["block_size"], **kw)
-
-
 # DEVIATION: paper trains one 6B RM for all policy sizes on 33k prompts with K = 4..9 rankings; we train
 # an RM of the policy's own size (from its SFT checkpoint) on HH-RLHF pairs (K = 2), with a learning rate
 # scaled up for smaller models.
 _LONG = dict(max_prompt_tokens=640, max_response_tokens=256)
 CONFIGS = {
-    "tiny": _preset("tiny", lr=1e-4, batch_size=8, micro_batch_size=8),
-    "small": _preset("small", lr=1e-5, batch_size=32, micro_batch_size=8, **_LONG),
-    "medium": _preset("medium", lr=1e-5, batch_size=32, micro_batch_size=4, **_LONG),
-    "large": _preset("large", lr=9e-6, batch_size=64, micro_batch_size=2, **_LONG),
-    "xl": _preset("xl", lr=9e-6, batch_size=64, micro_batch_size=1, **_LONG),
+    "tiny": dict(MODEL_PRESETS["tiny"], lr=1e-4, batch_size=8, micro_batch_size=8),
+    "small": dict(MODEL_PRESETS["small"], lr=1e-5, batch_size=32, micro_batch_size=8, **_LONG),
+    "medium": dict(MODEL_PRESETS["medium"], lr=1e-5, batch_size=32, micro_batch_size=4, **_LONG),
+    "large": dict(MODEL_PRESETS["large"], lr=9e-6, batch_size=64, micro_batch_size=2, **_LONG),
+    "xl": dict(MODEL_PRESETS["xl"], lr=9e-6, batch_size=64, micro_batch_size=1, **_LONG),
 }
 
 

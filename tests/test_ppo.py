@@ -123,11 +123,11 @@ def test_response_mask_keeps_first_eos_and_nothing_after():
 
 
 def test_entropy_sample_estimate_matches_exact_entropy():
+    # rollout() logs the entropy as the mean of -log pi(y) over sampled tokens; check it estimates the exact one
     torch.manual_seed(0)
     logits = torch.randn(4, 8, 5) * 2
-    exact = ppo.entropy_from_logits(logits, temperature=0.7)  # (4, 8)
     probs = torch.softmax(logits / 0.7, -1)
-    torch.testing.assert_close(exact, -(probs * probs.log()).sum(-1))
+    exact = -(probs * probs.log()).sum(-1)  # (4, 8)
     samples = torch.multinomial(probs.view(-1, 5), 4000, replacement=True)  # (32, 4000)
     estimate = -probs.view(-1, 5).log().gather(1, samples).mean(1)  # what rollout() logs
     assert (estimate - exact.view(-1)).abs().max() < 0.1
