@@ -41,7 +41,7 @@ import torch
 
 from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, get_tokenizer, load_checkpoint,
                     load_model, make_adamw, pad_left, pad_right, plot_metrics, print_config, read_jsonl,
-                    run, save_checkpoint, setup_device)
+                    run, save_checkpoint, setup_device, check_finite)
 from model import GPTConfig, ScalarGPT, token_logprobs
 from reward import last_token_index, score_sequences
 from sft import index_batches
@@ -101,6 +101,8 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
     seed: int = 1337
+
+    RANGES = {"temperature": "> 0"}  # stricter than common.FIELD_RANGES: logprobs divide the logits by it
 
 
 # DEVIATION: paper uses batches of 512 episodes, 64 per minibatch, one inner epoch, a 6B critic for every
@@ -312,9 +314,10 @@ def minibatch(batch, idx):
     return mb
 
 
-def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None):
+def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None, iteration="?"):
     """Step 6: `noptepochs` passes over shuffled minibatches; returns the mean of each loss statistic.
-    `generator` (a CPU torch.Generator) shuffles the minibatches."""
+    `generator` (a CPU torch.Generator) shuffles the minibatches; `iteration` names the step if the loss
+    diverges."""
     policy.train()
     critic.train()
     B = batch["ids"].size(0)
@@ -337,6 +340,7 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
                     ptx_loss = lm_loss(policy, *next(ptx_batches))
                     loss = loss + cfg.ptx_coef * ptx_loss
                     stats["ptx_loss"].append(ptx_loss.item())
+                check_finite(loss, iteration, "the PPO loss")
                 (loss / cfg.gradient_accumulation_steps).backward()
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
                              ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
@@ -457,7 +461,7 @@ def train(cfg, reward_fn=None):
     elif reward_model is not None:
         critic = copy.deepcopy(reward_model).requires_grad_(True)
     else:
-        critic, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device)
+        critic, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, transplant=True)
     ref_policy.eval().requires_grad_(False)
     longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
     for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
@@ -493,12 +497,15 @@ def train(cfg, reward_fn=None):
         queries, query_mask = prompt_batch(train_prompts, cfg.batch_size, it, cfg.seed, device)
         with ctx:
             # 1. rollout, 2. score, 3. logprobs and values, 4. KL-shaped reward, 5. GAE
-            batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg, kl_coef,
-                                     reward_fn, torch.Generator(device=device).manual_seed(cfg.seed + it))
+            try:
+                batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg,
+                                         kl_coef, reward_fn, torch.Generator(device=device).manual_seed(cfg.seed + it))
+            except FloatingPointError as e:  # NaN/inf logits in generate: the last update broke the policy
+                check_finite(float("nan"), it + 1, "a logit of the policy while sampling")
             # 6. PPO epochs (7. with the ptx loss when ptx_coef > 0)
             t1 = time.time()
             metrics.update(ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches,
-                                      torch.Generator().manual_seed(cfg.seed + it)))
+                                      torch.Generator().manual_seed(cfg.seed + it), iteration=it + 1))
         metrics.update(kl_coef=kl_coef, lr=lr, t_update=time.time() - t1, t_iter=time.time() - t0)
         # 8. KL coefficient: fixed, or adapted to the KL of this batch
         if cfg.adaptive_kl:

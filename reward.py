@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, encode_response, get_tokenizer,
                     load_model, lr_at, make_adamw, maybe_compile, pad_right, plot_metrics,
-                    print_config, read_jsonl, run, save_checkpoint, setup_device)
+                    print_config, read_jsonl, run, save_checkpoint, setup_device, check_finite)
 
 
 @dataclass
@@ -79,6 +79,8 @@ class Config:
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
     compile: bool = False  # torch.compile the model
     seed: int = 1337
+
+    RANGES = {"max_steps": ">= 0"}  # 0 = no limit (common.FIELD_RANGES asks >= 1)
 
 
 # DEVIATION: paper trains one 6B RM for all policy sizes on 33k prompts with K = 4..9 rankings; we train
@@ -276,7 +278,7 @@ def train(cfg):
     # model: the SFT trunk with a fresh scalar head (InstructGPT 3.5)
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
     reward_model, _ = load_model(cfg.init_from, kind="scalar", model_cfg=model_cfg, dropout=cfg.dropout,
-                                 device=device)
+                                 device=device, transplant=True)
     longest = cfg.max_prompt_tokens + cfg.max_response_tokens + 1
     assert longest <= reward_model.config.block_size, \
         f"max_prompt_tokens + max_response_tokens + 1 = {longest} exceeds block_size {reward_model.config.block_size}"
@@ -316,6 +318,7 @@ def train(cfg):
                 loss_sum += loss.item()
                 correct += (scores[winner] > scores[loser]).sum().item()
                 n_pairs += len(winner)
+            check_finite(loss_sum, step + 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ import torch
 
 from common import (EOS, GPT2_NAMES, MODEL_PRESETS, MetricsLog, autocast, decode_response, encode_prompt,
                     encode_response, get_tokenizer, load_model, lr_at, make_adamw, maybe_compile, pad_left, pad_right,
-                    plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device)
+                    plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device, check_finite)
 from model import token_logprobs
 
 
@@ -266,6 +266,7 @@ def train(cfg):
             micro = [[t.to(device) for t in collate([train_demos[i] for i in next(batches)])]
                      for _ in range(cfg.grad_accum)]
             loss = accumulate_gradients(trunk, model.lm_head, micro, ctx)
+            check_finite(loss, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -278,6 +279,7 @@ def train(cfg):
         if evaluating:
             model.eval()
             metrics["val_loss"] = evaluate(trunk, model.lm_head, val_demos, cfg.batch_size, ctx, device)
+            check_finite(metrics["val_loss"], step, "the validation loss")
         log.log(step, metrics, keys=["loss", "val_loss", "lr", "grad_norm", "tok_per_s", "ms_per_step"])
         if evaluating:
             # DEVIATION: InstructGPT selects the final SFT model by reward-model score on validation prompts;
