@@ -19,6 +19,8 @@ import time
 import typing
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPT2_SIZES, GPTConfig, ScalarGPT
 
@@ -169,16 +171,18 @@ def run(train, config_cls, presets):
     except AssertionError as e:
         if not str(e):
             raise  # an assert without a message is a bug, keep its traceback
-        sys.exit(f"error: {e}")
+        sys.exit(f"error{rank_tag()}: {e}")
     except FloatingPointError as e:  # check_finite: training diverged; or NaN/inf logits in GPT.generate
-        sys.exit(f"error: {e}")
+        sys.exit(f"error{rank_tag()}: {e}")
+    finally:
+        close_distributed()
 
 
 def print_config(cfg, out_dir=None):
     """Print the resolved config and save it as out_dir/config.json."""
     d = dataclasses.asdict(cfg)
     print("config: " + " ".join(f"{k}={v}" for k, v in d.items()))
-    if out_dir:
+    if out_dir and is_main():
         atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(d, indent=2) + "\n")
 
 
@@ -189,6 +193,8 @@ def setup_device(device="auto", seed=1337):
     torch.manual_seed(seed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and dist.is_initialized():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: each rank its own GPU of this machine
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -273,7 +279,10 @@ def atomic_write_text(path, text):
 
 def save_checkpoint(path, model, cfg, **extra):
     """Write atomically (temp file + fsync + rename): a crash mid-write never destroys the previous checkpoint,
-    and weights holding NaN or inf (a diverged run) are never written."""
+    and weights holding NaN or inf (a diverged run) are never written. Under torchrun only rank 0 writes
+    (every rank holds the same weights)."""
+    if not is_main():
+        return path
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     step = extra.get("step", extra.get("iteration", "?"))
     for name, state in (("model", model.state_dict()), ("critic", extra.get("critic") or {})):
@@ -445,12 +454,12 @@ def format_time(seconds):
 
 
 class MetricsLog:
-    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line."""
+    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line (rank 0 only)."""
 
     def __init__(self, out_dir, total_steps, resume=False):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         os.makedirs(out_dir, exist_ok=True)
-        if not resume and os.path.exists(self.path):
+        if is_main() and not resume and os.path.exists(self.path):
             os.remove(self.path)
         self.total, self.t0, self.step0 = total_steps, time.time(), None
 
@@ -461,6 +470,8 @@ class MetricsLog:
         done = step - self.step0
         eta = format_time((time.time() - self.t0) / done * (self.total - step)) if done > 0 else "?"
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        if not is_main():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         shown = " | ".join(f"{k} {_fmt(metrics[k])}" for k in (keys or metrics) if k in metrics)
@@ -479,7 +490,9 @@ def read_metrics(path):
 
 
 def plot_metrics(metrics_path, png_path, panels, title=None):
-    """One PNG with a panel per entry of `panels` ({panel title: [metric keys]}), x = step."""
+    """One PNG with a panel per entry of `panels` ({panel title: [metric keys]}), x = step (rank 0 only)."""
+    if not is_main():
+        return png_path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -509,3 +522,110 @@ def plot_metrics(metrics_path, png_path, panels, title=None):
     plt.close(fig)
     fsync_replace(tmp, png_path)
     return png_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun + DistributedDataParallel). Without torchrun's environment every helper
+# below is a no-op or the identity, so a single-process run executes exactly what it did before.
+# Rules every stage follows: the same seed and data order on every rank, each rank computes on its own
+# share; DDP averages the gradients of the trained models in backward; statistics are all-reduced so all
+# ranks see the same numbers; only rank 0 prints, logs, plots and writes files (its stdout is the job's).
+
+def init_distributed(device="auto"):
+    """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE in the environment):
+    NCCL when the ranks compute on GPUs, gloo on CPUs. Returns (rank, world_size); (0, 1) without torchrun.
+    A rank other than 0 prints nothing (its stdout goes to /dev/null; errors still reach stderr)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
+    return get_rank(), get_world_size()
+
+
+def close_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def rank_tag():
+    return f" (rank {get_rank()} of {get_world_size()})" if dist.is_initialized() else ""
+
+
+def wrap_ddp(module, device):
+    """DDP around a trained module: in backward its gradients are averaged over the ranks (bucketed
+    all-reduces overlapping the backward pass); at construction rank 0's weights are copied to every rank.
+    Only a forward through the wrapper syncs. Without torchrun the module itself."""
+    if not dist.is_initialized():
+        return module
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def no_sync(*modules, enabled=True):
+    """DDP's no_sync() for several modules: forward and backward inside it only accumulate gradients on this
+    rank; the next backward outside all-reduces the sum. Gradient accumulation uses it on every micro-step
+    but the last: one all-reduce per optimizer step instead of one per micro-step."""
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            if enabled and isinstance(m, DDP):
+                stack.enter_context(m.no_sync())
+        yield
+
+
+def shard(items):
+    """This rank's contiguous share of a list that is the same on every rank (all of it without torchrun)."""
+    r, n = get_rank(), get_world_size()
+    return items[r * len(items) // n:(r + 1) * len(items) // n]
+
+
+def all_reduce_sum(x):
+    """Sum over the ranks of a tensor, or of a float or list of floats (returned as such)."""
+    if not dist.is_initialized():
+        return x
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = x.clone() if torch.is_tensor(x) else torch.tensor(x, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t if torch.is_tensor(x) else t.tolist()
+
+
+def mean_over_ranks(metrics):
+    """{name: float} -> the same names averaged over the ranks (every rank must pass the same names)."""
+    return dict(zip(metrics, [v / get_world_size() for v in all_reduce_sum(list(metrics.values()))]))
+
+
+def all_gather_cat(tensors):
+    """torch.cat of every rank's list of tensors, in rank order (a rank's list may be empty)."""
+    local = torch.cat(tensors) if tensors else None
+    if not dist.is_initialized():
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, None if local is None else local.cpu())
+    return torch.cat([p for p in parts if p is not None]).to(tensors[0].device if tensors else "cpu")
+
+
+def global_masked_mean(x, mask=None):
+    """Mean of x over the entries where mask is 1, on every rank's x together: sum(x * mask) and sum(mask)
+    are all-reduced, so it equals the mean over the concatenated batch. mask None: every entry."""
+    mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+    total = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    return total[0] / total[1].clamp(min=1)
+
+
+def global_masked_var(x, mask=None):
+    """Population variance over the masked entries of every rank's x (two all-reduces: mean, then spread)."""
+    return global_masked_mean((x - global_masked_mean(x, mask)) ** 2, mask)

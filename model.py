@@ -182,9 +182,10 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, attention_mask=None):
-        """idx (B, T) -> logits (B, T, vocab). attention_mask (B, T): 1 on real tokens, 0 on padding."""
-        return self.lm_head(self.transformer(idx, attention_mask))  # (B, T, V)
+    def forward(self, idx, attention_mask=None, start=0):
+        """idx (B, T) -> logits (B, T - start, vocab) of positions start.. (the output layer, most of a small
+        model's compute, runs only where asked). attention_mask (B, T): 1 on real tokens, 0 on padding."""
+        return self.lm_head(self.transformer(idx, attention_mask)[:, start:])  # (B, T - start, V)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
@@ -341,7 +342,7 @@ def download(url, dest, desc=None, retries=3):
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = dest + ".part"
+    tmp = f"{dest}.{os.getpid()}.part"  # one per process: torchrun ranks may download at once
     desc = desc or os.path.basename(dest)
     for attempt in range(1, retries + 1):
         try:
