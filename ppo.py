@@ -28,6 +28,7 @@ Preferences" (arXiv:1909.08593) and its code, openai/lm-human-preferences.
     python ppo.py --config tiny --sft_ckpt scratch --reward_ckpt scratch   # no earlier stage needed
     python ppo.py --config tiny --resume true      # continue from out/ppo/ckpt.pt
     python ppo.py --config small --ptx_coef 27.8   # GPT-2 124M on one GPU, PPO-ptx
+    torchrun --standalone --nproc_per_node 8 ppo.py --config small   # 8 GPUs: 8 x batch_size episodes per iteration
 """
 
 import copy
@@ -39,9 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, get_tokenizer, load_checkpoint,
-                    load_model, make_adamw, pad_left, pad_right, plot_metrics, print_config, read_jsonl,
-                    run, save_checkpoint, setup_device, check_finite)
+from common import (EOS, MODEL_PRESETS, MetricsLog, all_gather_cat, autocast, check_finite, encode_prompt,
+                    get_tokenizer, get_world_size, global_masked_mean, global_masked_var, init_distributed,
+                    load_checkpoint, load_model, make_adamw, mean_over_ranks, no_sync, pad_left, pad_right,
+                    plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device, shard, wrap_ddp)
 from model import GPTConfig, ScalarGPT, token_logprobs
 from reward import last_token_index, score_sequences
 from sft import index_batches
@@ -73,8 +75,8 @@ class Config:
     missing_eos_penalty: float = 0.0  # subtracted from the score of responses that end without EOS (0 = off)
     # ppo
     iters: int = 100  # PPO iterations (paper: 256k episodes / 512 = 500)
-    batch_size: int = 64  # prompts (episodes) per iteration (paper: 512)
-    minibatch_size: int = 16  # episodes per optimizer step (paper: 64)
+    batch_size: int = 64  # prompts (episodes) per iteration, on each rank (paper: 512)
+    minibatch_size: int = 16  # episodes per optimizer step, on each rank (paper: 64)
     gradient_accumulation_steps: int = 1  # a minibatch is run in this many pieces when it does not fit
     noptepochs: int = 4  # passes over the batch (paper: 1 inner epoch; Ziegler et al. 2019: 4)
     lr: float = 1e-5  # Adam learning rate, policy and critic (paper C.4: order 1e-5)
@@ -130,13 +132,11 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_var(x, mask):
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-
-
 def whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries (population variance); padding set to 0."""
-    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
+    """(x - mean) / std over the masked entries (population variance); padding set to 0. Under torchrun the
+    mean and variance are those of every rank's batch together (all-reduced), as for one big batch."""
+    mean = global_masked_mean(x, mask)
+    return (x - mean) * torch.rsqrt(global_masked_mean((x - mean) ** 2, mask) + eps) * mask
 
 
 def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
@@ -194,8 +194,9 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var[returns - values] / Var[returns]: 1 is a perfect critic, 0 no better than a constant."""
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+    """1 - Var[returns - values] / Var[returns]: 1 is a perfect critic, 0 no better than a constant (over the
+    batches of all ranks)."""
+    return 1 - global_masked_var(returns - values, mask) / global_masked_var(returns, mask).clamp(min=1e-8)
 
 
 def adaptive_kl_coef(kl_coef, kl, kl_target, horizon, n_steps):
@@ -226,18 +227,16 @@ def policy_logprobs(policy, ids, attention_mask, n_query, temperature):
     """log softmax(logits / temperature)[y_t] of the response tokens y = ids[:, n_query:] -> (B, R), float32.
     Token t is scored by the logits at position t - 1, and the lm_head runs on those R positions only: no
     (B, T, V) logits for the prompt. Used by the rollout, the update and the evaluation alike, so the
-    rollout's logprobs are exactly what the first update recomputes (ratio 1)."""
-    h = policy.transformer(ids, attention_mask)[:, n_query - 1:-1]  # (B, R, C)
-    # lm_head has no bias, so lm_head(h / T) = logits / T: dividing the (B, R, C) hidden states is cheaper
-    # than dividing the (B, R, V) logits
-    logits = policy.lm_head(h / temperature if temperature != 1.0 else h)  # (B, R, V)
-    return token_logprobs(logits, ids[:, n_query:])  # (B, R)
+    rollout's logprobs are exactly what the first update recomputes (ratio 1). One call of the model's
+    forward (the last position predicts nothing and is left out), so a DDP-wrapped policy works the same."""
+    logits = policy(ids[:, :-1], attention_mask[:, :-1], start=n_query - 1)  # (B, R, V)
+    return token_logprobs(logits, ids[:, n_query:], temperature)  # (B, R)
 
 
 def critic_values(critic, ids, attention_mask, n_query):
-    """V(s_t) for each response token t, read at position t - 1 (the state before y_t) -> (B, R)."""
-    h = critic.transformer(ids, attention_mask)[:, n_query - 1:-1]  # (B, R, C)
-    return critic.score_head(h).squeeze(-1).float()  # (B, R)
+    """V(s_t) for each response token t, read at position t - 1 (the state before y_t) -> (B, R). One call of
+    the model's forward (its scalar head costs nothing on the prompt), so a DDP-wrapped critic works the same."""
+    return critic(ids, attention_mask)[:, n_query - 1:-1].float()  # (B, R)
 
 
 def score_responses(reward_model, ids, attention_mask, has_eos):
@@ -293,10 +292,12 @@ def rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg, 
                  advantages=advantages, returns=returns)
     # entropy: E_y~pi[-log pi(y)], estimated from the sampled tokens (free; the exact value would cost
     # another pass over the (B, R, V) logits)
-    stats = {"score": batch["scores"].mean().item(), "reward": rewards.sum(1).mean().item(),
-             "kl": kl.sum(1).mean().item(), "entropy": masked_mean(-logprobs, mask).item(),
+    # (global_masked_mean: over the batches of all ranks under torchrun)
+    stats = {"score": global_masked_mean(batch["scores"]).item(), "reward": global_masked_mean(rewards.sum(1)).item(),
+             "kl": global_masked_mean(kl.sum(1)).item(), "entropy": global_masked_mean(-logprobs, mask).item(),
              "explained_var": explained_variance(values, returns, mask).item(),
-             "resp_len": mask.float().sum(1).mean().item(), "eos_frac": batch["has_eos"].float().mean().item(),
+             "resp_len": global_masked_mean(mask.float().sum(1)).item(),
+             "eos_frac": global_masked_mean(batch["has_eos"].float()).item(),
              "t_generate": t_generate, "t_forward": time.time() - t0 - t_generate}
     return batch, stats
 
@@ -317,7 +318,8 @@ def minibatch(batch, idx):
 def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None, iteration="?"):
     """Step 6: `noptepochs` passes over shuffled minibatches; returns the mean of each loss statistic.
     `generator` (a CPU torch.Generator) shuffles the minibatches; `iteration` names the step if the loss
-    diverges."""
+    diverges. Under torchrun `policy` and `critic` are DDP-wrapped: each rank's minibatch is its share of a
+    global one, and the statistics are averaged."""
     policy.train()
     critic.train()
     B = batch["ids"].size(0)
@@ -327,21 +329,28 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
         order = torch.randperm(B, generator=generator)
         for start in range(0, B, cfg.minibatch_size):
             for m in range(start, start + cfg.minibatch_size, micro):
-                mb = minibatch(batch, order[m:m + micro].to(batch["ids"].device))
-                mb_mask = mb["response_mask"]
-                logprobs = policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"], cfg.temperature)
-                values = critic_values(critic, mb["ids"], mb["attention_mask"], mb["n_query"])
-                pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"],
-                                                                  mb_mask, cfg.cliprange)
-                vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb_mask,
-                                                      cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if cfg.ptx_coef > 0:  # PPO-ptx, eq. (2): gamma * pretraining log-likelihood, at every update
-                    ptx_loss = lm_loss(policy, *next(ptx_batches))
-                    loss = loss + cfg.ptx_coef * ptx_loss
-                    stats["ptx_loss"].append(ptx_loss.item())
-                check_finite(loss, iteration, "the PPO loss")
-                (loss / cfg.gradient_accumulation_steps).backward()
+                last = m + micro >= start + cfg.minibatch_size
+                with no_sync(policy, critic, enabled=not last):  # DDP: all-reduce once, after the last micro-step
+                    mb = minibatch(batch, order[m:m + micro].to(batch["ids"].device))
+                    mb_mask = mb["response_mask"]
+                    logprobs = policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"],
+                                               cfg.temperature)
+                    values = critic_values(critic, mb["ids"], mb["attention_mask"], mb["n_query"])
+                    pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"],
+                                                                      mb_mask, cfg.cliprange)
+                    vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb_mask,
+                                                          cfg.cliprange_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if cfg.ptx_coef > 0:  # PPO-ptx, eq. (2): gamma * pretraining log-likelihood, at every update
+                        ptx_loss = lm_loss(policy, *next(ptx_batches))
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        stats["ptx_loss"].append(ptx_loss.item())
+                    check_finite(loss, iteration, "the PPO loss")
+                    # DDP averages the ranks' summed micro-step gradients (divides by world_size). A loss weighted
+                    # by token share must therefore use the share of the GLOBAL minibatch times world_size,
+                    # w = world_size * n_micro / N_all (N_all all-reduced), for the average to be the token mean
+                    # of all ranks' minibatches; with the local share it is a mean of per-rank means.
+                    (loss / cfg.gradient_accumulation_steps).backward()
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
                              ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
                     stats[k].append(v.item())
@@ -351,7 +360,7 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    return mean_over_ranks({k: sum(v) / len(v) for k, v in stats.items()})
 
 
 def make_optimizer(policy, critic, cfg, device):
@@ -371,9 +380,10 @@ def load_prompts(path, enc, max_prompt_tokens):
 
 def prompt_batch(prompts, batch_size, iteration, seed, device):
     """The prompts of one iteration: random, without replacement within the batch, a function of the
-    iteration number only (so a resumed run sees the same prompts)."""
+    iteration number only (so a resumed run sees the same prompts). Under torchrun one draw of
+    world_size * batch_size prompts, the same on every rank, of which each rank takes its own share."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
-    idx = torch.randperm(len(prompts), generator=g)[:batch_size].tolist()
+    idx = shard(torch.randperm(len(prompts), generator=g)[:batch_size * get_world_size()].tolist())
     queries, query_mask = pad_left([prompts[i] for i in idx])
     return queries.to(device), query_mask.to(device)
 
@@ -400,7 +410,8 @@ def evaluate(policy, ref_policy, reward_model, reward_fn, prompts, cfg, device):
         ref_logprobs = policy_logprobs(ref_policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
         scores.append(batch["scores"])
         kls.append(((logprobs - ref_logprobs) * batch["response_mask"]).sum(1))
-    return {"eval_score": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item()}
+    scores, kls = all_gather_cat(scores), all_gather_cat(kls)  # DDP: each rank evaluated its share of the prompts
+    return {"eval_score": scores.mean().item(), "eval_kl": kls.mean().item()}
 
 
 def print_samples(enc, batch, n):
@@ -417,6 +428,12 @@ def print_samples(enc, batch, n):
 def train(cfg, reward_fn=None):
     """Run PPO. `reward_fn(queries, query_mask, responses, response_mask) -> scores (B,)` replaces the reward
     model: the hook for programmatic rewards (tests, toy tasks). Returns final metrics and paths."""
+    # DDP (torchrun): batch_size and minibatch_size are PER RANK: N ranks each sample batch_size episodes from
+    # their own prompts and seed, so an iteration has N * batch_size episodes and each optimizer step averages
+    # N minibatches (like one process with N times the batch); whitening, metrics and the KL controller use
+    # statistics of all ranks. Only rank 0 prints, logs and writes files.
+    rank, world_size = init_distributed(cfg.device)
+    seed = cfg.seed + 1_000_000 * rank  # rank 0 keeps cfg.seed; ranks never share a sampling seed
     t_start = time.time()
     assert cfg.batch_size % cfg.minibatch_size == 0, "batch_size must be a multiple of minibatch_size"
     assert cfg.minibatch_size % cfg.gradient_accumulation_steps == 0, \
@@ -432,15 +449,16 @@ def train(cfg, reward_fn=None):
     enc = get_tokenizer()
     train_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc, cfg.max_prompt_tokens)
     val_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"), enc, cfg.max_prompt_tokens)
-    val_prompts = val_prompts[:cfg.eval_prompts]
-    assert len(train_prompts) >= cfg.batch_size, f"{len(train_prompts)} prompts < batch_size {cfg.batch_size}"
+    val_prompts = shard(val_prompts[:cfg.eval_prompts])  # DDP: this rank's share of the evaluation prompts
+    assert len(train_prompts) >= cfg.batch_size * world_size, (
+        f"{len(train_prompts)} prompts < batch_size {cfg.batch_size} x {world_size} processes")
     ptx_batches = None
     if cfg.ptx_coef > 0:
         # DEVIATION: the paper's ptx batches come from GPT-3's pretraining mix; we have no such corpus here,
         # so the "pretraining distribution" is the HH dialogues themselves (prompt + chosen response).
         texts = read_jsonl(os.path.join(cfg.data_dir, "sft_train.jsonl"), what="pretraining text (ptx)")
         seqs = [(enc.encode_ordinary(r["prompt"] + r["response"]) + [EOS])[:cfg.ptx_max_tokens] for r in texts]
-        ptx_batches = ptx_iterator(seqs, cfg.ptx_batch_size, cfg.seed, device)
+        ptx_batches = ptx_iterator(seqs, cfg.ptx_batch_size, seed, device)
 
     # models: policy and ref_policy from SFT, reward_model and critic from the RM; dropout off everywhere
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
@@ -472,6 +490,9 @@ def train(cfg, reward_fn=None):
           f"of {cfg.batch_size} prompts, {updates_per_iter} updates each")
 
     optimizer = make_optimizer(policy, critic, cfg, device)
+    # DDP: the two trained models average their gradients over ranks; the frozen ref_policy and reward_model
+    # take no gradients and stay unwrapped, and so do rollouts and evaluation (no gradients either)
+    policy_ddp, critic_ddp = wrap_ddp(policy, device), wrap_ddp(critic, device)
     kl_coef, start = cfg.kl_coef, 0
     if resume_ckpt:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -494,22 +515,23 @@ def train(cfg, reward_fn=None):
         lr = cfg.lr * min(1.0, 0.1 + 0.9 * it / max(cfg.warmup_iters, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        queries, query_mask = prompt_batch(train_prompts, cfg.batch_size, it, cfg.seed, device)
+        queries, query_mask = prompt_batch(train_prompts, cfg.batch_size, it, cfg.seed, device)  # this rank's prompts
         with ctx:
             # 1. rollout, 2. score, 3. logprobs and values, 4. KL-shaped reward, 5. GAE
             try:
                 batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg,
-                                         kl_coef, reward_fn, torch.Generator(device=device).manual_seed(cfg.seed + it))
+                                         kl_coef, reward_fn, torch.Generator(device=device).manual_seed(seed + it))
             except FloatingPointError as e:  # NaN/inf logits in generate: the last update broke the policy
                 check_finite(float("nan"), it + 1, "a logit of the policy while sampling")
             # 6. PPO epochs (7. with the ptx loss when ptx_coef > 0)
             t1 = time.time()
-            metrics.update(ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches,
-                                      torch.Generator().manual_seed(cfg.seed + it), iteration=it + 1))
+            metrics.update(ppo_update(policy_ddp, critic_ddp, optimizer, batch, cfg, ptx_batches,
+                                      torch.Generator().manual_seed(seed + it), iteration=it + 1))
         metrics.update(kl_coef=kl_coef, lr=lr, t_update=time.time() - t1, t_iter=time.time() - t0)
         # 8. KL coefficient: fixed, or adapted to the KL of this batch
         if cfg.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon,
+                                       cfg.batch_size * world_size)  # episodes of all ranks; kl is their mean
         step = it + 1
         if step % cfg.sample_every == 0 or step == 1:
             print_samples(enc, batch, cfg.n_samples)

@@ -24,6 +24,7 @@ Stiennon et al. 2020 (arXiv:2009.01325) section 3.4 and OpenAI's summarize-from-
     python reward.py --config tiny                     # after: python sft.py --config tiny (~4 min on a CPU)
     python reward.py --config tiny --init_from scratch  # without an SFT model
     python reward.py --config small                    # GPT-2 124M from out/sft/ckpt.pt, on a GPU
+    torchrun --standalone --nproc_per_node 8 reward.py --config small   # 8 GPUs, the same global batch
 """
 
 import math
@@ -35,9 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, encode_response, get_tokenizer,
-                    load_model, lr_at, make_adamw, maybe_compile, pad_right, plot_metrics,
-                    print_config, read_jsonl, run, save_checkpoint, setup_device, check_finite)
+from common import (EOS, MODEL_PRESETS, MetricsLog, all_gather_cat, all_reduce_sum, autocast, check_finite,
+                    encode_prompt, encode_response, get_rank, get_tokenizer, get_world_size, init_distributed,
+                    load_model, lr_at, make_adamw, maybe_compile, no_sync, pad_right, plot_metrics, print_config,
+                    read_jsonl, run, save_checkpoint, setup_device, shard, wrap_ddp)
 
 
 @dataclass
@@ -65,8 +67,8 @@ class Config:
     # optim
     epochs: int = 1  # paper: 1 ("multiple epochs quickly overfit")
     max_steps: int = 0  # stop after this many steps if > 0 (quick runs)
-    batch_size: int = 8  # prompts per step, each with all its C(K,2) pairs (paper: 64)
-    micro_batch_size: int = 8  # prompts per forward pass; gradients accumulate up to batch_size
+    batch_size: int = 8  # prompts per step, all ranks together, each with all its C(K,2) pairs (paper: 64)
+    micro_batch_size: int = 8  # prompts per forward pass (on each rank); gradients accumulate up to batch_size
     lr: float = 1e-4  # peak learning rate (paper: 9e-6 for the 6B RM)
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac (paper: 10%)
     warmup_steps: int = 10  # linear warmup (DEVIATION: C.2 mentions none; it guards the fresh head's first steps)
@@ -229,17 +231,21 @@ def score_text(reward_model, enc, prompt, response, max_prompt_tokens=Config.max
 
 @torch.no_grad()
 def evaluate(reward_model, examples, device, batch_size, ctx):
-    """Validation metrics over all pairs: eq. (1) loss, accuracy (pairs ranked correctly), scores."""
+    """Validation metrics over all pairs: eq. (1) loss, accuracy (pairs ranked correctly), scores. Under
+    torchrun each rank scores its share of `examples` and the scores are gathered: every rank reports the
+    metrics of the whole set."""
     reward_model.eval()
     r_w, r_l, index = [], [], []
-    for i in range(0, len(examples), batch_size):
-        ids, attention_mask, winner, loser, prompt_index = collate(examples[i:i + batch_size])
+    n = get_world_size()
+    lo, hi = get_rank() * len(examples) // n, (get_rank() + 1) * len(examples) // n  # this rank's share
+    for i in range(lo, hi, batch_size):
+        ids, attention_mask, winner, loser, prompt_index = collate(examples[i:min(i + batch_size, hi)])
         with ctx:
             scores = score_sequences(reward_model, ids.to(device), attention_mask.to(device)).cpu()  # (N,)
         r_w.append(scores[winner])
         r_l.append(scores[loser])
         index.append(prompt_index + i)
-    r_w, r_l, index = torch.cat(r_w), torch.cat(r_l), torch.cat(index)
+    r_w, r_l, index = all_gather_cat(r_w), all_gather_cat(r_l), all_gather_cat(index)  # all ranks' pairs
     return {"val/loss": preference_loss(r_w, r_l, index).item(),
             "val/acc": (r_w > r_l).float().mean().item(),
             "val/margin": (r_w - r_l).mean().item(),
@@ -251,6 +257,9 @@ def evaluate(reward_model, examples, device, batch_size, ctx):
 # Training
 
 def train(cfg):
+    # DDP (torchrun): the config's batch_size is GLOBAL: each step's prompts are split over the ranks, which
+    # run their share in micro-batches of up to micro_batch_size; only rank 0 prints, logs and writes files.
+    _, world_size = init_distributed(cfg.device)
     t_start = time.time()
     if cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
         sys.exit(f"error: SFT checkpoint {cfg.init_from} not found. Run sft.py first "
@@ -270,7 +279,12 @@ def train(cfg):
              for p, r in read_demonstrations(os.path.join(cfg.data_dir, cfg.demo_file))]
     print(f"train: {train_counts}\nval: {val_counts}\ndemonstrations: {len(demos)}")
     assert train_set and val_set and demos, "need training pairs, validation pairs and demonstrations"
+    assert min(cfg.batch_size, len(val_set), len(demos)) >= world_size, (
+        f"{world_size} processes need at least as many prompts per batch ({cfg.batch_size}), validation prompts "
+        f"({len(val_set)}) and demonstrations ({len(demos)}); use fewer processes")
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    if 0 < len(train_set) % cfg.batch_size < world_size:
+        steps_per_epoch -= 1  # DDP: a last partial batch too small to give every rank a prompt is dropped
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
@@ -284,7 +298,7 @@ def train(cfg):
         f"max_prompt_tokens + max_response_tokens + 1 = {longest} exceeds block_size {reward_model.config.block_size}"
     print(f"reward model: {sum(p.numel() for p in reward_model.parameters()) / 1e6:.1f}M parameters "
           f"from {cfg.init_from}; {total_steps} steps of {cfg.batch_size} prompts in {grad_accum} micro-batches")
-    model = maybe_compile(reward_model, cfg.compile)
+    model = wrap_ddp(maybe_compile(reward_model, cfg.compile), device)  # DDP: gradients averaged over ranks
 
     # optimizer: weight decay on matrices only (never on the head's bias, which eq. (1) cannot see)
     params = [p for p in reward_model.parameters() if p.requires_grad]
@@ -306,18 +320,22 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = [train_set[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+            mine = shard(batch)  # DDP: this rank's prompts of the step
             loss_sum, correct, n_pairs = 0.0, 0, 0
-            for m in range(0, len(batch), cfg.micro_batch_size):
-                micro = batch[m:m + cfg.micro_batch_size]
+            for m in range(0, len(mine), cfg.micro_batch_size):
+                micro = mine[m:m + cfg.micro_batch_size]
                 ids, attention_mask, winner, loser, prompt_index = [t.to(device) for t in collate(micro)]
-                with ctx:
-                    scores = score_sequences(model, ids, attention_mask)  # (N,) all K responses of each prompt
-                # the mean over prompts of the whole batch: weight each micro-batch by its share of prompts
-                loss = preference_loss(scores[winner], scores[loser], prompt_index) * len(micro) / len(batch)
-                loss.backward()
+                with no_sync(model, enabled=m + cfg.micro_batch_size < len(mine)):  # DDP: all-reduce after the last
+                    with ctx:
+                        scores = score_sequences(model, ids, attention_mask)  # (N,) all K responses of each prompt
+                    # the mean over prompts of the whole batch: weight each micro-batch by its share of prompts,
+                    # times world_size because DDP averages the ranks' gradients (their sum / world_size)
+                    loss = preference_loss(scores[winner], scores[loser], prompt_index) * len(micro) / len(batch)
+                    (loss * world_size).backward()
                 loss_sum += loss.item()
                 correct += (scores[winner] > scores[loser]).sum().item()
                 n_pairs += len(winner)
+            loss_sum, correct, n_pairs = all_reduce_sum([loss_sum, float(correct), float(n_pairs)])  # all ranks
             check_finite(loss_sum, step + 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
@@ -339,7 +357,7 @@ def train(cfg):
 
     # normalise: shift the head's bias so the demonstrations score 0 on average (InstructGPT end of 3.5)
     reward_model.eval()
-    demo_mean = score_all(reward_model, demos, device, cfg.micro_batch_size, ctx).mean().item()
+    demo_mean = all_gather_cat([score_all(reward_model, shard(demos), device, cfg.micro_batch_size, ctx)]).mean().item()
     with torch.no_grad():
         reward_model.score_head.bias -= demo_mean
     reward_shift = -demo_mean

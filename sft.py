@@ -15,6 +15,7 @@ reward model's trunk) and ppo.py (the policy, its frozen reference, and the crit
     python sft.py --config small                # GPT-2 124M on one GPU
     python sft.py --config small --lr 1e-5 --max_steps 500 --out_dir out/sft_lr1e-5
     python sft.py --help                        # every option with its default
+    torchrun --standalone --nproc_per_node 8 sft.py --config small   # 8 GPUs, the same global batch
 """
 
 import os
@@ -23,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EOS, GPT2_NAMES, MODEL_PRESETS, MetricsLog, autocast, decode_response, encode_prompt,
-                    encode_response, get_tokenizer, load_model, lr_at, make_adamw, maybe_compile, pad_left, pad_right,
-                    plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device, check_finite)
+from common import (EOS, GPT2_NAMES, MODEL_PRESETS, MetricsLog, all_reduce_sum, autocast, check_finite,
+                    decode_response, encode_prompt, encode_response, get_tokenizer, get_world_size, init_distributed,
+                    load_model, lr_at, make_adamw, maybe_compile, no_sync, pad_left, pad_right, plot_metrics,
+                    print_config, read_jsonl, run, save_checkpoint, setup_device, shard, wrap_ddp)
 from model import token_logprobs
 
 
@@ -51,8 +53,8 @@ class Config:
     dropout: float = 0.2  # InstructGPT 3.5: residual dropout 0.2 (this one knob also drops attention and embeddings)
     # optim
     max_steps: int = 2000  # optimizer steps; epochs = max_steps * batch_size * grad_accum / #train demonstrations
-    batch_size: int = 8  # demonstrations per micro-batch
-    grad_accum: int = 4  # micro-batches per optimizer step; InstructGPT C.1: batch 32 for 1.3B and 6B
+    batch_size: int = 8  # demonstrations per micro-batch (per forward pass, on each rank)
+    grad_accum: int = 4  # micro-batches per step, all ranks together; InstructGPT C.1: batch 32 for 1.3B and 6B
     lr: float = 2e-5  # peak learning rate; InstructGPT C.1: 9.65e-6 for 1.3B and 6B, 5.03e-6 for 175B
     min_lr: float = 2e-6  # end of the cosine decay; InstructGPT C.1: 10% of the peak
     warmup_steps: int = 50  # linear warmup from 0 to lr
@@ -119,15 +121,22 @@ def accumulate_gradients(trunk, lm_head, micro, ctx):
 
     Each micro-batch's mean is weighted by its share of the step's response tokens, so the loss (and the
     gradient) is the mean over all of them, exactly as if the micro-batches were one batch.
+
+    Under torchrun `micro` is this rank's share of the step and `trunk` is wrapped in DDP, which AVERAGES the
+    ranks' gradients (their sum / world_size). So the share is of the tokens on all ranks, times world_size:
+    rank r contributes world_size * sum_r(NLL) / N_all, and the average over ranks is sum(NLL) / N_all, the
+    token mean of the global step, equal to one process running the whole step.
     """
-    n_step = sum(int(loss_mask.sum()) for _, _, loss_mask in micro)  # response tokens in the whole step
+    n_local = sum(int(loss_mask.sum()) for _, _, loss_mask in micro)  # response tokens of this rank's share
+    n_step = all_reduce_sum(float(n_local)) / get_world_size()  # the step's tokens / world_size (n_local alone)
     loss = 0.0
-    for x, y, loss_mask in micro:
-        with ctx:
-            mb_loss = batch_loss(trunk, lm_head, x, y, loss_mask) * int(loss_mask.sum()) / max(n_step, 1)
-        mb_loss.backward()
+    for i, (x, y, loss_mask) in enumerate(micro):
+        with no_sync(trunk, enabled=i < len(micro) - 1):  # DDP: all-reduce once, after the last micro-batch
+            with ctx:
+                mb_loss = batch_loss(trunk, lm_head, x, y, loss_mask) * int(loss_mask.sum()) / max(n_step, 1)
+            mb_loss.backward()
         loss += mb_loss.item()
-    return loss
+    return all_reduce_sum(loss) / get_world_size()  # the step's loss over all ranks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +204,7 @@ def evaluate(trunk, lm_head, demos, batch_size, ctx, device):
         with ctx:
             total += batch_loss(trunk, lm_head, x, y, loss_mask).item() * n
         count += n
+    total, count = all_reduce_sum([total, float(count)])  # DDP: every rank evaluated its share of `demos`
     return total / max(count, 1)
 
 
@@ -214,9 +224,16 @@ def greedy_responses(model, enc, prompts, max_new_tokens, ctx, device):
 # ----------------------------------------------------------------------------------------------
 
 def train(cfg):
+    # DDP (torchrun): the config's batch is GLOBAL. Each optimizer step's batch_size * grad_accum demonstrations
+    # are split over the ranks, which run their share in micro-batches of up to batch_size (N ranks: fewer
+    # micro-steps each, the same update); only rank 0 prints, logs and writes files.
+    _, world_size = init_distributed(cfg.device)
     print_config(cfg, cfg.out_dir)
     assert min(cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.max_prompt_tokens, cfg.max_response_tokens) >= 1, (
         "max_steps, batch_size, grad_accum, max_prompt_tokens and max_response_tokens must all be >= 1")
+    assert cfg.batch_size * cfg.grad_accum >= world_size, (
+        f"batch_size * grad_accum = {cfg.batch_size * cfg.grad_accum} demonstrations per step cannot be shared by "
+        f"{world_size} processes; raise grad_accum or use fewer processes")
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
 
@@ -245,6 +262,7 @@ def train(cfg):
     if cfg.compile and not use_compile:
         print("note: --compile is used on CUDA only; running eagerly")
     trunk = maybe_compile(model.transformer, use_compile)  # compiled view; `model` keeps the plain weights
+    trunk = wrap_ddp(trunk, device)  # DDP: the trunk holds every weight (lm_head is tied to wte)
 
     # optimizer: weight decay on matrices (embeddings and Linear weights), not on biases or LayerNorm gains
     optimizer = make_adamw(model.parameters(), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
@@ -263,22 +281,23 @@ def train(cfg):
             # DEVIATION: InstructGPT (C.1) uses no warmup; a short one keeps a from-scratch `tiny` stable.
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [[t.to(device) for t in collate([train_demos[i] for i in next(batches)])]
-                     for _ in range(cfg.grad_accum)]
+            step_idx = shard([i for _ in range(cfg.grad_accum) for i in next(batches)])  # DDP: this rank's share
+            micro = [[t.to(device) for t in collate([train_demos[i] for i in step_idx[j:j + cfg.batch_size]])]
+                     for j in range(0, len(step_idx), cfg.batch_size)]
             loss = accumulate_gradients(trunk, model.lm_head, micro, ctx)
             check_finite(loss, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.time() - t0
-            tokens = sum(x.numel() for x, _, _ in micro)  # positions processed, padding included
+            tokens = all_reduce_sum(float(sum(x.numel() for x, _, _ in micro)))  # positions on all ranks, padding too
             metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tokens / dt,
                        "ms_per_step": 1000 * dt}
 
         evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
         if evaluating:
             model.eval()
-            metrics["val_loss"] = evaluate(trunk, model.lm_head, val_demos, cfg.batch_size, ctx, device)
+            metrics["val_loss"] = evaluate(trunk, model.lm_head, shard(val_demos), cfg.batch_size, ctx, device)
             check_finite(metrics["val_loss"], step, "the validation loss")
         log.log(step, metrics, keys=["loss", "val_loss", "lr", "grad_norm", "tok_per_s", "ms_per_step"])
         if evaluating:
