@@ -1,0 +1,147 @@
+"""Several processes: `torchrun --standalone --nproc_per_node 2` with gloo on CPU, on tiny models and fixtures.
+
+SFT and reward: the two ranks end with identical weights, equal (to float tolerance) to one process running
+the same global batch. PPO: whitening over two ranks equals whitening the concatenated batch; a 2-process
+run writes one checkpoint and one metrics file, and resumes. A failure on one rank ends the job with its
+message. Each launch starts two Python processes (a few seconds each); marked `distributed`, run by default.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ppo
+import reward
+import sft
+from common import load_checkpoint
+from conftest import REPO
+from test_reward import synthetic_preferences, write_jsonl
+
+pytestmark = pytest.mark.distributed
+DIST_RUN = os.path.join(REPO, "tests", "dist_run.py")
+PPO_FIXTURES = os.path.join(REPO, "tests", "fixtures", "ppo")
+SHAPE = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=32, block_size=128, dropout=0.0, device="cpu")
+
+
+def torchrun(args, env=None, timeout=300):
+    """Two processes on this machine (gloo, CPU) running tests/dist_run.py with `args`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", DIST_RUN, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def flags(config):
+    return [s for k, v in config.items() for s in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+
+
+def check(out):
+    assert out.returncode == 0, f"torchrun failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def hh_data(tmp_path_factory):
+    """The HH fixture through data/hh_rlhf/prepare.py: sft_*, comparisons_* and prompts_* files."""
+    spec = importlib.util.spec_from_file_location("prepare", os.path.join(REPO, "data", "hh_rlhf", "prepare.py"))
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = tmp_path_factory.mktemp("hh")
+    prepare.main(["--source", os.path.join(REPO, "tests", "fixtures", "hh"), "--subsets", "helpful-base",
+                  "--out_dir", str(out)])
+    return str(out)
+
+
+def assert_ranks_equal_and_close_to(copies, name, single_state, atol):
+    """Both ranks' saved weights are identical, and within atol of the single-process weights."""
+    rank0, rank1 = (torch.load(os.path.join(copies, f"{name}.rank{r}"), weights_only=True) for r in (0, 1))
+    worst = 0.0
+    for k, v in single_state.items():
+        assert torch.equal(rank0["model"][k], rank1["model"][k]), f"ranks differ in {k}"
+        worst = max(worst, (rank0["model"][k] - v).abs().max().item())
+    print(f"{name}: max |2 processes - 1 process| = {worst:.2e}")
+    assert worst < atol
+
+
+def metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_sft_two_processes_match_one_process_on_the_same_global_batch(tmp_path, hh_data):
+    # global batch 4 x 2: one process runs 2 micro-batches of 4, each of two ranks one micro-batch of 4
+    cfg = dict(SHAPE, data_dir=hh_data, max_prompt_tokens=48, max_response_tokens=16, batch_size=4, grad_accum=2,
+               max_steps=3, lr=1e-3, warmup_steps=1, eval_interval=3, eval_examples=4, num_eval_samples=1,
+               max_new_tokens=2)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    check(torchrun(["sft", *flags(dict(cfg, out_dir=tmp_path / "ddp"))], env={"RANK_COPIES": str(copies)}))
+    single = sft.train(sft.Config(**cfg, out_dir=str(tmp_path / "single")))
+    assert_ranks_equal_and_close_to(copies, "last.pt", load_checkpoint(single["last_path"])["model"], atol=1e-5)
+    ddp_rows, single_rows = metrics(tmp_path / "ddp" / "metrics.jsonl"), metrics(single["metrics_path"])
+    assert [r["step"] for r in ddp_rows] == [r["step"] for r in single_rows] == [0, 1, 2, 3]
+    for a, b in zip(ddp_rows, single_rows):  # train loss of the global step, val loss all-reduced
+        for key in ("loss", "val_loss"):
+            assert (key in a) == (key in b) and a.get(key, 0) == pytest.approx(b.get(key, 0), abs=1e-5), key
+
+
+def test_reward_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    train, val = synthetic_preferences(14, seed=0), synthetic_preferences(5, seed=1)
+    write_jsonl(tmp_path / "comparisons_train.jsonl", train)
+    write_jsonl(tmp_path / "comparisons_val.jsonl", val)
+    write_jsonl(tmp_path / "sft_val.jsonl", [{"prompt": r["prompt"], "response": r["chosen"]} for r in val])
+    # batches of 4 prompts: one process runs 2 micro-batches of 2, each of two ranks one micro-batch of 2;
+    # the 4th and last batch holds 2 prompts: one micro-batch of 2, or one prompt on each rank
+    cfg = dict(SHAPE, data_dir=str(tmp_path), max_prompt_tokens=16, max_response_tokens=16, batch_size=4,
+               micro_batch_size=2, lr=1e-3, warmup_steps=1, eval_interval=2)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    check(torchrun(["reward", *flags(dict(cfg, out_dir=tmp_path / "ddp"))], env={"RANK_COPIES": str(copies)}))
+    single = reward.train(reward.Config(**cfg, out_dir=str(tmp_path / "single")))
+    assert_ranks_equal_and_close_to(copies, "ckpt.pt", load_checkpoint(single["ckpt_path"])["model"], atol=1e-5)
+    ddp_rows, single_rows = metrics(tmp_path / "ddp" / "metrics.jsonl"), metrics(single["metrics_path"])
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/chosen_mean", "val/chosen_std"):
+        assert ddp_rows[-1][key] == pytest.approx(single_rows[-1][key], abs=1e-5), key
+
+
+def test_whitening_over_two_processes_equals_whitening_the_concatenated_batch(tmp_path):
+    check(torchrun(["whiten", str(tmp_path)]))
+    parts = [torch.load(tmp_path / f"whiten.rank{r}", weights_only=True) for r in (0, 1)]
+    x, mask, values = (torch.cat([p[k] for p in parts]) for k in ("x", "mask", "values"))  # (8, 6): one batch
+    torch.testing.assert_close(torch.cat([p["whitened"] for p in parts]), ppo.whiten(x, mask), atol=1e-6, rtol=0)
+    real = x[mask.bool()]
+    for p in parts:  # every rank got the statistics of the whole batch
+        assert p["var"].item() == pytest.approx(real.var(unbiased=False).item(), rel=1e-5)
+        assert p["explained_var"].item() == pytest.approx(ppo.explained_variance(values, x, mask).item(), abs=1e-6)
+
+
+def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path):
+    cfg = dict({k: v for k, v in SHAPE.items() if k != "init_from"}, data_dir=PPO_FIXTURES, sft_ckpt="scratch", reward_ckpt="scratch", out_dir=tmp_path / "out",
+               max_prompt_tokens=48, max_new_tokens=6, iters=2, batch_size=4, minibatch_size=4,
+               gradient_accumulation_steps=2, noptepochs=1, lr=1e-3, warmup_iters=1, eval_interval=2,
+               eval_prompts=4, sample_every=1, n_samples=1, ptx_coef=0.5, ptx_batch_size=2, adaptive_kl=True)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    check(torchrun(["ppo", *flags(cfg)], env={"RANK_COPIES": str(copies)}))
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "config.json", "metrics.jsonl", "ppo.png"]
+    rank0, rank1 = (torch.load(copies / f"ckpt.pt.rank{r}", weights_only=True) for r in (0, 1))
+    for part in ("model", "critic"):  # policy and critic identical on both ranks
+        assert all(torch.equal(v, rank1[part][k]) for k, v in rank0[part].items()), part
+    saved = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
+    assert saved["iteration"] == 2 and all(torch.equal(v, saved["model"][k]) for k, v in rank0["model"].items())
+    rows = metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["kl_coef"] != rows[1]["kl_coef"]
+    out = check(torchrun(["ppo", *flags(dict(cfg, iters=3, resume=True))]))
+    assert "resumed from" in out.stdout and out.stdout.count("resumed from") == 1  # printed by rank 0 only
+    assert [r["step"] for r in metrics(tmp_path / "out" / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["iteration"] == 3
+
+
+def test_a_failure_on_one_rank_ends_the_job_with_its_message(tmp_path, hh_data):
+    cfg = dict(SHAPE, data_dir=hh_data, out_dir=tmp_path / "out", max_prompt_tokens=48, max_response_tokens=16,
+               batch_size=2, grad_accum=1, max_steps=2, eval_examples=4, num_eval_samples=0)
+    out = torchrun(["sft", *flags(cfg)], env={"FAIL_ON_RANK": "1"}, timeout=120)  # rank 0 waits in an all-reduce
+    assert out.returncode != 0
+    assert "error (rank 1 of 2): injected failure on rank 1" in out.stderr
