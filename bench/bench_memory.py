@@ -1,0 +1,79 @@
+"""Memory per GPU (or per CPU process) of each preset, for the README's scaling table.
+
+1. Computed from parameter counts (models built on the meta device, no memory used): fp32 weights (4 bytes
+   per parameter), gradients (4), AdamW's two moments (8), and DDP's gradient buckets (4: DDP copies every
+   gradient into flat buckets for its all-reduces) for the trained models of each stage; frozen models
+   (PPO's reference policy and reward model) hold weights only. Activations are not included: they depend
+   on the micro-batch and sequence length, which DDP does not change per rank.
+2. Measured on CPU for `tiny`: the growth of this process's resident memory through one AdamW step, without
+   and with DDP (a 1-process gloo group), against the computed bytes.
+
+    python bench/bench_memory.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from common import MODEL_PRESETS, make_adamw  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+GB = 1024 ** 3
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one_step_growth(model, ddp):
+    """Bytes the process grows by through one forward/backward/AdamW step (gradients, optimizer state, buckets)."""
+    before = rss()
+    net = DDP(model) if ddp else model
+    optimizer = make_adamw(model.parameters(), 1e-4, 0.0, (0.9, 0.95), torch.device("cpu"))
+    idx = torch.randint(0, 50257, (1, 8))
+    net(idx).float().mean().backward()  # a tiny batch: activations are negligible next to the state
+    optimizer.step()
+    return rss() - before
+
+
+def main():
+    for name, shape in MODEL_PRESETS.items():
+        with torch.device("meta"):
+            n = sum(p.numel() for p in GPT(GPTConfig(**shape)).parameters())  # the critic/RM adds n_embd + 1
+        trained, ddp = 16 * n, 4 * n  # weights + gradients + AdamW moments; DDP's buckets
+        frozen = 2 * 4 * n  # PPO: policy and critic trained, ref_policy and reward model frozen
+        print(json.dumps({"preset": name, "params_M": round(n / 1e6, 1), "sft_or_reward_GB": round(trained / GB, 2),
+                          "sft_or_reward_ddp_GB": round((trained + ddp) / GB, 2),
+                          "ppo_GB": round((2 * trained + frozen) / GB, 2),
+                          "ppo_ddp_GB": round((2 * (trained + ddp) + frozen) / GB, 2)}))
+    for ddp in (False, True):  # each in a fresh process: memory freed by one would be reused by the other
+        subprocess.run([sys.executable, __file__, "--measure", "ddp" if ddp else "plain"], check=True)
+
+
+def measure(ddp):
+    torch.set_num_threads(1)
+    if ddp:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODEL_PRESETS["tiny"]))
+    n = sum(p.numel() for p in model.parameters())
+    growth = one_step_growth(model, ddp)
+    print(json.dumps({"measured": "tiny, one step", "ddp": ddp, "params_M": round(n / 1e6, 2),
+                      "growth_MB": round(growth / 2 ** 20, 1),
+                      "computed_MB": round((12 + 4 * ddp) * n / 2 ** 20, 1)}), flush=True)
+    if ddp:
+        dist.destroy_process_group()
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--measure"]:
+        measure(sys.argv[2] == "ddp")
+    else:
+        main()
