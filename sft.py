@@ -227,7 +227,7 @@ def train(cfg):
     # DDP (torchrun): the config's batch is GLOBAL. Each optimizer step's batch_size * grad_accum demonstrations
     # are split over the ranks, which run their share in micro-batches of up to batch_size (N ranks: fewer
     # micro-steps each, the same update); only rank 0 prints, logs and writes files.
-    _, world_size = init_distributed(cfg.device)
+    rank, world_size = init_distributed(cfg.device)
     print_config(cfg, cfg.out_dir)
     assert min(cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.max_prompt_tokens, cfg.max_response_tokens) >= 1, (
         "max_steps, batch_size, grad_accum, max_prompt_tokens and max_response_tokens must all be >= 1")
@@ -263,6 +263,8 @@ def train(cfg):
         print("note: --compile is used on CUDA only; running eagerly")
     trunk = maybe_compile(model.transformer, use_compile)  # compiled view; `model` keeps the plain weights
     trunk = wrap_ddp(trunk, device)  # DDP: the trunk holds every weight (lm_head is tied to wte)
+    if world_size > 1:
+        torch.manual_seed(cfg.seed + rank)  # DDP: same initial weights everywhere, but each rank its own dropout
 
     # optimizer: weight decay on matrices (embeddings and Linear weights), not on biases or LayerNorm gains
     optimizer = make_adamw(model.parameters(), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
