@@ -45,7 +45,7 @@ from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, enc
 @dataclass
 class Config:
     # io
-    out_dir: str = "out/reward"  # ckpt.pt, last.pt (for --resume, not normalised), metrics.jsonl, reward.png, config.json
+    out_dir: str = "out/reward"  # ckpt.pt, last.pt (for --resume, unnormalised), metrics.jsonl, reward.png
     resume: bool = False  # continue from out_dir/last.pt (weights, optimizer, step, random state)
     data_dir: str = "data/hh_rlhf"  # file names below are relative to it (absolute paths also work)
     train_files: str = "comparisons_train.jsonl"  # comma-separated; rows {prompt, chosen, rejected} or {prompt, ranked}
