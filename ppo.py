@@ -471,8 +471,8 @@ def train(cfg, reward_fn=None):
             sys.exit(f"error: --ptx_file {cfg.ptx_file} not found (JSON lines of {{'prompt': str, 'response': str}})")
         texts = read_jsonl(ptx_path, what="pretraining text (ptx)")
         for i, r in enumerate(texts):
-            assert isinstance(r, dict) and all(isinstance(r.get(k, ""), str) for k in ("prompt", "response")) \
-                and "response" in r, f"{ptx_path}: line {i + 1} is not a {{'prompt': str, 'response': str}} object"
+            ok = isinstance(r, dict) and isinstance(r.get("response"), str) and isinstance(r.get("prompt", ""), str)
+            assert ok, f"{ptx_path}: line {i + 1} is not a {{'prompt': str, 'response': str}} object (prompt may be '')"
         ptx_seqs = [(enc.encode_ordinary(r.get("prompt", "") + r["response"]) + [EOS])[:cfg.ptx_max_tokens]
                     for r in texts]
         assert any(len(s) > 1 for s in ptx_seqs), f"{ptx_path} holds no text for the ptx loss"
