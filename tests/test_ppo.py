@@ -245,7 +245,7 @@ class GradRecorder:
 def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters_policy, ptx_coef):
     """One minibatch of 8 ragged responses (and a ptx batch of 4 texts of unequal length) in 1, 2 or 4
     micro-batches: the same gradient for policy and critic. Averaging the micro-batches' own token means
-    would weigh the tokens of short responses more (and used to: relative error ~1 with 2 micro-batches)."""
+    would weigh the tokens of short responses more (it did before: relative error 0.49 here with 2)."""
     cfg = ppo.Config(**{**TINY, "max_new_tokens": 8, "batch_size": 8, "minibatch_size": 8, "noptepochs": 1,
                         "grad_clip": 0.0, "ptx_coef": ptx_coef})
     policy, _ = load_model(letters_policy, "gpt")
