@@ -201,6 +201,18 @@ def setup_device(device="auto", seed=1337):
     return torch.device(device)
 
 
+def rng_state():
+    """The global random state (CPU, and every CUDA device), saved in checkpoints so that a resumed run draws
+    the same dropout masks as an uninterrupted one."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def autocast(device, dtype="bfloat16"):
     """bf16 autocast on CUDA when asked for; float32 (a no-op context) everywhere else."""
     if device.type == "cuda" and dtype == "bfloat16":
@@ -316,7 +328,7 @@ WANTED = {"gpt": "pass an SFT or PPO checkpoint (e.g. out/sft/ckpt.pt), a GPT-2 
           "scalar": "pass the checkpoint reward.py wrote (e.g. out/reward/ckpt.pt), or scratch for a demo run"}
 
 
-def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu", transplant=False):
+def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu", transplant=False, seed=None):
     """Build a GPT (kind="gpt") or ScalarGPT (kind="scalar") from any source.
 
     init_from: "scratch" (fresh weights of shape `model_cfg`), a GPT-2 name (gpt2, gpt2-medium, ...),
@@ -325,12 +337,17 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu",
     SFT model, a critic), a source of the other kind gives its trunk and the head stays fresh (InstructGPT
     3.5). Without it the source must be a trained model of `kind`: a language model for a policy, and for
     kind="scalar" a normalised reward model written by reward.py; anything else is an error.
+    seed: draw scratch weights from torch.manual_seed(seed), leaving the global random state as it was, so
+    the same model comes out whatever ran before (e.g. a resumed run that loaded other checkpoints first).
     Returns (model, checkpoint dict or None).
     """
     cls = ScalarGPT if kind == "scalar" else GPT
     ckpt = None
     if init_from == "scratch":
-        model = cls(GPTConfig(**{**(model_cfg or {}), "dropout": dropout}))
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = cls(GPTConfig(**{**(model_cfg or {}), "dropout": dropout}))
     elif init_from in GPT2_SIZES or os.path.isdir(init_from):
         if kind != "gpt" and not transplant:
             sys.exit(f"error: {init_from} is a pretrained GPT-2 language model, but {KINDS[kind]} is expected "
@@ -454,13 +471,20 @@ def format_time(seconds):
 
 
 class MetricsLog:
-    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line (rank 0 only)."""
+    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line (rank 0 only).
 
-    def __init__(self, out_dir, total_steps, resume=False):
+    resume_step: None starts a fresh file; a step number (that of the checkpoint a run resumes from) keeps
+    the rows up to it and drops later ones, logged by the interrupted run after its last checkpoint and
+    about to be logged again, so the file (and its plot) stays one curve with one row per step."""
+
+    def __init__(self, out_dir, total_steps, resume_step=None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         os.makedirs(out_dir, exist_ok=True)
-        if is_main() and not resume and os.path.exists(self.path):
+        if is_main() and resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
+        elif is_main() and resume_step is not None and os.path.exists(self.path):
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.total, self.t0, self.step0 = total_steps, time.time(), None
 
     def log(self, step, metrics, keys=None):
