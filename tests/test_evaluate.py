@@ -66,7 +66,7 @@ def ckpts(tmp_path_factory):
         paths[name] = save_checkpoint(str(d / f"{name}.pt"), GPT(GPTConfig(**SHAPE)), ppo.Config())
     judge = ScalarGPT(GPTConfig(**SHAPE))
     torch.nn.init.normal_(judge.score_head.weight, std=1.0)
-    paths["judge"] = save_checkpoint(str(d / "judge.pt"), judge, ppo.Config())
+    paths["judge"] = save_checkpoint(str(d / "judge.pt"), judge, ppo.Config(), reward_shift=0.0)
     return paths
 
 

@@ -28,7 +28,7 @@ def ckpts(tmp_path_factory):
     rm = ScalarGPT(GPTConfig(**SHAPE))
     torch.nn.init.normal_(rm.score_head.weight, std=1.0)  # scores of order 1: distinct, so rankings are strict
     rm_cfg = reward.Config(max_prompt_tokens=48, max_response_tokens=16)
-    return {"policy": policy, "reward": save_checkpoint(str(d / "rm.pt"), rm, rm_cfg)}
+    return {"policy": policy, "reward": save_checkpoint(str(d / "rm.pt"), rm, rm_cfg, reward_shift=0.0)}
 
 
 def config(ckpts, tmp_path, **kw):
