@@ -41,10 +41,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EOS, MODEL_PRESETS, MetricsLog, all_gather_cat, autocast, check_finite, encode_prompt,
-                    get_tokenizer, get_world_size, global_masked_mean, global_masked_var, init_distributed,
-                    load_checkpoint, load_model, make_adamw, mean_over_ranks, no_sync, pad_left, pad_right,
-                    plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device, shard, wrap_ddp)
+from common import (EOS, MODEL_PRESETS, MetricsLog, all_gather_cat, all_reduce_sum, autocast, check_finite,
+                    encode_prompt, get_tokenizer, get_world_size, global_masked_mean, global_masked_var,
+                    init_distributed, load_checkpoint, load_model, make_adamw, mean_over_ranks, no_sync, pad_left,
+                    pad_right, plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device, shard,
+                    wrap_ddp)
 from model import GPTConfig, ScalarGPT, token_logprobs
 from reward import last_token_index, score_sequences
 from sft import index_batches
@@ -599,7 +600,7 @@ def train(cfg, reward_fn=None):
             try:
                 batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg,
                                          kl_coef, reward_fn, torch.Generator(device=device).manual_seed(seed + it))
-            except FloatingPointError as e:  # NaN/inf logits in generate: the last update broke the policy
+            except FloatingPointError:  # NaN/inf logits in generate: the last update broke the policy
                 check_finite(float("nan"), it + 1, "a logit of the policy while sampling")
             # 6. PPO epochs (7. with the ptx loss when ptx_coef > 0)
             t1 = time.time()

@@ -118,7 +118,7 @@ def test_whitening_over_two_processes_equals_whitening_the_concatenated_batch(tm
 
 
 def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path):
-    cfg = dict({k: v for k, v in SHAPE.items() if k != "init_from"}, data_dir=PPO_FIXTURES, sft_ckpt="scratch", reward_ckpt="scratch", out_dir=tmp_path / "out",
+    cfg = dict({k: v for k, v in SHAPE.items() if k not in ("init_from", "dropout")}, data_dir=PPO_FIXTURES, sft_ckpt="scratch", reward_ckpt="scratch", out_dir=tmp_path / "out",
                max_prompt_tokens=48, max_new_tokens=6, iters=2, batch_size=4, minibatch_size=4,
                gradient_accumulation_steps=2, noptepochs=1, lr=1e-3, warmup_iters=1, eval_interval=2,
                eval_prompts=4, sample_every=1, n_samples=1, ptx_coef=0.5, ptx_batch_size=2, adaptive_kl=True)
