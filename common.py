@@ -505,13 +505,14 @@ def format_time(seconds):
 
 
 class MetricsLog:
-    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line.
+    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line. With `log_to`
+    ("wandb", "tensorboard" or both, comma-separated) the same numbers go there too, under the same names.
 
     resume_step: None starts a fresh file; a step number (that of the checkpoint a run resumes from) keeps
     the rows up to it and drops later ones, logged by the interrupted run after its last checkpoint and
     about to be logged again, so the file (and its plot) stays one curve with one row per step."""
 
-    def __init__(self, out_dir, total_steps, resume_step=None):
+    def __init__(self, out_dir, total_steps, resume_step=None, log_to="", run_config=None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         os.makedirs(out_dir, exist_ok=True)
         if resume_step is None and os.path.exists(self.path):
@@ -520,6 +521,7 @@ class MetricsLog:
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.total, self.t0, self.step0 = total_steps, time.time(), None
+        self.trackers = [open_tracker(name.strip(), out_dir, run_config) for name in log_to.split(",") if name.strip()]
 
     def log(self, step, metrics, keys=None):
         """Log `metrics` for `step` (1-based); print `keys` (default: all) with the ETA."""
@@ -530,8 +532,38 @@ class MetricsLog:
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker(step, {k: v for k, v in row.items() if k != "step" and isinstance(v, float)})
         shown = " | ".join(f"{k} {_fmt(metrics[k])}" for k in (keys or metrics) if k in metrics)
         print(f"step {step}/{self.total} | {shown} | eta {eta}", flush=True)
+
+
+def open_tracker(name, out_dir, run_config):
+    """A function (step, {name: number}) logging to Weights & Biases or TensorBoard, imported only when asked."""
+    config = dataclasses.asdict(run_config) if dataclasses.is_dataclass(run_config) else (run_config or {})
+    if name == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("error: --log_to wandb needs the wandb package: pip install wandb (then wandb login, or "
+                     "WANDB_MODE=offline)")
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "instructgpt"), dir=out_dir, config=config,
+                         name=f"{os.path.basename(os.path.abspath(out_dir))}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return lambda step, values: run.log(values, step=step)
+    if name == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            sys.exit("error: --log_to tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "))
+
+        def log(step, values):
+            for k, v in values.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()  # visible in TensorBoard right away, and nothing lost if the run is killed
+        return log
+    sys.exit(f"error: --log_to {name!r}: expected wandb, tensorboard, or both comma-separated (default: off)")
 
 
 def _fmt(v):
