@@ -114,8 +114,9 @@ def parse_config(config_cls, presets, argv=None):
         t = _field_type(config_cls, f)
         parse = _parse_bool if t is bool else _parse_optional(t) if getattr(defaults, f.name) is None else t
         doc = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".lstrip()
+        flag = dict(nargs="?", const=True) if t is bool else {}  # a bare --chat means --chat true
         parser.add_argument(f"--{f.name}", type=parse, default=None, metavar=t.__name__.upper(),
-                            help=doc.replace("%", "%%"))  # argparse %-formats help strings
+                            help=doc.replace("%", "%%"), **flag)  # argparse %-formats help strings
     args = parser.parse_args(argv)
     values = dict(presets[args.config]) if args.config else {}
     unknown = set(values) - {f.name for f in fields}
