@@ -86,7 +86,7 @@ def bpe_parts(ranks, token, max_rank):
 def tokenizer_files(enc, block_size):
     """vocab.json, merges.txt and tokenizer_config.json of GPT-2's tokenizer, derived from tiktoken's ranks
     (r50k_base: token id = rank; every token above the 256 bytes is one merge of two earlier tokens)."""
-    ranks = enc._mergeable_ranks  # {token bytes: id}
+    ranks = enc._mergeable_ranks  # {token bytes: id}; tiktoken keeps them there (no public accessor)
     byte_char = bytes_to_unicode()
     text = lambda token: "".join(byte_char[b] for b in token)
     vocab = {text(token): rank for token, rank in ranks.items()}
@@ -109,7 +109,7 @@ def export(cfg):
     kind = ckpt["kind"]
     model = (ScalarGPT if kind == "scalar" else GPT)(GPTConfig(**ckpt["model_config"]))
     load_state(model, ckpt["model"], cfg.init_from)
-    extra = {"config": ckpt["config"], "source": os.path.abspath(cfg.init_from)}
+    extra = {"config": ckpt["config"], "source": cfg.init_from}
     if kind == "scalar":
         extra["reward_shift"] = ckpt.get("reward_shift", 0.0)  # already folded into score_head.bias
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -122,6 +122,8 @@ def export(cfg):
                                                      indent=2) + "\n"
     if model.config.vocab_size == EOS + 1:  # GPT-2's vocabulary: the tokenizer fits
         files.update(tokenizer_files(get_tokenizer(), model.config.block_size))
+    else:
+        print(f"note: a vocabulary of {model.config.vocab_size} tokens is not GPT-2's: no tokenizer files written")
     for name, text in files.items():
         atomic_write_text(os.path.join(cfg.out_dir, name), text)
     n = sum(p.numel() for p in model.parameters()) / 1e6
