@@ -424,18 +424,22 @@ def fetch_gpt2(name):
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     files = ("config.json", "model.safetensors")
-    try:
-        paths = [hf_hub_download(name, f) for f in files]
-    except LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        sys.exit(f"error: GPT-2 weights '{name}' are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                 f"and could not be downloaded{offline}. Either connect once to the internet (or a mirror set "
-                 f"in HF_ENDPOINT) and run `hf download {name} {' '.join(files)}`, or copy those two files from "
-                 f"https://huggingface.co/openai-community/{name} into a folder and pass --init_from FOLDER.")
-    except Exception as e:  # repository or network errors of the hub client
-        sys.exit(f"error: could not download GPT-2 weights '{name}' from the Hugging Face hub "
-                 f"({type(e).__name__}: {e}). A local folder holding {' and '.join(files)} also works as --init_from.")
-    return os.path.dirname(paths[0])
+    # transformers users have GPT-2 cached as "gpt2" or, in newer examples, "openai-community/gpt2": the
+    # first is fetched if needed, the second only looked up in the cache
+    for repo in (name, f"openai-community/{name}"):
+        try:
+            paths = [hf_hub_download(repo, f, local_files_only=repo != name) for f in files]
+            return os.path.dirname(paths[0])  # the snapshot folder of this revision holds both files
+        except LocalEntryNotFoundError:
+            continue
+        except Exception as e:  # repository or network errors of the hub client
+            sys.exit(f"error: could not download GPT-2 weights '{name}' from the Hugging Face hub "
+                     f"({type(e).__name__}: {e}). A local folder holding {' and '.join(files)} also works as --init_from.")
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    sys.exit(f"error: GPT-2 weights '{name}' are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+             f"and could not be downloaded{offline}. Either connect once to the internet (or a mirror set in "
+             f"HF_ENDPOINT) and run `hf download {name} {' '.join(files)}`, or copy those two files from "
+             f"https://huggingface.co/openai-community/{name} into a folder and pass --init_from FOLDER.")
 
 
 # ----------------------------------------------------------------------------------------------

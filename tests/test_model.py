@@ -172,9 +172,10 @@ def load_offline(name, cache):
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
 
 
-def test_gpt2_name_loads_from_a_warm_hub_cache_offline(hf_gpt2, tmp_path):
+@pytest.mark.parametrize("repo", ["gpt2", "openai-community--gpt2"])  # the two names transformers users cache it under
+def test_gpt2_name_loads_from_a_warm_hub_cache_offline(hf_gpt2, tmp_path, repo):
     hf, folder = hf_gpt2
-    hub_cache_with(folder, tmp_path / "hub")
+    hub_cache_with(folder, tmp_path / "hub", repo)
     run = load_offline("gpt2", tmp_path / "hub")
     assert run.returncode == 0, run.stderr
     n_layer, n_embd, wte_sum = run.stdout.split()
