@@ -110,8 +110,8 @@ def export(cfg):
     model = (ScalarGPT if kind == "scalar" else GPT)(GPTConfig(**ckpt["model_config"]))
     load_state(model, ckpt["model"], cfg.init_from)
     extra = {"config": ckpt["config"], "source": cfg.init_from}
-    if kind == "scalar":
-        extra["reward_shift"] = ckpt.get("reward_shift", 0.0)  # already folded into score_head.bias
+    if "reward_shift" in ckpt:  # reward.py's normalisation, already folded into score_head.bias
+        extra["reward_shift"] = ckpt["reward_shift"]
     os.makedirs(cfg.out_dir, exist_ok=True)
     tmp = os.path.join(cfg.out_dir, "model.safetensors.tmp")
     save_file(hf_state_dict(model), tmp, metadata={"format": "pt"})

@@ -30,7 +30,7 @@ def ckpts(tmp_path_factory):
     policy = save_checkpoint(str(tmp / "a" / "ckpt.pt"), GPT(SHAPE), RunConfig())
     os.makedirs(tmp / "b")
     shutil.copy(policy, tmp / "b" / "ckpt.pt")  # the same weights under another name
-    reward = save_checkpoint(str(tmp / "rm" / "ckpt.pt"), ScalarGPT(SHAPE), RunConfig())
+    reward = save_checkpoint(str(tmp / "rm" / "ckpt.pt"), ScalarGPT(SHAPE), RunConfig(), reward_shift=0.0)
     return policy, str(tmp / "b" / "ckpt.pt"), reward
 
 

@@ -93,6 +93,8 @@ def test_exported_policy_folder_loads_back_as_policy_and_as_reward_trunk(exporte
     idx = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(idx), policy(idx))
-    trunk, _ = load_model(paths["policy"], kind="scalar")  # the SFT -> reward model path (fresh head)
+    with pytest.raises(SystemExit, match="a reward model .* is expected"):  # not a reward model as it is
+        load_model(paths["policy"], kind="scalar")
+    trunk, _ = load_model(paths["policy"], kind="scalar", transplant=True)  # reward.py's start (fresh head)
     for k, v in policy.transformer.state_dict().items():
         assert torch.equal(trunk.transformer.state_dict()[k], v)
