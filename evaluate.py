@@ -27,10 +27,10 @@ from typing import Optional
 
 import torch
 
-from common import (autocast, decode_response, encode_prompt, get_tokenizer, load_model, pad_left, run,
-                    setup_device, atomic_write_text)
-from label import load_function, read_prompts
 import ppo
+from common import (atomic_write_text, autocast, decode_response, encode_prompt, get_tokenizer, load_model, pad_left,
+                    run, setup_device)
+from label import load_function, read_prompts
 
 
 @dataclass
@@ -138,8 +138,9 @@ def summarize(ckpt, result):
 
 def print_side_by_side(prompts, a, b, n):
     for i in range(min(n, len(prompts))):
-        verdict = "A wins" if a["scores"][i] > b["scores"][i] else "B wins" if a["scores"][i] < b["scores"][i] else "tie"
-        print(f"--- prompt {i + 1} | A {a['scores'][i]:+.3f} vs B {b['scores'][i]:+.3f}: {verdict}\n"
+        sa, sb = a["scores"][i], b["scores"][i]
+        verdict = "A wins" if sa > sb else "B wins" if sa < sb else "tie"
+        print(f"--- prompt {i + 1} | A {sa:+.3f} vs B {sb:+.3f}: {verdict}\n"
               f"[prompt] ...{prompts[i][-300:]!r}\n[A] {a['responses'][i]!r}\n[B] {b['responses'][i]!r}")
 
 
@@ -159,7 +160,8 @@ def main(cfg):
         judge_model.eval()
         longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS the judge reads its score at
         assert longest <= judge_model.config.block_size, \
-            f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the judge's block_size {judge_model.config.block_size}"
+            f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the judge's block_size " \
+            f"{judge_model.config.block_size}"
     else:
         judge_fn = load_function(cfg.judge_fn, cfg.judge_arg)
     ref_policy = None

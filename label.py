@@ -169,7 +169,8 @@ def reward_model_scorer(reward_ckpt, device, ctx):
     enc = get_tokenizer()
 
     def score(prompt, responses):
-        seqs = [rm_tokens(enc, prompt, r, budget["max_prompt_tokens"], budget["max_response_tokens"]) for r in responses]
+        seqs = [rm_tokens(enc, prompt, r, budget["max_prompt_tokens"], budget["max_response_tokens"])
+                for r in responses]
         return score_all(reward_model, seqs, device, len(seqs), ctx).tolist()
     return score
 
@@ -231,7 +232,7 @@ class HumanLabeler:
         unique = list(groups.items())
         print(f"\n[prompt]\n{show_text(prompt, self.prompt_chars)}")
         for n, (text, idx) in enumerate(unique, 1):
-            mark = f"   (identical responses: sampled {len(idx)} of {len(responses)} times, shown once)" if len(idx) > 1 else ""
+            mark = f"   (identical: sampled {len(idx)} of {len(responses)} times, shown once)" if len(idx) > 1 else ""
             print(f"\n[{n}]{mark}\n{text if text.strip() else '(empty response)'}")
         question = f"\nrank 1-{len(unique)} best first (s skip, q quit, ? help): "
         while True:
@@ -304,7 +305,8 @@ def append_line(f, row):
 
 def progress_line(done, total, ranked, skipped, ties, elapsed):
     eta = format_time(elapsed / done * (total - done)) if done else "?"
-    per = f"{elapsed / done:.1f} s/prompt" if done and elapsed / done >= 1 else f"{1000 * elapsed / max(done, 1):.0f} ms/prompt"
+    per_prompt = elapsed / max(done, 1)
+    per = f"{per_prompt:.1f} s/prompt" if per_prompt >= 1 else f"{1000 * per_prompt:.0f} ms/prompt"
     return f"{done}/{total} prompts done | ranked {ranked} | skipped {skipped} | ties {ties} | {per} | eta {eta}"
 
 
@@ -365,7 +367,7 @@ def main(cfg, input_fn=input):
                     if ranking is None:
                         skipped += 1
                         continue
-                    assert sorted(ranking) == list(range(cfg.k)), f"labeler returned {ranking}, not a ranking of {cfg.k}"
+                    assert sorted(ranking) == list(range(cfg.k)), f"labeler returned {ranking}, not a ranking"
                     append_line(f, {"prompt": prompt, "ranked": [responses[i] for i in ranking]})
                     ranked += 1
                     human_ties += tied_pairs(responses)
