@@ -58,6 +58,7 @@ class Config:
     preset: str = ""  # name of the --config preset, recorded for the run
     eval_interval: int = 10  # iterations between evaluations on held-out prompts (also at the end)
     eval_prompts: int = 32  # held-out prompts per evaluation
+    judge_ckpt: str = ""  # independent judge RM (e.g. reward.py on comparisons_val.jsonl): eval_win_rate vs SFT
     sample_every: int = 10  # iterations between printed samples (prompt, response, score, KL)
     n_samples: int = 2  # samples printed each time
     # model (shape used only with scratch)
@@ -382,11 +383,13 @@ def ptx_iterator(sequences, batch_size, seed, device):
 
 
 @torch.no_grad()
-def evaluate(policy, ref_policy, reward_model, reward_fn, prompts, cfg, device):
+def evaluate(policy, ref_policy, reward_model, reward_fn, prompts, cfg, device, judge=None, judge_baseline=None):
     """Held-out prompts, responses SAMPLED at cfg.temperature with a fixed seed (so the KL term, an
-    expectation under the policy, is estimated without bias and evaluations compare like with like)."""
+    expectation under the policy, is estimated without bias and evaluations compare like with like).
+    With an independent `judge` reward model: its mean score (eval_judge_score) and the win rate against
+    the SFT policy's responses, `judge_baseline` from judge_scores() (eval_win_rate; InstructGPT Figure 1)."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    scores, kls = [], []
+    scores, kls, judged = [], [], []
     for i in range(0, len(prompts), cfg.batch_size):
         queries, query_mask = pad_left(prompts[i:i + cfg.batch_size])
         queries, query_mask = queries.to(device), query_mask.to(device)
@@ -396,7 +399,29 @@ def evaluate(policy, ref_policy, reward_model, reward_fn, prompts, cfg, device):
         ref_logprobs = policy_logprobs(ref_policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
         scores.append(batch["scores"])
         kls.append(((logprobs - ref_logprobs) * batch["response_mask"]).sum(1))
-    return {"eval_score": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item()}
+        if judge is not None:
+            judged.append(score_responses(judge, batch["ids"], batch["attention_mask"], batch["has_eos"]))
+    metrics = {"eval_score": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item()}
+    if judge is not None:
+        from evaluate import win_rate  # imported here: evaluate.py imports this file
+        metrics["eval_judge_score"] = torch.cat(judged).mean().item()
+        if judge_baseline is not None:
+            metrics["eval_win_rate"] = win_rate(torch.cat(judged).tolist(), judge_baseline)["win_rate"]
+    return metrics
+
+
+@torch.no_grad()
+def judge_scores(policy, judge, prompts, cfg, device):
+    """The judge's scores of the policy's responses to `prompts`, sampled exactly as evaluate() samples them
+    (same seed, same batches; no missing_eos_penalty): the SFT policy's are eval_win_rate's baseline."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    scores = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        queries, query_mask = pad_left(prompts[i:i + cfg.batch_size])
+        batch, _ = generate_and_score(policy, judge, None, queries.to(device), query_mask.to(device),
+                                      dataclasses.replace(cfg, missing_eos_penalty=0.0), generator)
+        scores += batch["scores"].tolist()
+    return scores
 
 
 def print_samples(enc, batch, n):
@@ -463,6 +488,13 @@ def train(cfg, reward_fn=None):
     for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
         assert m is None or longest <= m.config.block_size, \
             f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the {name}'s block_size {m.config.block_size}"
+    judge, judge_baseline = None, None
+    if cfg.judge_ckpt:  # an independent judge, and its scores of the SFT policy's held-out responses
+        judge, _ = load_model(cfg.judge_ckpt, "scalar", dropout=0.0, device=device)
+        judge.eval().requires_grad_(False)
+        assert longest <= judge.config.block_size, f"{longest} tokens exceed the judge's block_size"
+        with ctx:
+            judge_baseline = judge_scores(ref_policy, judge, val_prompts, cfg, device)
     print(f"policy {policy.num_params() / 1e6:.1f}M parameters from {cfg.sft_ckpt}; critic from "
           f"{cfg.reward_ckpt}; reward: {'reward_fn' if reward_fn else cfg.reward_ckpt}; {cfg.iters} iterations "
           f"of {cfg.batch_size} prompts, {updates_per_iter} updates each")
@@ -481,10 +513,13 @@ def train(cfg, reward_fn=None):
               "policy entropy per token": ["entropy"], "losses": ["pg_loss", "vf_loss"],
               "clip fractions, approx_kl": ["pg_clipfrac", "vf_clipfrac", "approx_kl"],
               "critic explained variance": ["explained_var"], "response length": ["resp_len"]}
+    if judge is not None:
+        panels["judge: win rate vs SFT (eval)"] = ["eval_win_rate"]
     metrics = {}
     if start == 0:  # the SFT policy's own score on the held-out prompts: the baseline of the plot
         with ctx:
-            log.log(0, evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device))
+            log.log(0, evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device,
+                                judge, judge_baseline))
     for it in range(start, cfg.iters):
         t0 = time.time()
         lr = cfg.lr * min(1.0, 0.1 + 0.9 * it / max(cfg.warmup_iters, 1))
@@ -508,9 +543,10 @@ def train(cfg, reward_fn=None):
             print_samples(enc, batch, cfg.n_samples)
         if step % cfg.eval_interval == 0 or step == cfg.iters:
             with ctx:
-                metrics.update(evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device))
-        log.log(step, metrics, keys=["score", "kl", "kl_coef", "eval_score", "eval_kl", "pg_loss", "vf_loss",
-                                     "entropy", "resp_len", "t_generate", "t_update", "t_iter"])
+                metrics.update(evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device,
+                                        judge, judge_baseline))
+        log.log(step, metrics, keys=["score", "kl", "kl_coef", "eval_score", "eval_kl", "eval_win_rate", "pg_loss",
+                                     "vf_loss", "entropy", "resp_len", "t_generate", "t_update", "t_iter"])
         if step % cfg.eval_interval == 0 or step == cfg.iters:
             save_checkpoint(ckpt_path, policy, cfg, critic=critic.state_dict(),
                             critic_config=dataclasses.asdict(critic.config), optimizer=optimizer.state_dict(),

@@ -1,0 +1,205 @@
+"""
+Win rate, InstructGPT's headline metric (Ouyang et al. 2022, arXiv:2203.02155, Figure 1): how often a judge
+prefers policy A's response to policy B's (the SFT baseline) on held-out prompts, ties counting half, with a
+95% Wilson confidence interval. Both policies answer every prompt with the same seed and settings (each
+batch restarts the same random stream, so A's and B's samples share their randomness as far as the
+policies agree). Also reported: each policy's mean judge score, mean response length (tokens, with the
+EOS), fraction of responses ending in EOS, and KL to a reference policy (--ref_ckpt, usually SFT).
+
+The judge: in the paper, human labelers. Here a reward model (--judge_ckpt) or a Python function
+(prompt, response) -> float (--judge_fn file.py:NAME, or a factory with --judge_arg). Do not judge with the
+reward model PPO optimised: PPO climbs that model's errors as well as its signal, so its score rises while
+true preference can fall (over-optimisation, Gao et al. 2022, arXiv:2210.10760). Train an independent judge
+on comparisons PPO never saw, e.g. HH's validation split:
+
+    python reward.py --config tiny --train_files comparisons_val.jsonl --out_dir out/judge
+    python evaluate.py --policy_a out/ppo/ckpt.pt --policy_b out/sft/ckpt.pt \\
+        --prompts data/hh_rlhf/prompts_val.jsonl --judge_ckpt out/judge/ckpt.pt --ref_ckpt out/sft/ckpt.pt \\
+        --out out/eval/winrate.json
+    python evaluate.py --judge_fn mylabel.py:score ...          # a programmatic judge
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+import ppo
+from common import (atomic_write_text, autocast, decode_response, encode_prompt, get_tokenizer, load_model, pad_left,
+                    run, setup_device)
+from label import load_function, read_prompts
+
+
+@dataclass
+class Config:
+    # io
+    policy_a: str = "out/ppo/ckpt.pt"  # the policy evaluated (e.g. PPO)
+    policy_b: str = "out/sft/ckpt.pt"  # the baseline (paper: the SFT model)
+    prompts: str = "data/hh_rlhf/prompts_val.jsonl"  # held-out prompts, JSON lines with a "prompt" field
+    max_prompts: int = 0  # use only the first N prompts (0 = all)
+    out: str = "out/eval/winrate.json"  # everything measured, per-prompt scores and a few samples
+    # judge (one of the two)
+    judge_ckpt: str = ""  # a reward model trained on comparisons PPO never saw (not PPO's own reward model)
+    judge_fn: str = ""  # or a function (prompt, response) -> float: "path/to/file.py:NAME" (or "module:NAME")
+    judge_arg: Optional[str] = None  # if given, NAME(judge_arg) returns the judge function
+    ref_ckpt: str = ""  # report KL(policy || ref) of each policy to this one (e.g. out/sft/ckpt.pt); "" = skip
+    # sampling, the same for both policies
+    temperature: float = 1.0  # 1 = each policy's own distribution (what the KL is measured under)
+    max_new_tokens: int = 64  # response length limit
+    max_prompt_tokens: int = 192  # a longer prompt keeps its end
+    batch_size: int = 16  # prompts per generation call
+    n_show: int = 3  # side-by-side samples printed
+    # system
+    device: str = "auto"  # auto, cpu, cuda, ...
+    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
+    seed: int = 1337
+
+
+CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # ppo.py's tiny rollout settings
+
+
+# ----------------------------------------------------------------------------------------------
+# The statistics
+
+def win_rate(scores_a, scores_b):
+    """Pairwise comparison of A and B on the same prompts: a higher score wins, equal scores tie and count
+    half (win_rate = (wins + ties / 2) / n)."""
+    assert len(scores_a) == len(scores_b) and len(scores_a) > 0, "need one score of A and of B per prompt"
+    wins = sum(a > b for a, b in zip(scores_a, scores_b))
+    ties = sum(a == b for a, b in zip(scores_a, scores_b))
+    n = len(scores_a)
+    return {"win_rate": (wins + ties / 2) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+
+
+def wilson_interval(successes, n, z=1.96):
+    """Wilson score interval of a proportion successes / n (z = 1.96: 95%). Unlike p +- z sqrt(p(1-p)/n) it
+    stays inside [0, 1] and is not of zero width at p = 0 or 1. `successes` may be fractional (wins + ties/2).
+
+        center = (p + z^2 / 2n) / (1 + z^2 / n),  half = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)"""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
+    return max(center - half, 0.0), min(center + half, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and judging
+
+def text_judge(fn, enc, prompt_texts):
+    """A function (prompt, response) -> float as ppo's reward_fn (token batches in, scores (B,) out), for the
+    prompts `prompt_texts` of one batch (their full text, not the cut tokens)."""
+    def reward_fn(queries, query_mask, responses, response_mask):
+        texts = [decode_response(enc, row) for row in responses.tolist()]
+        return torch.tensor([float(fn(p, r)) for p, r in zip(prompt_texts, texts)])
+    return reward_fn
+
+
+@torch.no_grad()
+def sample_and_judge(policy, judge_model, judge_fn, enc, prompts, cfg, device, ref_policy=None):
+    """The policy's responses to `prompts` (text), judged; each batch b sampled with seed cfg.seed + b.
+    Returns {responses, scores, lengths, eos, kl (None without ref_policy)}, one entry per prompt."""
+    gen_cfg = ppo.Config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # missing_eos_penalty 0
+    out = {"responses": [], "scores": [], "lengths": [], "eos": [], "kl": [] if ref_policy is not None else None}
+    for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
+        texts = prompts[i:i + cfg.batch_size]
+        queries, query_mask = pad_left([encode_prompt(enc, p, cfg.max_prompt_tokens) for p in texts])
+        queries, query_mask = queries.to(device), query_mask.to(device)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed + b)
+        reward_fn = text_judge(judge_fn, enc, texts) if judge_fn is not None else None
+        batch, _ = ppo.generate_and_score(policy, judge_model, reward_fn, queries, query_mask, gen_cfg, generator)
+        mask = batch["response_mask"]  # (B, R)
+        out["responses"] += [decode_response(enc, row) for row in batch["responses"].tolist()]
+        out["scores"] += batch["scores"].tolist()
+        out["lengths"] += mask.sum(1).tolist()
+        out["eos"] += batch["has_eos"].tolist()
+        if ref_policy is not None:  # sum over the response of log pi(y_t) - log pi_ref(y_t): KL of the sequence
+            P = queries.size(1)
+            logprobs = ppo.policy_logprobs(policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
+            ref_logprobs = ppo.policy_logprobs(ref_policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
+            out["kl"] += ((logprobs - ref_logprobs) * mask).sum(1).tolist()
+    return out
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(ckpt, result):
+    return {"ckpt": ckpt, "mean_score": mean(result["scores"]), "resp_len": mean(result["lengths"]),
+            "eos_frac": mean([float(e) for e in result["eos"]]),
+            "kl_to_ref": mean(result["kl"]) if result["kl"] is not None else None}
+
+
+def print_side_by_side(prompts, a, b, n):
+    for i in range(min(n, len(prompts))):
+        sa, sb = a["scores"][i], b["scores"][i]
+        verdict = "A wins" if sa > sb else "B wins" if sa < sb else "tie"
+        print(f"--- prompt {i + 1} | A {sa:+.3f} vs B {sb:+.3f}: {verdict}\n"
+              f"[prompt] ...{prompts[i][-300:]!r}\n[A] {a['responses'][i]!r}\n[B] {b['responses'][i]!r}")
+
+
+def main(cfg):
+    """Win rate of policy A over policy B on held-out prompts; returns (and writes to cfg.out) the report."""
+    assert bool(cfg.judge_ckpt) != bool(cfg.judge_fn), "give exactly one judge: --judge_ckpt or --judge_fn"
+    t_start = time.time()
+    device = setup_device(cfg.device, cfg.seed)
+    ctx = autocast(device, cfg.dtype)
+    enc = get_tokenizer()
+    prompts = read_prompts(cfg.prompts, cfg.max_prompts)
+    assert prompts, f"no prompts in {cfg.prompts}"
+
+    judge_model, judge_fn = None, None
+    if cfg.judge_ckpt:
+        judge_model, _ = load_model(cfg.judge_ckpt, kind="scalar", device=device)
+        judge_model.eval()
+        longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS the judge reads its score at
+        assert longest <= judge_model.config.block_size, \
+            f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the judge's block_size " \
+            f"{judge_model.config.block_size}"
+    else:
+        judge_fn = load_function(cfg.judge_fn, cfg.judge_arg)
+    ref_policy = None
+    if cfg.ref_ckpt:
+        ref_policy, _ = load_model(cfg.ref_ckpt, kind="gpt", device=device)
+        ref_policy.eval()
+
+    results = {}
+    for name, ckpt in (("a", cfg.policy_a), ("b", cfg.policy_b)):
+        policy, _ = load_model(ckpt, kind="gpt", device=device)
+        policy.eval()
+        assert cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size, \
+            f"max_prompt_tokens + max_new_tokens exceeds the block_size {policy.config.block_size} of {ckpt}"
+        t0 = time.time()
+        with ctx:
+            results[name] = sample_and_judge(policy, judge_model, judge_fn, enc, prompts, cfg, device, ref_policy)
+        print(f"policy {name.upper()} {ckpt}: {len(prompts)} responses sampled and judged in {time.time() - t0:.0f}s")
+
+    a, b = results["a"], results["b"]
+    wr = win_rate(a["scores"], b["scores"])
+    lo, hi = wilson_interval(wr["wins"] + wr["ties"] / 2, wr["n"])
+    print_side_by_side(prompts, a, b, cfg.n_show)
+    report = {**wr, "ci95": [lo, hi], "judge": cfg.judge_ckpt or cfg.judge_fn,
+              "policy_a": summarize(cfg.policy_a, a), "policy_b": summarize(cfg.policy_b, b),
+              "config": asdict(cfg), "time_s": time.time() - t_start,
+              "samples": [{"prompt": p, "response_a": ra, "response_b": rb, "score_a": sa, "score_b": sb}
+                          for p, ra, rb, sa, sb in zip(prompts, a["responses"], b["responses"], a["scores"],
+                                                        b["scores"])]}
+    atomic_write_text(cfg.out, json.dumps(report, indent=1) + "\n")
+    for name in ("a", "b"):
+        s = report[f"policy_{name}"]
+        kl = f" | KL to ref {s['kl_to_ref']:.3f}" if s["kl_to_ref"] is not None else ""
+        print(f"{name.upper()} {s['ckpt']}: mean judge score {s['mean_score']:+.4f} | resp_len {s['resp_len']:.1f} | "
+              f"eos_frac {s['eos_frac']:.2f}{kl}")
+    print(f"win rate of A over B: {wr['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}) | wins {wr['wins']}, "
+          f"ties {wr['ties']}, losses {wr['losses']} of {wr['n']} | judge {report['judge']} | written to {cfg.out}")
+    return report
+
+
+if __name__ == "__main__":
+    run(main, Config, CONFIGS)

@@ -1,0 +1,395 @@
+"""
+Where the reward model's data comes from (InstructGPT, Ouyang et al. 2022, arXiv:2203.02155, section 3.1
+and Figure 2): the current policy samples K responses to a prompt (K = 4..9 in the paper), a labeler ranks
+them best to worst, and the rankings train the reward model; steps 2 (reward.py) and 3 (ppo.py) can then
+be repeated with the improved policy. This script does the sampling and the asking, and appends one line
+
+    {"prompt": "...", "ranked": [best, ..., worst]}
+
+per ranked prompt to --out, which reward.py trains on as it is (--train_files rankings.jsonl, mixable with
+HH comparison files). Each line is flushed to disk as soon as it is given: a crash or Ctrl-C loses nothing
+already ranked, and a rerun with the same --out skips the prompts already ranked there (resumable).
+
+Labelers, behind one interface: a callable (prompt, responses) -> ranking (indices into responses, best
+first) or None (skip this prompt).
+  human   a terminal: the prompt and the K responses numbered, read a ranking such as "2 1 4 3" (best
+          first); s = skip, q = quit, ? = help. Identical responses are shown once and marked.
+  reward  the scores of a reward-model checkpoint (--reward_ckpt): distillation, tests.
+  fn      a Python function (prompt, response) -> float (--labeler_fn file.py:NAME); with --labeler_arg S,
+          NAME(S) is called once and must return that function (a factory, e.g. of a gold labeler).
+Score-based labelers (reward, fn) take --label_noise T: a Bradley-Terry labeler who puts response i above
+j with probability sigmoid((s_i - s_j) / T), the preference model eq. (1) fits; T = 0 ranks exactly.
+
+    python label.py --policy out/sft/ckpt.pt --prompts data/hh_rlhf/prompts_train.jsonl --k 4 \\
+        --labeler human --out data/hh_rlhf/rankings.jsonl
+    python label.py --labeler reward --reward_ckpt out/reward/ckpt.pt --max_prompts 200 --out out/distill.jsonl
+    python label.py --labeler fn --labeler_fn mylabel.py:score --label_noise 0.5 --out out/rankings.jsonl
+    python reward.py --config tiny --train_files rankings.jsonl,comparisons_train.jsonl
+"""
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from common import (EOS, autocast, decode_response, encode_prompt, format_time, get_tokenizer, load_model,
+                    pad_left, read_jsonl, run, setup_device)
+
+
+@dataclass
+class Config:
+    # io
+    policy: str = "out/sft/ckpt.pt"  # the policy whose samples are ranked (paper: the current best policy)
+    prompts: str = "data/hh_rlhf/prompts_train.jsonl"  # JSON lines with a "prompt" field
+    out: str = "data/hh_rlhf/rankings.jsonl"  # rankings are appended here; prompts already in it are skipped
+    max_prompts: int = 0  # use only the first N prompts of the file (0 = all)
+    # sampling
+    k: int = 4  # responses per prompt (paper: K = 4..9)
+    temperature: float = 1.0  # sampling temperature (1 = the policy's own distribution)
+    max_new_tokens: int = 64  # response length limit
+    max_prompt_tokens: int = 192  # a longer prompt keeps its end (the model sees only that part)
+    batch_size: int = 8  # prompts per generation call (each gives k rows)
+    # labeler
+    labeler: str = "human"  # human, reward or fn
+    reward_ckpt: str = "out/reward/ckpt.pt"  # reward model of --labeler reward
+    labeler_fn: str = ""  # --labeler fn: "path/to/file.py:NAME" (or "module:NAME")
+    labeler_arg: Optional[str] = None  # if given, NAME(labeler_arg) returns the scoring function
+    label_noise: float = 0.0  # Bradley-Terry temperature of the reward/fn labelers (0 = exact ranking)
+    # system
+    device: str = "auto"  # auto, cpu, cuda, ...
+    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
+    seed: int = 1337
+
+
+CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # matches ppo.py's tiny rollouts
+
+
+# ----------------------------------------------------------------------------------------------
+# Rankings from scores: exact, or a noisy Bradley-Terry labeler
+
+def uniform01(rng):
+    """A uniform number strictly inside (0, 1), so log(-log(u)) is always finite."""
+    return (rng.getrandbits(53) + 0.5) / 2 ** 53
+
+
+def rank_by_scores(scores, noise=0.0, rng=None):
+    """Indices of `scores`, best first. noise = 0: by score, equal scores in random order. noise = T > 0:
+    sort by s_i / T + g_i with g_i ~ Gumbel(0, 1) i.i.d. The difference of two Gumbels is logistic, so every
+    pair is ordered as a Bradley-Terry labeler would order it, P(i above j) = sigmoid((s_i - s_j) / T) (the
+    model behind InstructGPT eq. (1)), and the whole ranking is a Plackett-Luce sample with weights exp(s_i / T)."""
+    rng = rng or random.Random(0)
+    tiebreak = [rng.random() for _ in scores]
+    if noise <= 0:
+        return sorted(range(len(scores)), key=lambda i: (-scores[i], tiebreak[i]))
+    keys = [s / noise - math.log(-math.log(uniform01(rng))) for s in scores]
+    return sorted(range(len(scores)), key=lambda i: -keys[i])
+
+
+def pairwise_agreement(ranking, scores):
+    """(pairs ordered as the exact scores order them, pairs whose exact scores differ) for one ranking."""
+    position = {i: p for p, i in enumerate(ranking)}
+    agree = total = 0
+    for i in range(len(scores)):
+        for j in range(i + 1, len(scores)):
+            if scores[i] != scores[j]:
+                total += 1
+                agree += (scores[i] > scores[j]) == (position[i] < position[j])
+    return agree, total
+
+
+def tied_pairs(responses, scores=None):
+    """Pairs a labeler cannot order: identical responses, or (for a score labeler) equal scores."""
+    return sum(responses[i] == responses[j] or (scores is not None and scores[i] == scores[j])
+               for i in range(len(responses)) for j in range(i + 1, len(responses)))
+
+
+class ScoreLabeler:
+    """Ranks the K responses by score_fn(prompt, responses) -> K floats, exactly or with Bradley-Terry noise,
+    and keeps count of its agreement with the exact order (over pairs whose scores differ) and of ties."""
+
+    def __init__(self, score_fn, noise=0.0, seed=0):
+        self.score_fn, self.noise, self.rng = score_fn, noise, random.Random(seed)
+        self.agree = self.pairs = self.ties = 0
+
+    def __call__(self, prompt, responses):
+        scores = [float(s) for s in self.score_fn(prompt, responses)]
+        ranking = rank_by_scores(scores, self.noise, self.rng)
+        agree, pairs = pairwise_agreement(ranking, scores)
+        self.agree, self.pairs = self.agree + agree, self.pairs + pairs
+        self.ties += tied_pairs(responses, scores)
+        return ranking
+
+
+def load_function(spec, arg=None):
+    """"path/to/file.py:NAME" or "module:NAME" -> the object NAME; with `arg`, NAME(arg) (a factory's product)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        sys.exit(f"error: expected path/to/file.py:NAME (or module:NAME), got '{spec}'")
+    if path.endswith(".py"):
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path} not found (from '{spec}')")
+        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # the file may import its neighbours
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(path)
+        except ImportError as e:
+            sys.exit(f"error: could not import '{path}' (from '{spec}'): {e}")
+    if not hasattr(module, name):
+        sys.exit(f"error: {path} defines no '{name}'")
+    fn = getattr(module, name)
+    if arg is not None:
+        fn = fn(arg)
+    if not callable(fn):
+        sys.exit(f"error: '{spec}'{f'({arg!r})' if arg is not None else ''} is not callable")
+    return fn
+
+
+def reward_model_scorer(reward_ckpt, device, ctx):
+    """score_fn(prompt, responses) -> K floats from a reward-model checkpoint, scored as reward.py trained it
+    (prompt + response + EOS, with the token budgets of its training config)."""
+    from reward import Config as RewardConfig, rm_tokens, score_all
+    reward_model, ckpt = load_model(reward_ckpt, kind="scalar", device=device)
+    reward_model.eval()
+    rm_cfg = ckpt["config"] if ckpt else {}
+    budget = {k: rm_cfg.get(k, getattr(RewardConfig, k)) for k in ("max_prompt_tokens", "max_response_tokens")}
+    enc = get_tokenizer()
+
+    def score(prompt, responses):
+        seqs = [rm_tokens(enc, prompt, r, budget["max_prompt_tokens"], budget["max_response_tokens"])
+                for r in responses]
+        return score_all(reward_model, seqs, device, len(seqs), ctx).tolist()
+    return score
+
+
+# ----------------------------------------------------------------------------------------------
+# The human labeler: a terminal interface
+
+class Quit(Exception):
+    """The labeler asked to stop (q, end of input, Ctrl-C at the prompt)."""
+
+
+HELP = """Rank the responses from best to worst by their numbers, e.g. "2 1 4 3" means 2 is best and 3 is worst
+(commas are fine; with 9 or fewer responses "2143" works too). Judge as InstructGPT's labelers did:
+helpful, honest and harmless. Identical responses are shown once; rank them as one.
+  s  skip this prompt (not written; asked again in a later run)
+  q  quit (every ranking given so far is already saved; rerun the same command to continue)
+  ?  this help"""
+
+
+def parse_ranking(text, n):
+    """A ranking of responses 1..n typed best first -> 0-based indices, or ValueError with a one-line reason."""
+    text = text.strip()
+    tokens = text.replace(",", " ").split()
+    if len(tokens) == 1 and 1 < n <= 9 and text.isdigit() and len(text) > 1:
+        tokens = list(text)  # "2143"
+    if not tokens:
+        raise ValueError(f"type the numbers of the responses best first, e.g. {' '.join(map(str, range(n, 0, -1)))}"
+                         f" (s skip, q quit, ? help)")
+    numbers = []
+    for t in tokens:
+        if not t.isdigit():
+            raise ValueError(f"'{t}' is not a response number: type numbers 1 to {n}, best first (? for help)")
+        if not 1 <= int(t) <= n:
+            raise ValueError(f"{t} is out of range: the responses are numbered 1 to {n}")
+        if int(t) in numbers:
+            raise ValueError(f"{t} appears twice: rank each response exactly once")
+        numbers.append(int(t))
+    if len(numbers) < n:
+        missing = " ".join(str(i) for i in range(1, n + 1) if i not in numbers)
+        raise ValueError(f"incomplete: {len(numbers)} of {n} responses ranked, missing {missing}")
+    return [i - 1 for i in numbers]
+
+
+def show_text(text, limit):
+    return text if len(text) <= limit else f"[... {len(text) - limit} earlier characters]" + text[-limit:]
+
+
+class HumanLabeler:
+    """Shows a prompt and its responses (identical ones once, marked) and reads a ranking from `input_fn`
+    (the built-in input; tests pass a scripted one). Bad input gets one line and the same question again."""
+
+    def __init__(self, input_fn=input, prompt_chars=1500):
+        self.input_fn, self.prompt_chars = input_fn, prompt_chars
+
+    def __call__(self, prompt, responses):
+        groups = {}  # text -> indices of the responses with that text, in first-seen order
+        for i, r in enumerate(responses):
+            groups.setdefault(r, []).append(i)
+        unique = list(groups.items())
+        print(f"\n[prompt]\n{show_text(prompt, self.prompt_chars)}")
+        for n, (text, idx) in enumerate(unique, 1):
+            mark = f"   (identical: sampled {len(idx)} of {len(responses)} times, shown once)" if len(idx) > 1 else ""
+            print(f"\n[{n}]{mark}\n{text if text.strip() else '(empty response)'}")
+        question = f"\nrank 1-{len(unique)} best first (s skip, q quit, ? help): "
+        while True:
+            try:
+                answer = self.input_fn(question).strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                raise Quit
+            if answer.lower() in ("q", "quit"):
+                raise Quit
+            if answer.lower() in ("s", "skip"):
+                return None
+            if answer in ("?", "h", "help"):
+                print(HELP)
+                continue
+            try:
+                order = parse_ranking(answer, len(unique))
+            except ValueError as e:
+                print(f"  {e}")
+                continue
+            return [i for u in order for i in unique[u][1]]  # identical responses stay side by side
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, resuming, writing
+
+def read_prompts(path, max_prompts=0):
+    """Unique prompts of a JSON lines file, in file order (the first max_prompts if > 0)."""
+    rows = read_jsonl(path, what="prompts")
+    if rows and "prompt" not in rows[0]:
+        sys.exit(f"error: {path}: expected JSON lines with a \"prompt\" field, got keys {sorted(rows[0])}")
+    prompts = list(dict.fromkeys(row["prompt"] for row in rows))
+    return prompts[:max_prompts] if max_prompts > 0 else prompts
+
+
+def already_ranked(path):
+    """Prompts with a line in `path` already (a missing file has none). A broken line stops the run: better
+    than appending after it, since reward.py could not read the file either."""
+    done = set()
+    if not os.path.isfile(path):
+        return done
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                done.add(json.loads(line)["prompt"])
+            except (ValueError, KeyError, TypeError):
+                sys.exit(f"error: {path} line {n} is not a JSON object with a \"prompt\" (a crash while writing?). "
+                         f"Remove or fix that line, then rerun.")
+    return done
+
+
+@torch.no_grad()
+def sample_responses(policy, enc, prompts, k, cfg, generator, device):
+    """K sampled responses (text, cut at the first EOS) for each prompt: [[r_1, ..., r_k], ...]."""
+    queries, query_mask = pad_left([encode_prompt(enc, p, cfg.max_prompt_tokens) for p in prompts for _ in range(k)])
+    ids = policy.generate(queries.to(device), cfg.max_new_tokens, temperature=cfg.temperature, eos_token_id=EOS,
+                          attention_mask=query_mask.to(device), generator=generator)  # (B k, P + R)
+    texts = [decode_response(enc, row) for row in ids[:, queries.size(1):].tolist()]
+    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def append_line(f, row):
+    """One JSON line, on disk before the next question is asked (flush + fsync)."""
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def progress_line(done, total, ranked, skipped, ties, elapsed):
+    eta = format_time(elapsed / done * (total - done)) if done else "?"
+    per_prompt = elapsed / max(done, 1)
+    per = f"{per_prompt:.1f} s/prompt" if per_prompt >= 1 else f"{1000 * per_prompt:.0f} ms/prompt"
+    return f"{done}/{total} prompts done | ranked {ranked} | skipped {skipped} | ties {ties} | {per} | eta {eta}"
+
+
+def main(cfg, input_fn=input):
+    """Sample K responses per prompt, rank them, append the rankings. Returns a summary dict."""
+    assert cfg.k >= 2, "k must be at least 2 (a ranking compares responses)"
+    assert cfg.labeler in ("human", "reward", "fn"), f"--labeler must be human, reward or fn, not '{cfg.labeler}'"
+    assert cfg.labeler != "fn" or cfg.labeler_fn, "--labeler fn needs --labeler_fn path/to/file.py:NAME"
+    assert cfg.label_noise >= 0, "--label_noise is a temperature: 0 (exact) or more"
+    t_start = time.time()
+    device = setup_device(cfg.device, cfg.seed)
+    ctx = autocast(device, cfg.dtype)
+    enc = get_tokenizer()
+
+    # prompts not yet ranked in --out
+    prompts = read_prompts(cfg.prompts, cfg.max_prompts)
+    done = already_ranked(cfg.out)
+    todo = [p for p in prompts if p not in done]
+    print(f"{len(prompts)} prompts in {cfg.prompts}; {len(prompts) - len(todo)} already ranked in {cfg.out}; "
+          f"{len(todo)} to go, {cfg.k} responses each")
+
+    # the labeler
+    if cfg.labeler == "human":
+        labeler = HumanLabeler(input_fn)
+    else:
+        if cfg.labeler == "reward":
+            score_fn = reward_model_scorer(cfg.reward_ckpt, device, ctx)
+        else:
+            fn = load_function(cfg.labeler_fn, cfg.labeler_arg)
+            score_fn = lambda prompt, responses: [fn(prompt, r) for r in responses]
+        labeler = ScoreLabeler(score_fn, cfg.label_noise, cfg.seed)
+
+    policy, _ = load_model(cfg.policy, kind="gpt", device=device)
+    policy.eval()
+    assert cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size, \
+        f"max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceeds the policy's " \
+        f"block_size {policy.config.block_size}"
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    ranked = skipped = identical = human_ties = 0
+    stopped = False
+    t0 = time.time()
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "a") as f:
+        try:
+            for b in range(0, len(todo), cfg.batch_size):
+                batch = todo[b:b + cfg.batch_size]
+                with ctx:
+                    samples = sample_responses(policy, enc, batch, cfg.k, cfg, generator, device)
+                for n, (prompt, responses) in enumerate(zip(batch, samples), b + 1):
+                    if cfg.labeler == "human":
+                        print("\n" + "=" * 100 + "\n" + progress_line(n - 1, len(todo), ranked, skipped,
+                                                                      human_ties, time.time() - t0))
+                    if len(set(responses)) == 1:  # nothing to compare
+                        skipped, identical = skipped + 1, identical + 1
+                        continue
+                    ranking = labeler(prompt, responses)
+                    if ranking is None:
+                        skipped += 1
+                        continue
+                    assert sorted(ranking) == list(range(cfg.k)), f"labeler returned {ranking}, not a ranking"
+                    append_line(f, {"prompt": prompt, "ranked": [responses[i] for i in ranking]})
+                    ranked += 1
+                    human_ties += tied_pairs(responses)
+                if cfg.labeler != "human":
+                    print(progress_line(min(b + cfg.batch_size, len(todo)), len(todo), ranked, skipped,
+                                        labeler.ties, time.time() - t0), flush=True)
+        except (Quit, KeyboardInterrupt):
+            stopped = True
+    ties = human_ties if cfg.labeler == "human" else labeler.ties
+    summary = {"ranked": ranked, "skipped": skipped, "ties": ties, "out": cfg.out, "all_identical": identical,
+               "already_ranked": len(prompts) - len(todo), "remaining": len(todo) - ranked - skipped,
+               "stopped": stopped, "time_s": time.time() - t_start}
+    if cfg.labeler != "human":
+        summary["agreement_with_exact"] = labeler.agree / labeler.pairs if labeler.pairs else float("nan")
+        summary["agreement_pairs"] = labeler.pairs
+    print(("stopped: " if stopped else "done: ") + f"ranked {ranked}, skipped {skipped} ({identical} with all "
+          f"{cfg.k} responses identical), ties {ties} (pairs of identical text or equal score, put in random order)"
+          + (f" | agreement with the exact order {summary['agreement_with_exact']:.3f} over {labeler.pairs} pairs "
+             f"(label_noise {cfg.label_noise})" if cfg.labeler != "human" else "")
+          + f" | {ranked} lines appended to {cfg.out} | {summary['remaining']} prompts left")
+    return summary
+
+
+if __name__ == "__main__":
+    run(main, Config, CONFIGS)
