@@ -33,6 +33,7 @@ Preferences" (arXiv:1909.08593) and its code, openai/lm-human-preferences.
 import copy
 import dataclasses
 import os
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Config:
     sft_ckpt: str = "out/sft/ckpt.pt"  # policy and ref_policy init: SFT checkpoint, GPT-2 name or "scratch"
     reward_ckpt: str = "out/reward/ckpt.pt"  # reward model and critic init (InstructGPT 3.5), or "scratch"
     resume: bool = False  # continue from out_dir/ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
+    keep_checkpoints: bool = False  # also keep each evaluation's checkpoint as ckpt_{iteration}.pt (curves over training)
     preset: str = ""  # name of the --config preset, recorded for the run
     eval_interval: int = 10  # iterations between evaluations on held-out prompts (also at the end)
     eval_prompts: int = 32  # held-out prompts per evaluation
@@ -98,6 +100,7 @@ class Config:
     ptx_coef: float = 0.0  # gamma, InstructGPT eq. (2): PPO-ptx pretraining loss weight (paper: 27.8; 0 = PPO)
     ptx_batch_size: int = 8  # pretraining sequences per micro-batch of the update
     ptx_max_tokens: int = 256  # pretraining sequences are cut to this many tokens
+    ptx_file: str = ""  # PPO-ptx text, rows {"prompt", "response"} (prompt may be ""); "" = data_dir/sft_train.jsonl
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
@@ -459,7 +462,7 @@ def train(cfg, reward_fn=None):
     if cfg.ptx_coef > 0:
         # DEVIATION: the paper's ptx batches come from GPT-3's pretraining mix; we have no such corpus here,
         # so the "pretraining distribution" is the HH dialogues themselves (prompt + chosen response).
-        texts = read_jsonl(os.path.join(cfg.data_dir, "sft_train.jsonl"), what="pretraining text (ptx)")
+        texts = read_jsonl(cfg.ptx_file or os.path.join(cfg.data_dir, "sft_train.jsonl"), what="pretraining text (ptx)")
         seqs = [(enc.encode_ordinary(r["prompt"] + r["response"]) + [EOS])[:cfg.ptx_max_tokens] for r in texts]
         ptx_batches = ptx_iterator(seqs, cfg.ptx_batch_size, cfg.seed, device)
 
@@ -551,6 +554,8 @@ def train(cfg, reward_fn=None):
             save_checkpoint(ckpt_path, policy, cfg, critic=critic.state_dict(),
                             critic_config=dataclasses.asdict(critic.config), optimizer=optimizer.state_dict(),
                             iteration=step, kl_coef=kl_coef)
+            if cfg.keep_checkpoints:
+                shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step:04d}.pt"))
             plot_metrics(log.path, png_path, panels, title=f"PPO ({cfg.preset or 'custom'}, {cfg.sft_ckpt})")
     print(f"done: score {metrics.get('score', float('nan')):.4f} | kl {metrics.get('kl', float('nan')):.4f} | "
           f"saved {ckpt_path} and {png_path} | {time.time() - t_start:.0f}s")
