@@ -172,7 +172,7 @@ def record_times(out_dir, times):
     print(f"\nresults: {path} ({results['minutes']:.1f} min)")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("lab", "hh"), required=True)
     p.add_argument("--seed", type=int, default=1)
@@ -186,6 +186,11 @@ def main(argv=None):
     p.add_argument("--subsets", default="helpful-base", help="hh: comma-separated HH-RLHF subsets")
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or f"out/{a.task}"
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     os.chdir(os.path.dirname(os.path.abspath(__file__)))  # stage scripts are called by relative path
     steps = lab_steps(a) if a.task == "lab" else hh_steps(a)
     times = run_steps(steps, a.out_dir, a.dry_run, a.from_step)

@@ -143,3 +143,21 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
     assert all(set(p) >= {"kl_to_sft", "rm_score", "gold_score"} for p in results["overoptimisation"])
     for name in ("results.md", "overoptimisation.png"):
         assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("task", ["lab", "hh"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_pipeline_commands_use_only_existing_flags(task, quick):
+    """Every stage call pipeline.py makes parses with that stage's own Config and presets (a mistyped flag
+    fails here, not an hour into a run)."""
+    import pipeline
+    from common import parse_config
+    a = pipeline.parse_args(["--task", task] + (["--quick"] if quick else []))
+    steps = pipeline.lab_steps(a) if task == "lab" else pipeline.hh_steps(a)
+    checked = 0
+    for name, argv in steps:
+        if argv[1] in ("sft.py", "reward.py", "ppo.py", "label.py", "evaluate.py"):
+            module = __import__(argv[1][:-3])
+            parse_config(module.Config, module.CONFIGS, argv[2:])  # exits on an unknown flag or a bad value
+            checked += 1
+    assert checked >= 5

@@ -119,18 +119,20 @@ def reward_model_agreement(world, reward_model, sft, enc, prompts, k, max_new_to
             "length_baseline_agreement": shorter / max(n, 1)}
 
 
-def length_baseline_on_rankings(world, path):
-    """Agreement of "prefer the shorter response" with the exact gold on the labelled rankings' pairs."""
-    agree, n = 0.0, 0
+def rankings_agreement(world, path):
+    """On the labelled rankings' pairs whose exact gold scores differ: how often the (noisy) labeler's order
+    agrees with the exact gold, and how often "prefer the shorter response" does. -> (labeler, shorter, n)."""
+    labeler, shorter, n = 0, 0.0, 0
     for row in read_jsonl(path, "rankings"):
-        items = [(gold_score(world, row["prompt"], r), len(r)) for r in row["ranked"]]
+        items = [(gold_score(world, row["prompt"], r), len(r)) for r in row["ranked"]]  # best first
         for a in range(len(items)):
             for b in range(a + 1, len(items)):
                 (ga, la), (gb, lb) = items[a], items[b]
                 if ga != gb:
                     n += 1
-                    agree += 0.5 if la == lb else float((la < lb) == (ga > gb))
-    return agree / max(n, 1), n
+                    labeler += ga > gb  # the labeler put a above b
+                    shorter += 0.5 if la == lb else float((la < lb) == (ga > gb))
+    return labeler / max(n, 1), shorter / max(n, 1), n
 
 
 def plot_overoptimisation(points, path, title):
@@ -193,7 +195,10 @@ def markdown(results):
                   f"pairs of SFT samples ({rm['gold_tie_share']:.0%} of pairs tied by the gold, left out); "
                   f"'prefer the shorter' on the same pairs: {rm['length_baseline_agreement']:.3f}."]
     lab = results["labeler"]
-    lines += [f"Labeler: noise T = {lab['noise']}, agreement with the exact gold {lab['agreement_with_gold']}."]
+    lines += [f"Labelers: Bradley-Terry noise T = {lab['noise']}, agreement with the exact gold "
+              f"{lab['agreement_with_gold']:.3f}" + (f" on {lab['n_pairs']} ranked pairs; 'prefer the shorter' on the "
+                                                   f"same pairs: {lab['length_baseline_agreement']:.3f}."
+                                                   if "n_pairs" in lab else ".")]
     if results["overoptimisation"]:
         lines += ["", "Over-optimisation (kl_coef 0): iteration, KL to SFT, RM score, gold score", ""]
         lines += [f"- {p['iteration']}: KL {p['kl_to_sft']:.2f}, RM {p['rm_score']:+.2f}, gold {p['gold_score']:.2f}"
@@ -211,7 +216,6 @@ def main(argv=None):
     parser.add_argument("--overopt", default="", help="folder of ckpt_NNNN.pt checkpoints of a kl_coef 0 PPO run")
     parser.add_argument("--rankings", default="", help="label.py output, for the length baseline on it")
     parser.add_argument("--label_noise", type=float, default=0.0)
-    parser.add_argument("--label_agreement", type=float, default=float("nan"))
     parser.add_argument("--samples", type=int, default=2, help="responses per held-out prompt and policy")
     parser.add_argument("--rm_samples", type=int, default=4, help="K SFT samples per prompt for the RM agreement")
     parser.add_argument("--max_prompts", type=int, default=0, help="use only the first N held-out prompts (0: all)")
@@ -233,13 +237,13 @@ def main(argv=None):
     reward_model = load(args.reward, "scalar")
 
     results = {"seed": args.seed, "minutes": None,
-               "labeler": {"noise": args.label_noise, "agreement_with_gold": args.label_agreement},
+               "labeler": {"noise": args.label_noise, "agreement_with_gold": float("nan")},
                "reward_model": reward_model_agreement(world, reward_model, sft, enc, prompts, args.rm_samples,
                                                       args.max_new_tokens, args.seed),
                "policies": {}, "overoptimisation": [], "n_prompts": len(prompts), "samples_per_prompt": args.samples}
     if args.rankings and os.path.isfile(args.rankings):
-        agreement, n = length_baseline_on_rankings(world, args.rankings)
-        results["labeler"].update(length_baseline_agreement=agreement, length_baseline_pairs=n)
+        labeler, shorter, n = rankings_agreement(world, args.rankings)
+        results["labeler"].update(agreement_with_gold=labeler, length_baseline_agreement=shorter, n_pairs=n)
     print(f"reward model: {results['reward_model']}")
 
     judged, examples = {}, {}
