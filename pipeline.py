@@ -50,7 +50,7 @@ def lab_steps(a):
         ("pretrain", [PY, "sft.py", "--init_from", "scratch", *LAB_MODEL, "--dropout", "0", "--data_dir", data,
                       "--train_file", "corpus_train.jsonl", "--val_file", "corpus_val.jsonl", "--out_dir", f"{d}/base",
                       "--max_prompt_tokens", "1", "--max_response_tokens", "80", "--num_eval_samples", "0",
-                      "--batch_size", "16", "--grad_accum", "1", "--max_steps", n(150, 3), "--lr", "3e-3",
+                      "--batch_size", "16", "--grad_accum", "1", "--max_steps", n(100, 3), "--lr", "3e-3",
                       "--min_lr", "3e-4", "--warmup_steps", n(10, 1), "--eval_interval", n(50, 3),
                       "--eval_examples", n(100, 8), *seed]),
         ("sft", [PY, "sft.py", "--init_from", f"{d}/base/ckpt.pt", "--dropout", "0", "--data_dir", data,
@@ -76,14 +76,14 @@ def lab_steps(a):
                 "--noptepochs", "2", "--lr", "3e-4", "--warmup_iters", n(3, 1), "--eval_prompts", n(16, 4),
                 "--sample_every", n(10, 1), *seed]
     steps += [
-        ("ppo", ppo_args + ["--out_dir", f"{d}/ppo", "--iters", n(20, 2), "--eval_interval", n(10, 2),
+        ("ppo", ppo_args + ["--out_dir", f"{d}/ppo", "--iters", n(12, 2), "--eval_interval", n(12, 2),
                             "--kl_coef", "0.05"]),
-        ("ppo_ptx", ppo_args + ["--out_dir", f"{d}/ppo_ptx", "--iters", n(20, 2), "--eval_interval", n(10, 2),
+        ("ppo_ptx", ppo_args + ["--out_dir", f"{d}/ppo_ptx", "--iters", n(12, 2), "--eval_interval", n(12, 2),
                                 "--kl_coef", "0.05", "--ptx_coef", "1.0", "--ptx_file", f"{data}/corpus_train.jsonl",
                                 "--ptx_batch_size", "4", "--ptx_max_tokens", "48"]),
     ]
     # Over-optimisation (Gao et al. 2022): no KL penalty, the policy kept at every evaluation (ckpt_NNNN.pt)
-    steps.append(("overopt", ppo_args + ["--out_dir", f"{d}/overopt", "--iters", n(30, 2), "--eval_interval", n(6, 1),
+    steps.append(("overopt", ppo_args + ["--out_dir", f"{d}/overopt", "--iters", n(18, 2), "--eval_interval", n(6, 1),
                                          "--kl_coef", "0", "--keep_checkpoints", "true"]))
     steps.append(("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d,
                                "--base", f"{d}/base/ckpt.pt", "--sft", f"{d}/sft/ckpt.pt", "--ppo", f"{d}/ppo/ckpt.pt",
