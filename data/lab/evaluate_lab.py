@@ -219,7 +219,8 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=2, help="responses per held-out prompt and policy")
     parser.add_argument("--rm_samples", type=int, default=4, help="K SFT samples per prompt for the RM agreement")
     parser.add_argument("--max_prompts", type=int, default=0, help="use only the first N held-out prompts (0: all)")
-    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--corpus_docs", type=int, default=100, help="held-out corpus documents for corpus_loss")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -232,6 +233,7 @@ def main(argv=None):
         rows = rows[:args.max_prompts]
     prompts = [r["prompt"] for r in rows]
     docs = [r["response"] for r in read_jsonl(os.path.join(args.data_dir, "corpus_val.jsonl"), "held-out corpus")]
+    docs = docs[:args.corpus_docs]
     load = lambda path, kind: load_model(path, kind, device="cpu")[0].eval()
     sft = load(args.sft, "gpt")
     reward_model = load(args.reward, "scalar")
