@@ -76,14 +76,14 @@ def lab_steps(a):
                 "--noptepochs", "2", "--lr", "3e-4", "--warmup_iters", n(3, 1), "--eval_prompts", n(16, 4),
                 "--sample_every", n(10, 1), *seed]
     steps += [
-        ("ppo", ppo_args + ["--out_dir", f"{d}/ppo", "--iters", n(12, 2), "--eval_interval", n(12, 2),
+        ("ppo", ppo_args + ["--out_dir", f"{d}/ppo", "--iters", n(8, 2), "--eval_interval", n(8, 2),
                             "--kl_coef", "0.05"]),
-        ("ppo_ptx", ppo_args + ["--out_dir", f"{d}/ppo_ptx", "--iters", n(12, 2), "--eval_interval", n(12, 2),
+        ("ppo_ptx", ppo_args + ["--out_dir", f"{d}/ppo_ptx", "--iters", n(8, 2), "--eval_interval", n(8, 2),
                                 "--kl_coef", "0.05", "--ptx_coef", "1.0", "--ptx_file", f"{data}/corpus_train.jsonl",
                                 "--ptx_batch_size", "4", "--ptx_max_tokens", "48"]),
     ]
     # Over-optimisation (Gao et al. 2022): no KL penalty, the policy kept at every evaluation (ckpt_NNNN.pt)
-    steps.append(("overopt", ppo_args + ["--out_dir", f"{d}/overopt", "--iters", n(18, 2), "--eval_interval", n(6, 1),
+    steps.append(("overopt", ppo_args + ["--out_dir", f"{d}/overopt", "--iters", n(12, 2), "--eval_interval", n(4, 1),
                                          "--kl_coef", "0", "--keep_checkpoints", "true"]))
     steps.append(("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d,
                                "--base", f"{d}/base/ckpt.pt", "--sft", f"{d}/sft/ckpt.pt", "--ppo", f"{d}/ppo/ckpt.pt",

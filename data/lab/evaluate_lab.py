@@ -16,7 +16,7 @@ policy:
     rm_score         mean reward-model score (the judge PPO optimised: biased)
     corpus_loss      LM loss on corpus_val.jsonl (held-out "internet" text): the alignment tax
 
-Reward model: K = 4 samples of the SFT policy per held-out prompt; pairwise agreement of the RM's order with
+Reward model: K = 4 samples of the SFT policy for every other held-out prompt; pairwise agreement of the RM's order with
 the exact gold on the pairs the gold does not score equal (their share is reported), next to the
 "prefer the shorter response" baseline on the same pairs.
 
@@ -232,6 +232,7 @@ def main(argv=None):
     if args.max_prompts:
         rows = rows[:args.max_prompts]
     prompts = [r["prompt"] for r in rows]
+    half = prompts[::2]  # every other held-out prompt (the file is grouped by category: all three stay)
     docs = [r["response"] for r in read_jsonl(os.path.join(args.data_dir, "corpus_val.jsonl"), "held-out corpus")]
     docs = docs[:args.corpus_docs]
     load = lambda path, kind: load_model(path, kind, device="cpu")[0].eval()
@@ -240,7 +241,7 @@ def main(argv=None):
 
     results = {"seed": args.seed, "minutes": None,
                "labeler": {"noise": args.label_noise, "agreement_with_gold": float("nan")},
-               "reward_model": reward_model_agreement(world, reward_model, sft, enc, prompts, args.rm_samples,
+               "reward_model": reward_model_agreement(world, reward_model, sft, enc, half, args.rm_samples,
                                                       args.max_new_tokens, args.seed),
                "policies": {}, "overoptimisation": [], "n_prompts": len(prompts), "samples_per_prompt": args.samples}
     if args.rankings and os.path.isfile(args.rankings):
@@ -272,8 +273,8 @@ def main(argv=None):
         paths = sorted(glob.glob(os.path.join(args.overopt, "ckpt_*.pt")))
         for path in [args.sft] + paths:  # the SFT policy is iteration 0
             policy = sft if path == args.sft else load(path, "gpt")
-            sampled = sample(policy, sft, reward_model, enc, prompts, 1, args.max_new_tokens, args.seed)
-            scores, categories = judge(world, prompts, sampled)
+            sampled = sample(policy, sft, reward_model, enc, half, 1, args.max_new_tokens, args.seed)
+            scores, categories = judge(world, half, sampled)
             point = {"iteration": 0 if path == args.sft else int(re.findall(r"\d+", os.path.basename(path))[0]),
                      "kl_to_sft": sum(r[3] for r in sampled) / len(sampled),
                      "rm_score": sum(r[4] for r in sampled) / len(sampled), "gold_score": sum(scores) / len(scores),
