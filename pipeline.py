@@ -50,7 +50,7 @@ def lab_steps(a):
         ("pretrain", [PY, "sft.py", "--init_from", "scratch", *LAB_MODEL, "--dropout", "0", "--data_dir", data,
                       "--train_file", "corpus_train.jsonl", "--val_file", "corpus_val.jsonl", "--out_dir", f"{d}/base",
                       "--max_prompt_tokens", "1", "--max_response_tokens", "80", "--num_eval_samples", "0",
-                      "--batch_size", "16", "--grad_accum", "1", "--max_steps", n(100, 3), "--lr", "3e-3",
+                      "--batch_size", "16", "--grad_accum", "1", "--max_steps", n(200, 3), "--lr", "3e-3",
                       "--min_lr", "3e-4", "--warmup_steps", n(10, 1), "--eval_interval", n(50, 3),
                       "--eval_examples", n(100, 8), *seed]),
         ("sft", [PY, "sft.py", "--init_from", f"{d}/base/ckpt.pt", "--dropout", "0", "--data_dir", data,
