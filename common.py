@@ -8,6 +8,7 @@ in its own file.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -33,6 +34,33 @@ MODEL_PRESETS = {
     "xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
 }
 GPT2_NAMES = {"tiny": "scratch", "small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large", "xl": "gpt2-xl"}
+
+# The range of every numeric (and choice) config field, by name, for all scripts: parse_config refuses a value
+# outside it with one message. A stage's Config may override a rule with a class attribute
+# `RANGES = {field: rule}`. A rule is a bound (">= 1", "> 0"), an interval ("(0, 1]": round bracket = open
+# end), or a tuple of allowed values. Non-finite numbers (nan, inf) are never in range.
+FIELD_RANGES = {
+    # model shape
+    **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size"), ">= 1"),
+    "dropout": "[0, 1)",
+    # counts: tokens, batches, steps, intervals
+    **dict.fromkeys(("max_prompt_tokens", "max_response_tokens", "max_new_tokens", "max_prompts", "num_samples",
+                     "batch_size", "micro_batch_size", "minibatch_size", "grad_accum", "gradient_accumulation_steps",
+                     "max_steps", "epochs", "iters", "noptepochs", "ptx_batch_size", "eval_interval", "log_interval",
+                     "sample_every", "eval_examples", "eval_prompts", "kl_horizon"), ">= 1"),
+    **dict.fromkeys(("num_eval_samples", "n_samples", "warmup_steps", "warmup_iters", "seed"), ">= 0"),
+    "ptx_max_tokens": ">= 2",  # an input token and the token it predicts
+    # optimizer
+    "lr": "> 0", "min_lr": ">= 0", "min_lr_frac": "[0, 1]", "weight_decay": ">= 0", "beta1": "[0, 1)",
+    "beta2": "[0, 1)", "adam_eps": "> 0", "grad_clip": ">= 0",
+    # sampling
+    "temperature": ">= 0", "top_k": ">= 1", "top_p": "(0, 1]",
+    # rlhf
+    "cliprange": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "gamma": "[0, 1]", "lam": "[0, 1]",
+    "kl_coef": ">= 0", "kl_target": "> 0", "ptx_coef": ">= 0", "missing_eos_penalty": ">= 0",
+    # system
+    "dtype": ("bfloat16", "float32"),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +88,7 @@ def _parse_optional(t):
     return parse
 
 
+@functools.lru_cache(maxsize=None)
 def _field_comments(config_cls):
     """{field: its trailing comment} from the dataclass source, so --help shows each field's meaning."""
     try:
@@ -95,18 +124,53 @@ def parse_config(config_cls, presets, argv=None):
     if args.config:
         values["preset"] = args.config  # recorded for the run; ignored if the Config has no such field
     values = {k: v for k, v in values.items() if k in {f.name for f in fields}}
-    return config_cls(**values)
+    cfg = config_cls(**values)
+    check_ranges(cfg)
+    return cfg
+
+
+def in_range(value, rule):
+    """Whether `value` satisfies a FIELD_RANGES rule: ">= 1", "> 0", "(0, 1]", or a tuple of choices."""
+    if isinstance(rule, tuple):
+        return value in rule
+    if not math.isfinite(value):
+        return False
+    if rule[0] in "([":
+        lo, hi = (float(b) for b in rule[1:-1].split(","))
+        return (lo < value if rule[0] == "(" else lo <= value) and (value < hi if rule[-1] == ")" else value <= hi)
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def check_ranges(cfg):
+    """Exit with one message naming the first field of `cfg` outside its range (FIELD_RANGES, then the
+    Config's own RANGES). None (an optional field left unset) is always allowed."""
+    rules = {**FIELD_RANGES, **getattr(cfg, "RANGES", {})}
+    for f in dataclasses.fields(cfg):
+        value, rule = getattr(cfg, f.name), rules.get(f.name)
+        if rule is None or value is None or isinstance(value, bool):
+            continue
+        if isinstance(rule, str) and not isinstance(value, (int, float)):
+            continue
+        if not in_range(value, rule):
+            want = f"one of {', '.join(rule)}" if isinstance(rule, tuple) else f"in {rule}" if rule[0] in "([" else rule
+            meaning = _field_comments(type(cfg)).get(f.name)
+            sys.exit(f"error: --{f.name} {value} is out of range: it must be {want}"
+                     + (f" ({f.name}: {meaning})" if meaning else ""))
 
 
 def run(train, config_cls, presets):
     """A stage's command-line entry: parse the flags, then train(). A failed check of the settings (an
-    assert with a message, e.g. token budgets that do not fit block_size) ends with its message alone."""
+    assert with a message, e.g. token budgets that do not fit block_size) ends with its message alone, and so
+    does a diverged run (a FloatingPointError from check_finite or GPT.generate)."""
     cfg = parse_config(config_cls, presets)
     try:
         return train(cfg)
     except AssertionError as e:
         if not str(e):
             raise  # an assert without a message is a bug, keep its traceback
+        sys.exit(f"error: {e}")
+    except FloatingPointError as e:  # check_finite: training diverged; or NaN/inf logits in GPT.generate
         sys.exit(f"error: {e}")
 
 
@@ -129,6 +193,18 @@ def setup_device(device="auto", seed=1337):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.device(device)
+
+
+def rng_state():
+    """The global random state (CPU, and every CUDA device), saved in checkpoints so that a resumed run draws
+    the same dropout masks as an uninterrupted one."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def autocast(device, dtype="bfloat16"):
@@ -159,6 +235,18 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
     return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
 
 
+def check_finite(x, step, what="loss"):
+    """Stop the run if `x` (a number or a tensor) holds NaN or inf: training diverged at `step`. Every stage
+    calls it on each step's loss before the optimizer step, so non-finite gradients are never applied, and
+    save_checkpoint calls it on the weights, so a checkpoint with NaN weights is never written."""
+    finite = math.isfinite(x) if isinstance(x, (int, float)) else bool(torch.isfinite(x).all())
+    if not finite:
+        raise FloatingPointError(
+            f"{what} is NaN or inf at step {step}: training diverged. Likely cause: a learning rate too high for "
+            f"this model (lower --lr) or unclipped gradients (--grad_clip 1.0). Nothing was saved from this step "
+            f"on; the last checkpoint written before it is unchanged.")
+
+
 def decode_response(enc, tokens):
     """Text of a generated response: the tokens before the first EOS (after it comes only padding)."""
     return enc.decode(tokens[:tokens.index(EOS)] if EOS in tokens else tokens)
@@ -167,17 +255,43 @@ def decode_response(enc, tokens):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one file holding model kind + config, weights, and the run's config
 
+def fsync_replace(tmp, path):
+    """Rename the finished file `tmp` to `path`, durably: its data is flushed to disk (fsync) before the rename
+    and the directory entry after it, so a power loss leaves the old file or the complete new one under
+    `path`, never an empty one. Every atomic writer (checkpoints, config, plots, prepared data) ends here."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # a directory cannot be opened on Windows; its rename is durable there already
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
+    fsync_replace(tmp, path)
 
 
 def save_checkpoint(path, model, cfg, **extra):
-    """Write atomically (temp file + rename): a crash mid-write never destroys the previous checkpoint."""
+    """Write atomically (temp file + fsync + rename): a crash mid-write never destroys the previous checkpoint,
+    and weights holding NaN or inf (a diverged run) are never written."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    step = extra.get("step", extra.get("iteration", "?"))
+    for name, state in (("model", model.state_dict()), ("critic", extra.get("critic") or {})):
+        for t in state.values():
+            if t.is_floating_point():
+                check_finite(t, step, f"a {name} weight to be saved in {path}")
     ckpt = {"kind": "scalar" if isinstance(model, ScalarGPT) else "gpt",
             "model_config": dataclasses.asdict(model.config),
             "model": model.state_dict(),
@@ -185,7 +299,7 @@ def save_checkpoint(path, model, cfg, **extra):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    fsync_replace(tmp, path)
     return path
 
 
@@ -200,19 +314,35 @@ def load_checkpoint(path, device="cpu"):
                  f"It may be truncated or not a checkpoint of this project.")
 
 
-def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu"):
+KINDS = {"gpt": "a language model (written by sft.py or ppo.py)", "scalar": "a reward model (written by reward.py)"}
+WANTED = {"gpt": "pass an SFT or PPO checkpoint (e.g. out/sft/ckpt.pt), a GPT-2 name, or scratch",
+          "scalar": "pass the checkpoint reward.py wrote (e.g. out/reward/ckpt.pt), or scratch for a demo run"}
+
+
+def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu", transplant=False, seed=None):
     """Build a GPT (kind="gpt") or ScalarGPT (kind="scalar") from any source.
 
     init_from: "scratch" (fresh weights of shape `model_cfg`), a GPT-2 name (gpt2, gpt2-medium, ...),
-    a folder in Hugging Face format, or a checkpoint file of this project. A ScalarGPT built from a
-    language-model source keeps its trunk and gets a fresh score head (InstructGPT 3.5).
+    a folder in Hugging Face format, or a checkpoint file of this project.
+    transplant: where a stage initialises a new model from another kind (reward.py's reward model from the
+    SFT model, a critic), a source of the other kind gives its trunk and the head stays fresh (InstructGPT
+    3.5). Without it the source must be a trained model of `kind`: a language model for a policy, and for
+    kind="scalar" a normalised reward model written by reward.py; anything else is an error.
+    seed: draw scratch weights from torch.manual_seed(seed), leaving the global random state as it was, so
+    the same model comes out whatever ran before (e.g. a resumed run that loaded other checkpoints first).
     Returns (model, checkpoint dict or None).
     """
     cls = ScalarGPT if kind == "scalar" else GPT
     ckpt = None
     if init_from == "scratch":
-        model = cls(GPTConfig(**{**(model_cfg or {}), "dropout": dropout}))
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = cls(GPTConfig(**{**(model_cfg or {}), "dropout": dropout}))
     elif init_from in GPT2_SIZES or os.path.isdir(init_from):
+        if kind != "gpt" and not transplant:
+            sys.exit(f"error: {init_from} is a pretrained GPT-2 language model, but {KINDS[kind]} is expected "
+                     f"here; {WANTED[kind]}")
         try:
             lm = GPT.from_pretrained(init_from, dropout=dropout)
         except (RuntimeError, ValueError, OSError) as e:
@@ -224,6 +354,12 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu")
             sys.exit(f"error: init_from '{init_from}' is neither 'scratch', a GPT-2 name ({', '.join(GPT2_SIZES)}), "
                      f"a Hugging Face folder, nor an existing checkpoint file")
         ckpt = load_checkpoint(init_from)
+        if ckpt["kind"] != kind and not transplant:
+            sys.exit(f"error: {init_from} holds {KINDS[ckpt['kind']]}, but {KINDS[kind]} is expected here; "
+                     f"{WANTED[kind]}")
+        if kind == "scalar" and not transplant and "reward_shift" not in ckpt:
+            sys.exit(f"error: {init_from} holds a scalar model without reward.py's normalisation (reward_shift), "
+                     f"but a trained, normalised reward model is expected here; {WANTED[kind]}")
         config = GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
         if ckpt["kind"] == kind:
             model = cls(config)
@@ -326,13 +462,20 @@ def format_time(seconds):
 
 
 class MetricsLog:
-    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line."""
+    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line.
 
-    def __init__(self, out_dir, total_steps, resume=False):
+    resume_step: None starts a fresh file; a step number (that of the checkpoint a run resumes from) keeps
+    the rows up to it and drops later ones, logged by the interrupted run after its last checkpoint and
+    about to be logged again, so the file (and its plot) stays one curve with one row per step."""
+
+    def __init__(self, out_dir, total_steps, resume_step=None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         os.makedirs(out_dir, exist_ok=True)
-        if not resume and os.path.exists(self.path):
+        if resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
+        elif resume_step is not None and os.path.exists(self.path):
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.total, self.t0, self.step0 = total_steps, time.time(), None
 
     def log(self, step, metrics, keys=None):
@@ -388,5 +531,5 @@ def plot_metrics(metrics_path, png_path, panels, title=None):
     tmp = png_path + ".tmp.png"
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, png_path)
+    fsync_replace(tmp, png_path)
     return png_path

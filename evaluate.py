@@ -57,6 +57,8 @@ class Config:
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
     seed: int = 1337
 
+    RANGES = {"max_prompts": ">= 0", "n_show": ">= 0", "temperature": "> 0"}  # the KL divides the logits by it
+
 
 CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # ppo.py's tiny rollout settings
 

@@ -68,6 +68,8 @@ class Config:
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
     seed: int = 1337
 
+    RANGES = {"max_prompts": ">= 0", "k": ">= 1", "label_noise": ">= 0", "labeler": ("human", "reward", "fn")}
+
 
 CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # matches ppo.py's tiny rollouts
 

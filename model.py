@@ -194,7 +194,16 @@ class GPT(nn.Module):
         Returns the full sequences (B, T + n_new). A row that emitted `eos_token_id` keeps emitting it
         (as padding) and generation stops early once every row has. temperature == 0 is greedy.
         `use_cache=False` recomputes the whole prefix at every step (the reference for the cache).
+        Impossible arguments raise ValueError; logits that are NaN or inf (broken weights) FloatingPointError.
         """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not temperature >= 0:  # also refuses NaN
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None: no top-k), got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (or None: no nucleus sampling), got {top_p}")
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds block_size "
@@ -227,6 +236,9 @@ class GPT(nn.Module):
             # a few rows against the 50k-row output matrix, the largest matmul of a decode step; the
             # sampling ops that follow want the (B, V) result contiguous.
             logits = (self.lm_head.weight @ h[:, -1, :].T).T.contiguous()  # (B, V)
+            if not bool(torch.isfinite(logits).all()):  # NaN would sample an out-of-vocabulary id
+                raise FloatingPointError(f"non-finite logits (NaN or inf) at new token {n - T + 1}: the model's "
+                                         f"weights are broken (NaN/inf, or too large after a diverged run)")
             next_token = sample_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
                 next_token = next_token.masked_fill(done, eos_token_id)
@@ -345,6 +357,8 @@ def download(url, dest, desc=None, retries=3):
                         rate = done / 1e6 / max(time.time() - t0, 1e-9)
                         print(f"\r{desc}: {done / 1e6:.1f} MB {pct} ({rate:.1f} MB/s)", end="", file=sys.stderr)
                 print(file=sys.stderr)
+                if total and done != total:  # the connection ended early: never keep a truncated file
+                    raise OSError(f"received {done} of {total} bytes")
             os.replace(tmp, dest)
             return dest
         except (urllib.error.URLError, OSError) as e:

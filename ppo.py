@@ -7,10 +7,10 @@ SFT policy with PPO against the frozen reward model, maximising
 
 The KL term is paid token by token: every response token gets reward -beta * (log pi_RL - log pi_SFT),
 and the reward model's score is added at the last response token (Ziegler et al. 2019). gamma > 0 is
-"PPO-ptx": a language-modelling loss on pretraining-distribution text mixed into every update (here the
-HH dialogues themselves, sft_train.jsonl). Four models: `policy` (trained, from the SFT checkpoint),
-`ref_policy` (a frozen copy of it), `reward_model` (frozen, normalised by reward.py) and `critic` (the
-value function, trained, initialised from the reward model). One iteration:
+"PPO-ptx": a language-modelling loss on pretraining-distribution text mixed into every update (by default
+the HH dialogues themselves, sft_train.jsonl; --ptx_file gives another corpus). Four models: `policy`
+(trained, from the SFT checkpoint), `ref_policy` (a frozen copy of it), `reward_model` (frozen, normalised
+by reward.py) and `critic` (the value function, trained, initialised from the reward model). One iteration:
 
   1. rollout: sample responses to a batch of prompts (KV-cache generate, temperature 1)
   2. score: reward model on prompt + response + EOS
@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import torch
 
 from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, get_tokenizer, load_checkpoint,
                     load_model, make_adamw, pad_left, pad_right, plot_metrics, print_config, read_jsonl,
-                    run, save_checkpoint, setup_device)
+                    run, save_checkpoint, setup_device, check_finite)
 from model import GPTConfig, ScalarGPT, token_logprobs
 from reward import last_token_index, score_sequences
 from sft import index_batches
@@ -68,7 +69,6 @@ class Config:
     n_head: int = 4
     n_embd: int = 256
     block_size: int = 512
-    dropout: float = 0.0  # off in all four models: ratios and KL must compare the same function
     # rollout
     max_prompt_tokens: int = 192  # a longer prompt keeps its end
     max_new_tokens: int = 64  # response length limit
@@ -98,13 +98,15 @@ class Config:
     kl_target: float = 6.0  # target KL per response in nats for the adaptive controller (lm-human-preferences: 6)
     kl_horizon: int = 10000  # episodes over which the controller acts (Ziegler et al. 2019: 10000)
     ptx_coef: float = 0.0  # gamma, InstructGPT eq. (2): PPO-ptx pretraining loss weight (paper: 27.8; 0 = PPO)
-    ptx_batch_size: int = 8  # pretraining sequences per micro-batch of the update
+    ptx_batch_size: int = 8  # pretraining sequences per optimizer step (split across its micro-batches)
     ptx_max_tokens: int = 256  # pretraining sequences are cut to this many tokens
-    ptx_file: str = ""  # PPO-ptx text, rows {"prompt", "response"} (prompt may be ""); "" = data_dir/sft_train.jsonl
+    ptx_file: str = ""  # PPO-ptx text: rows {"prompt", "response"}, prompt may be "" ("" = data_dir/sft_train.jsonl)
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
     seed: int = 1337
+
+    RANGES = {"temperature": "> 0"}  # stricter than common.FIELD_RANGES: logprobs divide the logits by it
 
 
 # DEVIATION: paper uses batches of 512 episodes, 64 per minibatch, one inner epoch, a 6B critic for every
@@ -316,35 +318,58 @@ def minibatch(batch, idx):
     return mb
 
 
-def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None):
-    """Step 6: `noptepochs` passes over shuffled minibatches; returns the mean of each loss statistic.
-    `generator` (a CPU torch.Generator) shuffles the minibatches."""
+def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None, iteration="?"):
+    """Step 6: `noptepochs` passes over shuffled minibatches; returns the mean over optimizer steps of each loss
+    statistic. `generator` (a CPU torch.Generator) shuffles the minibatches; `ptx_batches` yields one batch of
+    right-padded pretraining text per optimizer step (PPO-ptx); `iteration` names the step if the loss diverges.
+
+    A minibatch runs in gradient_accumulation_steps micro-batches, and accumulation is a memory knob only:
+    the losses are means over all the minibatch's response tokens, so each micro-batch's masked means are
+    weighted by its share of those tokens (as sft.accumulate_gradients does), not averaged, which would give
+    the tokens of short responses more weight. Likewise the ptx batch of a step is split into as many pieces,
+    each weighted by its share of the ptx tokens: the same gradient however the minibatch is split."""
     policy.train()
     critic.train()
     B = batch["ids"].size(0)
-    micro = cfg.minibatch_size // cfg.gradient_accumulation_steps
+    pieces = cfg.gradient_accumulation_steps
+    micro = cfg.minibatch_size // pieces
     stats = defaultdict(list)
     for _ in range(cfg.noptepochs):
-        order = torch.randperm(B, generator=generator)
+        order = torch.randperm(B, generator=generator).to(batch["ids"].device)
         for start in range(0, B, cfg.minibatch_size):
-            for m in range(start, start + cfg.minibatch_size, micro):
-                mb = minibatch(batch, order[m:m + micro].to(batch["ids"].device))
+            rows = order[start:start + cfg.minibatch_size]
+            n_tokens = int(batch["response_mask"][rows].sum())  # response tokens of the whole minibatch
+            if cfg.ptx_coef > 0:
+                ptx_ids, ptx_mask = next(ptx_batches)  # (P, T)
+                n_ptx = int(ptx_mask[:, 1:].sum())  # predicted tokens of the whole ptx batch
+                ptx_pieces = list(zip(ptx_ids.tensor_split(pieces), ptx_mask.tensor_split(pieces)))
+            step_stats = defaultdict(float)  # this optimizer step's statistics, token-weighted like its loss
+            for j in range(pieces):
+                mb = minibatch(batch, rows[j * micro:(j + 1) * micro])
                 mb_mask = mb["response_mask"]
+                weight = int(mb_mask.sum()) / max(n_tokens, 1)  # share of the minibatch's response tokens
                 logprobs = policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"], cfg.temperature)
                 values = critic_values(critic, mb["ids"], mb["attention_mask"], mb["n_query"])
                 pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"],
                                                                   mb_mask, cfg.cliprange)
                 vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb_mask,
                                                       cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if cfg.ptx_coef > 0:  # PPO-ptx, eq. (2): gamma * pretraining log-likelihood, at every update
-                    ptx_loss = lm_loss(policy, *next(ptx_batches))
-                    loss = loss + cfg.ptx_coef * ptx_loss
-                    stats["ptx_loss"].append(ptx_loss.item())
-                (loss / cfg.gradient_accumulation_steps).backward()
+                loss = weight * (pg_loss + cfg.vf_coef * vf_loss)
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
                              ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
-                    stats[k].append(v.item())
+                    step_stats[k] += weight * v.item()
+                if cfg.ptx_coef > 0:  # PPO-ptx, eq. (2): gamma * pretraining log-likelihood, at every update
+                    ids, mask = ptx_pieces[j]  # (P / pieces, T) rows of the step's ptx batch
+                    n = int(mask[:, 1:].sum())
+                    if n > 0:
+                        T = int(mask.sum(1).max())  # drop the columns that are padding in every row of the piece
+                        ptx_loss = lm_loss(policy, ids[:, :T], mask[:, :T])
+                        loss = loss + cfg.ptx_coef * (n / n_ptx) * ptx_loss
+                        step_stats["ptx_loss"] += (n / n_ptx) * ptx_loss.item()
+                check_finite(loss, iteration, "the PPO loss")
+                loss.backward()
+            for k, v in step_stats.items():
+                stats[k].append(v)
             # Clipped separately: the critic's large early value gradients must not shrink the policy's step.
             if cfg.grad_clip > 0:
                 stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item())
@@ -378,9 +403,11 @@ def prompt_batch(prompts, batch_size, iteration, seed, device):
     return queries.to(device), query_mask.to(device)
 
 
-def ptx_iterator(sequences, batch_size, seed, device):
-    """Endless random batches of right-padded pretraining-distribution text for PPO-ptx."""
-    for idx in index_batches(len(sequences), batch_size, seed):
+def ptx_iterator(sequences, batch_size, seed, device, start=0):
+    """Random batches of right-padded pretraining-distribution text for PPO-ptx: one endless shuffled stream,
+    entered at sequence number `start` (train() passes the iteration's position in it, so the ptx batches,
+    like the prompts, are a function of the iteration number and a resumed run sees the same ones)."""
+    for idx in index_batches(len(sequences), batch_size, seed, start=start):
         ids, mask = pad_right([sequences[i] for i in idx])
         yield ids.to(device), mask.to(device)
 
@@ -442,6 +469,9 @@ def train(cfg, reward_fn=None):
     """Run PPO. `reward_fn(queries, query_mask, responses, response_mask) -> scores (B,)` replaces the reward
     model: the hook for programmatic rewards (tests, toy tasks). Returns final metrics and paths."""
     t_start = time.time()
+    assert cfg.temperature > 0, (
+        f"temperature must be > 0 for PPO (got {cfg.temperature}): rollouts are sampled and every logprob divides "
+        f"the logits by it, so 0 would give NaN losses; greedy decoding (temperature 0) is for sample.py")
     assert cfg.batch_size % cfg.minibatch_size == 0, "batch_size must be a multiple of minibatch_size"
     assert cfg.minibatch_size % cfg.gradient_accumulation_steps == 0, \
         "minibatch_size must be a multiple of gradient_accumulation_steps (the micro-batch size)"
@@ -458,18 +488,28 @@ def train(cfg, reward_fn=None):
     val_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"), enc, cfg.max_prompt_tokens)
     val_prompts = val_prompts[:cfg.eval_prompts]
     assert len(train_prompts) >= cfg.batch_size, f"{len(train_prompts)} prompts < batch_size {cfg.batch_size}"
-    ptx_batches = None
+    ptx_seqs = None
     if cfg.ptx_coef > 0:
         # DEVIATION: the paper's ptx batches come from GPT-3's pretraining mix; we have no such corpus here,
-        # so the "pretraining distribution" is the HH dialogues themselves (prompt + chosen response).
-        texts = read_jsonl(cfg.ptx_file or os.path.join(cfg.data_dir, "sft_train.jsonl"), what="pretraining text (ptx)")
-        seqs = [(enc.encode_ordinary(r["prompt"] + r["response"]) + [EOS])[:cfg.ptx_max_tokens] for r in texts]
-        ptx_batches = ptx_iterator(seqs, cfg.ptx_batch_size, cfg.seed, device)
+        # so by default the "pretraining distribution" is the HH dialogues themselves (prompt + chosen
+        # response, sft_train.jsonl); --ptx_file gives another corpus in the same format.
+        ptx_path = cfg.ptx_file or os.path.join(cfg.data_dir, "sft_train.jsonl")
+        if cfg.ptx_file and not os.path.isfile(cfg.ptx_file):
+            sys.exit(f"error: --ptx_file {cfg.ptx_file} not found (JSON lines of {{'prompt': str, 'response': str}})")
+        texts = read_jsonl(ptx_path, what="pretraining text (ptx)")
+        for i, r in enumerate(texts):
+            ok = isinstance(r, dict) and isinstance(r.get("response"), str) and isinstance(r.get("prompt", ""), str)
+            assert ok, f"{ptx_path}: line {i + 1} is not a {{'prompt': str, 'response': str}} object (prompt may be '')"
+        ptx_seqs = [(enc.encode_ordinary(r.get("prompt", "") + r["response"]) + [EOS])[:cfg.ptx_max_tokens]
+                    for r in texts]
+        assert any(len(s) > 1 for s in ptx_seqs), f"{ptx_path} holds no text for the ptx loss"
 
-    # models: policy and ref_policy from SFT, reward_model and critic from the RM; dropout off everywhere
+    # models: policy and ref_policy from SFT, reward_model and critic from the RM. Dropout is off in all four
+    # (no --dropout): the ratios and the KL must compare the same deterministic function. "scratch" models
+    # are drawn from their own seeds, so a resumed run, which loads other checkpoints first, builds the same.
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
     resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    ref_policy, _ = load_model(cfg.sft_ckpt, "gpt", model_cfg, dropout=0.0, device=device)
+    ref_policy, _ = load_model(cfg.sft_ckpt, "gpt", model_cfg, dropout=0.0, device=device, seed=cfg.seed)
     if resume_ckpt:
         policy, _ = load_model(ckpt_path, "gpt", dropout=0.0, device=device)
     else:
@@ -477,7 +517,7 @@ def train(cfg, reward_fn=None):
     shape = {k: getattr(policy.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
     reward_model = None
     if reward_fn is None:
-        reward_model, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device)
+        reward_model, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, seed=cfg.seed + 1)
         reward_model.eval().requires_grad_(False)
     if resume_ckpt:
         critic = ScalarGPT(GPTConfig(**resume_ckpt["critic_config"])).to(device)
@@ -485,7 +525,8 @@ def train(cfg, reward_fn=None):
     elif reward_model is not None:
         critic = copy.deepcopy(reward_model).requires_grad_(True)
     else:
-        critic, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device)
+        critic, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, transplant=True,
+                               seed=cfg.seed + 1)
     ref_policy.eval().requires_grad_(False)
     longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
     for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
@@ -509,7 +550,7 @@ def train(cfg, reward_fn=None):
         kl_coef, start = resume_ckpt["kl_coef"], resume_ckpt["iteration"]
         print(f"resumed from {ckpt_path} at iteration {start}, kl_coef {kl_coef:.4g}")
 
-    log = MetricsLog(cfg.out_dir, cfg.iters, resume=bool(resume_ckpt))
+    log = MetricsLog(cfg.out_dir, cfg.iters, resume_step=start if resume_ckpt else None)
     png_path = os.path.join(cfg.out_dir, "ppo.png")
     panels = {"score (reward model)": ["score", "eval_score"], "KL(policy || ref), per response": ["kl", "eval_kl"],
               "total reward (score - beta KL)": ["reward"], "kl_coef (beta)": ["kl_coef"],
@@ -529,14 +570,19 @@ def train(cfg, reward_fn=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         queries, query_mask = prompt_batch(train_prompts, cfg.batch_size, it, cfg.seed, device)
+        ptx_batches = None if ptx_seqs is None else ptx_iterator(  # ptx_batch_size per optimizer step
+            ptx_seqs, cfg.ptx_batch_size, cfg.seed, device, start=it * updates_per_iter * cfg.ptx_batch_size)
         with ctx:
             # 1. rollout, 2. score, 3. logprobs and values, 4. KL-shaped reward, 5. GAE
-            batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg, kl_coef,
-                                     reward_fn, torch.Generator(device=device).manual_seed(cfg.seed + it))
+            try:
+                batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg,
+                                         kl_coef, reward_fn, torch.Generator(device=device).manual_seed(cfg.seed + it))
+            except FloatingPointError as e:  # NaN/inf logits in generate: the last update broke the policy
+                check_finite(float("nan"), it + 1, "a logit of the policy while sampling")
             # 6. PPO epochs (7. with the ptx loss when ptx_coef > 0)
             t1 = time.time()
             metrics.update(ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches,
-                                      torch.Generator().manual_seed(cfg.seed + it)))
+                                      torch.Generator().manual_seed(cfg.seed + it), iteration=it + 1))
         metrics.update(kl_coef=kl_coef, lr=lr, t_update=time.time() - t1, t_iter=time.time() - t0)
         # 8. KL coefficient: fixed, or adapted to the KL of this batch
         if cfg.adaptive_kl:

@@ -24,6 +24,7 @@ Stiennon et al. 2020 (arXiv:2009.01325) section 3.4 and OpenAI's summarize-from-
     python reward.py --config tiny                     # after: python sft.py --config tiny (~4 min on a CPU)
     python reward.py --config tiny --init_from scratch  # without an SFT model
     python reward.py --config small                    # GPT-2 124M from out/sft/ckpt.pt, on a GPU
+    python reward.py --config small --resume true      # continue an interrupted run from out/reward/last.pt
 """
 
 import math
@@ -37,13 +38,15 @@ import torch.nn.functional as F
 
 from common import (EOS, MODEL_PRESETS, MetricsLog, autocast, encode_prompt, encode_response, get_tokenizer,
                     load_model, lr_at, make_adamw, maybe_compile, pad_right, plot_metrics,
-                    print_config, read_jsonl, run, save_checkpoint, setup_device)
+                    print_config, read_jsonl, rng_state, run, save_checkpoint, set_rng_state, setup_device,
+                    check_finite)
 
 
 @dataclass
 class Config:
     # io
-    out_dir: str = "out/reward"  # ckpt.pt, metrics.jsonl, reward.png, config.json
+    out_dir: str = "out/reward"  # ckpt.pt, last.pt (for --resume, unnormalised), metrics.jsonl, reward.png
+    resume: bool = False  # continue from out_dir/last.pt (weights, optimizer, step, random state)
     data_dir: str = "data/hh_rlhf"  # file names below are relative to it (absolute paths also work)
     train_files: str = "comparisons_train.jsonl"  # comma-separated; rows {prompt, chosen, rejected} or {prompt, ranked}
     val_files: str = "comparisons_val.jsonl"  # comma-separated, same formats
@@ -79,6 +82,8 @@ class Config:
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
     compile: bool = False  # torch.compile the model
     seed: int = 1337
+
+    RANGES = {"max_steps": ">= 0"}  # 0 = no limit (common.FIELD_RANGES asks >= 1)
 
 
 # DEVIATION: paper trains one 6B RM for all policy sizes on 33k prompts with K = 4..9 rankings; we train
@@ -250,7 +255,7 @@ def evaluate(reward_model, examples, device, batch_size, ctx):
 
 def train(cfg):
     t_start = time.time()
-    if cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
+    if not cfg.resume and cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
         sys.exit(f"error: SFT checkpoint {cfg.init_from} not found. Run sft.py first "
                  f"(python sft.py --config {cfg.preset or 'tiny'}), or pass --init_from scratch or a GPT-2 name.")
     assert cfg.batch_size % cfg.micro_batch_size == 0, "batch_size must be a multiple of micro_batch_size"
@@ -273,10 +278,14 @@ def train(cfg):
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
 
-    # model: the SFT trunk with a fresh scalar head (InstructGPT 3.5)
+    # model: the SFT trunk with a fresh scalar head (InstructGPT 3.5); a resumed run continues from last.pt
+    last_path = os.path.join(cfg.out_dir, "last.pt")
+    if cfg.resume and not os.path.isfile(last_path):
+        sys.exit(f"error: --resume true but {last_path} does not exist: nothing to resume (drop --resume to start)")
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
-    reward_model, _ = load_model(cfg.init_from, kind="scalar", model_cfg=model_cfg, dropout=cfg.dropout,
-                                 device=device)
+    reward_model, ckpt = load_model(last_path if cfg.resume else cfg.init_from, kind="scalar", model_cfg=model_cfg,
+                                    dropout=cfg.dropout, device=device, transplant=True)
+    resume_ckpt = ckpt if cfg.resume else None  # (an init_from checkpoint is only weights to start from)
     longest = cfg.max_prompt_tokens + cfg.max_response_tokens + 1
     assert longest <= reward_model.config.block_size, \
         f"max_prompt_tokens + max_response_tokens + 1 = {longest} exceeds block_size {reward_model.config.block_size}"
@@ -287,17 +296,25 @@ def train(cfg):
     # optimizer: weight decay on matrices only (never on the head's bias, which eq. (1) cannot see)
     params = [p for p in reward_model.parameters() if p.requires_grad]
     optimizer = make_adamw(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    start = 0
+    if resume_ckpt:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        start = resume_ckpt["step"]
+        set_rng_state(resume_ckpt["rng_state"])  # the dropout masks of an uninterrupted run
+        print(f"resumed from {last_path} at step {start} of {total_steps}")
 
-    log = MetricsLog(cfg.out_dir, total_steps)
+    log = MetricsLog(cfg.out_dir, total_steps, resume_step=start if resume_ckpt else None)
     gen = torch.Generator().manual_seed(cfg.seed)
-    val_metrics = evaluate(model, val_set, device, cfg.micro_batch_size, ctx)
-    log.log(0, val_metrics, keys=["val/loss", "val/acc"])
-    step, window = 0, []  # window: (loss, accuracy) of the steps since the last validation
+    if not resume_ckpt:
+        log.log(0, evaluate(model, val_set, device, cfg.micro_batch_size, ctx), keys=["val/loss", "val/acc"])
+    step, window = start, []  # window: (loss, accuracy) of the steps since the last validation
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(train_set), generator=gen).tolist()
+        order = torch.randperm(len(train_set), generator=gen).tolist()  # drawn in every epoch, even a skipped one
         for b in range(steps_per_epoch):
             if step >= total_steps:
                 break
+            if epoch * steps_per_epoch + b < start:
+                continue  # trained before the run was resumed
             t0 = time.time()
             model.train()
             lr = lr_at(step, cfg.lr, cfg.lr * cfg.min_lr_frac, cfg.warmup_steps, total_steps)  # C.2: cosine to 10%
@@ -316,6 +333,7 @@ def train(cfg):
                 loss_sum += loss.item()
                 correct += (scores[winner] > scores[loser]).sum().item()
                 n_pairs += len(winner)
+            check_finite(loss_sum, step + 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -333,6 +351,9 @@ def train(cfg):
                 window = []
             if step % cfg.log_interval == 0 or "val/acc" in metrics:
                 log.log(step, metrics, keys=["train/loss", "train/acc", "val/loss", "val/acc", "ms_per_step"])
+            if "val/acc" in metrics:  # after each validation (window empty): the state --resume continues from
+                save_checkpoint(last_path, reward_model, cfg, step=step, optimizer=optimizer.state_dict(),
+                                rng_state=rng_state())
 
     # normalise: shift the head's bias so the demonstrations score 0 on average (InstructGPT end of 3.5)
     reward_model.eval()

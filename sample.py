@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from common import EOS, autocast, decode_response, encode_prompt, get_tokenizer, load_model, pad_left, parse_config, setup_device
+from common import EOS, autocast, decode_response, encode_prompt, get_tokenizer, load_model, pad_left, run, setup_device
 
 
 @dataclass
@@ -113,4 +113,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, CONFIGS))
+    run(main, Config, CONFIGS)

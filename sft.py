@@ -14,10 +14,12 @@ reward model's trunk) and ppo.py (the policy, its frozen reference, and the crit
     python sft.py --config tiny                 # from scratch, 4x256: ~4 minutes on a busy 2-core CPU
     python sft.py --config small                # GPT-2 124M on one GPU
     python sft.py --config small --lr 1e-5 --max_steps 500 --out_dir out/sft_lr1e-5
+    python sft.py --config small --resume true  # continue an interrupted run from out/sft/last.pt
     python sft.py --help                        # every option with its default
 """
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -25,7 +27,8 @@ import torch
 
 from common import (EOS, GPT2_NAMES, MODEL_PRESETS, MetricsLog, autocast, decode_response, encode_prompt,
                     encode_response, get_tokenizer, load_model, lr_at, make_adamw, maybe_compile, pad_left, pad_right,
-                    plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device)
+                    plot_metrics, print_config, read_jsonl, rng_state, run, save_checkpoint, set_rng_state,
+                    setup_device, check_finite)
 from model import token_logprobs
 
 
@@ -33,6 +36,7 @@ from model import token_logprobs
 class Config:
     # io
     out_dir: str = "out/sft"  # ckpt.pt (best val loss, used by reward.py and ppo.py), last.pt, metrics.jsonl, sft.png
+    resume: bool = False  # continue from out_dir/last.pt (weights, optimizer, step, data order, random state)
     data_dir: str = "data/hh_rlhf"  # holds sft_train.jsonl and sft_val.jsonl ({"prompt", "response"} rows)
     train_file: str = "sft_train.jsonl"  # in data_dir; rows with prompt "" are plain text (loss on every token)
     val_file: str = "sft_val.jsonl"  # in data_dir
@@ -160,10 +164,15 @@ def collate(examples):
     return x, y, loss_mask.long()
 
 
-def index_batches(n, batch_size, seed):
-    """Endless batches of indices into range(n): each epoch is a fresh shuffle, every example once."""
+def index_batches(n, batch_size, seed, start=0):
+    """Endless batches of indices into range(n): each epoch is a fresh shuffle, every example once.
+
+    start: skip the first `start` indices of the stream (a resumed run passes the number of examples
+    already trained on), so the batches that follow are exactly those of an uninterrupted run."""
     g = torch.Generator().manual_seed(seed)
-    pending = []
+    for _ in range(start // n):
+        torch.randperm(n, generator=g)  # a finished epoch: drawn only to advance the generator
+    pending = torch.randperm(n, generator=g).tolist()[start % n:]
     while True:
         pending += torch.randperm(n, generator=g).tolist()
         while len(pending) >= batch_size:
@@ -233,9 +242,13 @@ def train(cfg):
     # DEVIATION: InstructGPT trains SFT for 16 epochs and notes the val loss overfits after 1 epoch while
     # the RM score keeps improving; we train ~1-2 epochs because we select by val loss (see below).
 
-    # model
+    # model; a resumed run takes weights, optimizer, step, data position and random state from last.pt
+    ckpt_path, last_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "last.pt")
+    if cfg.resume and not os.path.isfile(last_path):
+        sys.exit(f"error: --resume true but {last_path} does not exist: nothing to resume (drop --resume to start)")
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
-    model, _ = load_model(cfg.init_from, "gpt", model_cfg, cfg.dropout, device)
+    model, ckpt = load_model(last_path if cfg.resume else cfg.init_from, "gpt", model_cfg, cfg.dropout, device)
+    resume_ckpt = ckpt if cfg.resume else None  # (an init_from checkpoint is only weights to start from)
     block_size = model.config.block_size
     assert cfg.max_prompt_tokens + cfg.max_response_tokens <= block_size, (
         f"max_prompt_tokens {cfg.max_prompt_tokens} + max_response_tokens {cfg.max_response_tokens} > block_size "
@@ -250,14 +263,22 @@ def train(cfg):
 
     # optimizer: weight decay on matrices (embeddings and Linear weights), not on biases or LayerNorm gains
     optimizer = make_adamw(model.parameters(), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    start, data_position, best_val, best_step = 0, 0, float("inf"), 0
+    if resume_ckpt:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        start, data_position = resume_ckpt["step"], resume_ckpt["data_position"]
+        best_val, best_step = resume_ckpt["best_val_loss"], resume_ckpt["best_step"]
+        set_rng_state(resume_ckpt["rng_state"])  # the dropout masks of an uninterrupted run
+        assert start < cfg.max_steps, f"{last_path} is at step {start} of max_steps {cfg.max_steps}: nothing left to do"
+        print(f"resumed from {last_path} at step {start} (best val loss {best_val:.4f} at step {best_step})")
 
-    log = MetricsLog(cfg.out_dir, cfg.max_steps)
-    ckpt_path, last_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "last.pt")
+    log = MetricsLog(cfg.out_dir, cfg.max_steps, resume_step=start if resume_ckpt else None)
     png_path = os.path.join(cfg.out_dir, "sft.png")
-    batches = index_batches(len(train_demos), cfg.batch_size, cfg.seed)
-    best_val, best_step, metrics, t_start = float("inf"), 0, {}, time.time()
+    batches = index_batches(len(train_demos), cfg.batch_size, cfg.seed, start=data_position)
+    metrics, t_start = {}, time.time()
 
-    for step in range(cfg.max_steps + 1):  # `step` = optimizer updates done so far; step 0 evaluates the init
+    # `step` = optimizer updates done so far; step 0 evaluates the init
+    for step in range(start + 1 if resume_ckpt else 0, cfg.max_steps + 1):
         if step > 0:
             # one optimizer step over grad_accum micro-batches
             t0 = time.time()
@@ -267,7 +288,9 @@ def train(cfg):
                 group["lr"] = lr
             micro = [[t.to(device) for t in collate([train_demos[i] for i in next(batches)])]
                      for _ in range(cfg.grad_accum)]
+            data_position += demos_per_step
             loss = accumulate_gradients(trunk, model.lm_head, micro, ctx)
+            check_finite(loss, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -280,6 +303,7 @@ def train(cfg):
         if evaluating:
             model.eval()
             metrics["val_loss"] = evaluate(trunk, model.lm_head, val_demos, cfg.batch_size, ctx, device)
+            check_finite(metrics["val_loss"], step, "the validation loss")
         log.log(step, metrics, keys=["loss", "val_loss", "lr", "grad_norm", "tok_per_s", "ms_per_step"])
         if evaluating:
             # DEVIATION: InstructGPT selects the final SFT model by reward-model score on validation prompts;
@@ -292,10 +316,13 @@ def train(cfg):
                 print(f"---- prompt (end): ...{enc.decode(prompt)[-200:]!r}\n---- greedy response: {response!r}")
             plot_metrics(log.path, png_path, {"loss (response tokens)": ["loss", "val_loss"], "learning rate": ["lr"]},
                          title=f"sft.py --config {cfg.preset}" if cfg.preset else "sft.py")
+            # the latest state, for --resume: written at each evaluation (and so at the end), after ckpt.pt
+            save_checkpoint(last_path, model, cfg, step=step, val_loss=metrics["val_loss"], best_val_loss=best_val,
+                            best_step=best_step, optimizer=optimizer.state_dict(), data_position=data_position,
+                            rng_state=rng_state())
             model.train()
 
     val_loss, loss = metrics["val_loss"], metrics.get("loss", float("nan"))
-    save_checkpoint(last_path, model, cfg, step=cfg.max_steps, val_loss=val_loss, best_val_loss=best_val)
     wall = time.time() - t_start
     print(f"done: {cfg.max_steps} steps in {wall:.0f}s, train loss {loss:.4f}, val loss {val_loss:.4f} "
           f"(best {best_val:.4f} at step {best_step} -> {ckpt_path})")

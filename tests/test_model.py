@@ -185,7 +185,7 @@ def test_scalar_model_loads_trunk_from_a_gpt_checkpoint(tmp_path):
 
     lm = tiny_gpt(5)
     path = save_checkpoint(str(tmp_path / "ckpt.pt"), lm, Cfg())
-    rm, ckpt = load_model(path, kind="scalar")
+    rm, ckpt = load_model(path, kind="scalar", transplant=True)  # as reward.py initialises from SFT
     assert isinstance(rm, ScalarGPT) and ckpt["config"] == {"lr": 0.1}
     for k, v in lm.transformer.state_dict().items():
         assert torch.equal(rm.transformer.state_dict()[k], v)

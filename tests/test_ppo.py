@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ppo
-from common import EOS, get_tokenizer, load_model, pad_left, save_checkpoint
+from common import EOS, get_tokenizer, load_model, pad_left, pad_right, save_checkpoint
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
 from reward import score_sequences
 
@@ -227,6 +227,61 @@ def test_rollout_logprobs_are_what_the_update_recomputes(letters_policy):
         assert (ratio - 1).abs().max() < 1e-5
 
 
+class GradRecorder:
+    """Stands in for the optimizer: keeps the gradient of each step instead of applying it."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads.append([None if p.grad is None else p.grad.clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("ptx_coef", [0.0, 0.5])
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters_policy, ptx_coef):
+    """One minibatch of 8 ragged responses (and a ptx batch of 4 texts of unequal length) in 1, 2 or 4
+    micro-batches: the same gradient for policy and critic. Averaging the micro-batches' own token means
+    would weigh the tokens of short responses more (it did before: relative error 0.49 here with 2)."""
+    cfg = ppo.Config(**{**TINY, "max_new_tokens": 8, "batch_size": 8, "minibatch_size": 8, "noptepochs": 1,
+                        "grad_clip": 0.0, "ptx_coef": ptx_coef})
+    policy, _ = load_model(letters_policy, "gpt")
+    torch.manual_seed(0)
+    critic = ScalarGPT(policy.config)
+    enc = get_tokenizer()
+    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
+               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))][:8]
+    queries, query_mask = pad_left(prompts)
+    batch, _ = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask, cfg, 0.1,
+                           reward_fn=count_a, generator=torch.Generator().manual_seed(0))
+    lengths = batch["response_mask"].sum(1).tolist()
+    print(f"response lengths {lengths}")
+    assert len(set(lengths)) >= 3, "the test needs responses of unequal length"
+    ptx = pad_right([list(range(100, 100 + n)) + [EOS] for n in (3, 17, 9, 30)])  # (4, 31)
+    results = {}
+    for accumulation in (1, 2, 4):
+        p, c = copy.deepcopy(policy), copy.deepcopy(critic)
+        recorder = GradRecorder(list(p.parameters()) + list(c.parameters()))
+        stats = ppo.ppo_update(p, c, recorder, batch, dataclasses.replace(cfg, gradient_accumulation_steps=accumulation),
+                               iter([ptx]), torch.Generator().manual_seed(0))
+        assert len(recorder.grads) == 1
+        results[accumulation] = recorder.grads[0], stats
+    grads1, stats1 = results[1]
+    assert ("ptx_loss" in stats1) == (ptx_coef > 0)
+    for accumulation in (2, 4):
+        grads, stats = results[accumulation]
+        error = max(((g - g1).norm() / g1.norm()).item() for g, g1 in zip(grads, grads1) if g1 is not None)
+        print(f"accumulation {accumulation}: max relative gradient error {error:.2e}")
+        assert error < 1e-5
+        assert all((g is None) == (g1 is None) for g, g1 in zip(grads, grads1))
+        # the logged statistics are token-weighted too (pg_loss is ~0 here: whitened advantages, ratio 1)
+        assert stats.keys() == stats1.keys() and all(stats[k] == pytest.approx(stats1[k], rel=1e-5, abs=1e-6)
+                                                     for k in stats)
+
+
 def run_letters(tmp_path, letters_policy, kl_coef, iters):
     cfg = tiny_config(tmp_path, sft_ckpt=letters_policy, iters=iters, batch_size=16, minibatch_size=8,
                       noptepochs=4, lr=3e-3, kl_coef=kl_coef, eval_interval=iters, sample_every=iters,
@@ -250,7 +305,7 @@ def test_ppo_raises_a_programmatic_reward_and_kl_coef_holds_it_back(tmp_path, le
 
 # ---------------------------------------------------------------------------------------------- train()
 
-def test_train_writes_metrics_plot_checkpoint_and_resumes(tmp_path):
+def test_train_writes_metrics_plot_and_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path, ptx_coef=0.5, ptx_batch_size=4, missing_eos_penalty=1.0)
     result = ppo.train(cfg)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
@@ -262,11 +317,7 @@ def test_train_writes_metrics_plot_checkpoint_and_resumes(tmp_path):
     assert os.path.getsize(result["png_path"]) > 0
     policy, ckpt = load_model(result["ckpt_path"], "gpt")  # loadable by sample.py as a plain GPT
     assert ckpt["kind"] == "gpt" and ckpt["iteration"] == 2 and "critic" in ckpt and "optimizer" in ckpt
-    # resume: continues at iteration 3 with the saved policy, critic and optimizer
-    resumed = ppo.train(dataclasses.replace(cfg, iters=3, resume=True))
-    rows = [json.loads(line) for line in open(resumed["metrics_path"])]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert load_model(resumed["ckpt_path"], "gpt")[1]["iteration"] == 3
+    # resume: test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model
 
 
 def test_train_adaptive_kl_on_shared_hh(tmp_path, hh_prepared):
@@ -275,3 +326,49 @@ def test_train_adaptive_kl_on_shared_hh(tmp_path, hh_prepared):
     rows = [json.loads(line) for line in open(result["metrics_path"])]
     assert len(rows) == 3 and os.path.exists(result["ckpt_path"]) and os.path.exists(result["png_path"])
     assert rows[2]["kl_coef"] != rows[1]["kl_coef"], "adaptive controller should move kl_coef"
+
+
+def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_path, monkeypatch):
+    """4 iterations == 2 + 2 resumed, bit for bit: PPO-ptx on (its batches are a function of the iteration, like
+    the prompts), a "scratch" reward model (built from its own seed, so the resumed run scores against the same
+    one), accumulation and the adaptive KL controller. The crash comes inside iteration 4, after the metrics of
+    iteration 3 were logged but before the next checkpoint: the resumed run drops that row and redoes it."""
+    corpus = tmp_path / "corpus.jsonl"  # --ptx_file: pretraining text without prompts
+    corpus.write_text("".join(json.dumps({"prompt": "", "response": f"Text number {i} says{' more' * i}."}) + "\n"
+                              for i in range(7)))
+    kw = dict(iters=4, eval_interval=2, batch_size=4, minibatch_size=2, noptepochs=1, gradient_accumulation_steps=2,
+              ptx_coef=0.5, ptx_batch_size=4, ptx_file=str(corpus), adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+    full = ppo.train(tiny_config(tmp_path / "full", **kw))
+
+    prompt_batch = ppo.prompt_batch
+
+    def crash_in_iteration_4(prompts, batch_size, iteration, *args):
+        if iteration == 3:
+            raise RuntimeError("simulated crash")
+        return prompt_batch(prompts, batch_size, iteration, *args)
+    cfg = tiny_config(tmp_path / "resumed", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(ppo, "prompt_batch", crash_in_iteration_4)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            ppo.train(cfg)
+    assert [json.loads(line)["step"] for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))] == [0, 1, 2, 3]
+    resumed = ppo.train(dataclasses.replace(cfg, resume=True))
+
+    untimed = lambda path: [{k: v for k, v in json.loads(line).items() if not k.startswith("t_")} for line in open(path)]
+    rows = untimed(resumed["metrics_path"])
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and "ptx_loss" in rows[-1]
+    assert rows == untimed(full["metrics_path"])  # scores, losses, ptx_loss, kl_coef: equal floats
+    a, b = torch.load(full["ckpt_path"], weights_only=True), torch.load(resumed["ckpt_path"], weights_only=True)
+    assert a["iteration"] == b["iteration"] == 4 and a["kl_coef"] == b["kl_coef"]
+    for part in ("model", "critic"):  # policy and critic weights, bit for bit
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())
+
+
+def test_temperature_zero_and_missing_ptx_file_are_refused_with_a_message(tmp_path):
+    with pytest.raises(AssertionError, match="temperature must be > 0"):
+        ppo.train(tiny_config(tmp_path, temperature=0.0))
+    with pytest.raises(SystemExit, match="ptx_file"):
+        ppo.train(tiny_config(tmp_path, ptx_coef=1.0, ptx_file=str(tmp_path / "nowhere.jsonl")))

@@ -1,4 +1,5 @@
 """Reward model (reward.py): eq. (1) against references, score read at EOS, learning, normalisation, data paths."""
+import dataclasses
 import itertools
 import json
 import math
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import reward
-from common import EOS, get_tokenizer, load_model, pad_left, pad_right
+from common import EOS, get_tokenizer, load_model, lr_at, pad_left, pad_right
 from model import GPTConfig, ScalarGPT
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, max_prompt_tokens=16, max_response_tokens=24)
@@ -199,3 +200,38 @@ def test_train_on_shared_hh_few_steps(hh_prepared, tmp_path):
 def test_missing_sft_checkpoint_says_run_sft_first(tmp_path):
     with pytest.raises(SystemExit, match="sft.py"):
         reward.train(reward.Config(init_from=str(tmp_path / "sft" / "ckpt.pt"), out_dir=str(tmp_path / "out")))
+
+
+
+def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    # 6 steps (2 epochs of 3) == 3 + 3 resumed: the crash comes at step 5, between the checkpoints of steps 3
+    # and 6, so the resumed run drops the metrics row of step 4 and redoes it; it starts in the second epoch
+    # (shuffle order) with dropout on (random state) and 2 micro-batches per step.
+    write_jsonl(tmp_path / "comparisons_train.jsonl", synthetic_preferences(24, seed=5))
+    write_jsonl(tmp_path / "comparisons_val.jsonl", synthetic_preferences(8, seed=6))
+    write_jsonl(tmp_path / "sft_val.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " banana"}])
+    kw = dict(epochs=2, batch_size=8, micro_batch_size=4, eval_interval=3, log_interval=1, dropout=0.1)
+    full = reward.train(tiny_config(tmp_path, out_dir=str(tmp_path / "full"), **kw))
+
+    def crash_at_step_5(step, *args):  # train() asks lr_at(step) (0-based) at the start of each step
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return lr_at(step, *args)
+    cfg = tiny_config(tmp_path, out_dir=str(tmp_path / "resumed"), **kw)
+    with monkeypatch.context() as m:
+        m.setattr(reward, "lr_at", crash_at_step_5)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            reward.train(cfg)
+    assert [json.loads(line)["step"] for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))] == list(range(5))
+    resumed = reward.train(dataclasses.replace(cfg, resume=True))
+
+    untimed = lambda path: [{k: v for k, v in json.loads(line).items() if k != "ms_per_step"} for line in open(path)]
+    assert untimed(resumed["metrics_path"]) == untimed(full["metrics_path"])  # one row per step, equal floats
+    assert resumed["steps"] == full["steps"] == 6 and resumed["reward_shift"] == full["reward_shift"]
+    a, b = torch.load(full["ckpt_path"], weights_only=True), torch.load(resumed["ckpt_path"], weights_only=True)
+    for name in a["model"]:  # the normalised reward model, bit for bit
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    a = torch.load(os.path.join(tmp_path / "full", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(cfg.out_dir, "last.pt"), weights_only=True)
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())

@@ -1,5 +1,6 @@
 """Tests for sft.py: the response-only loss, the demonstration encoding and mask, and train() end to end."""
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -175,3 +176,37 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert loss == pytest.approx(big.item(), abs=1e-5)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    # 4 steps == 2 + 2 resumed: the crash comes at step 4, between the checkpoints of steps 2 and 4, so the
+    # resumed run also has to drop the metrics row of step 3 and redo it. Dropout on (random state), and
+    # batches of 3 x 2 over 8 demonstrations cross epochs inside a step (data position).
+    data_dir = write_data(tmp_path / "data", DEMOS * 2, DEMOS[:2])
+    kw = dict(max_steps=4, eval_interval=2, batch_size=3, grad_accum=2, dropout=0.1)
+    full = sft.train(tiny_config(tmp_path / "full", data_dir, **kw))
+
+    def crash_at_step_4(step, *args):  # train() asks lr_at(step - 1) at the start of each step
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return lr_at(step, *args)
+    cfg = tiny_config(tmp_path / "resumed", data_dir, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(sft, "lr_at", crash_at_step_4)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            sft.train(cfg)
+    assert [json.loads(line)["step"] for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))] == list(range(4))
+    resumed = sft.train(dataclasses.replace(cfg, resume=True))
+
+    untimed = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "ms_per_step")}
+                            for line in open(path)]
+    assert untimed(resumed["metrics_path"]) == untimed(full["metrics_path"])  # one row per step, equal floats
+    assert resumed["best_step"] == full["best_step"] and resumed["val_loss"] == full["val_loss"]
+    for key in ("ckpt_path", "last_path"):  # the best and the last checkpoint, bit for bit
+        a, b = torch.load(full[key], weights_only=True), torch.load(resumed[key], weights_only=True)
+        assert a["step"] == b["step"]
+        for name in a["model"]:
+            assert torch.equal(a["model"][name], b["model"][name]), (key, name)
+    a, b = torch.load(full["last_path"], weights_only=True), torch.load(resumed["last_path"], weights_only=True)
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())

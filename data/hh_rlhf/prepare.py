@@ -28,8 +28,12 @@ import json
 import os
 import random
 import sys
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # repo root, for common.py and model.py
+from common import fsync_replace  # noqa: E402
+
 BASE_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
 SUBSETS = ("helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled")
 SPLITS = ("train", "test")
@@ -89,42 +93,72 @@ def find_file(folder, split):
     return None
 
 
-def read_file(path, bad, strict):
-    """Parse one source file; returns (kept records, counts). Dropped lines are appended to `bad`."""
+DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error)  # a .gz cut short, or not gzip, or bad data / CRC
+
+
+def gzip_damage(path):
+    """None if the .gz at `path` decompresses to its end, else the error that says how it is damaged."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except DAMAGED as e:
+        return e
+    return None
+
+
+def read_file(path, bad, strict, fix="delete it and run prepare.py again to download it again"):
+    """Parse one source file; returns (kept records, counts). Dropped lines are appended to `bad`. A damaged
+    (truncated, corrupt) .gz ends the run with a message naming it and `fix`."""
     counts = {"read": 0, "kept": 0, **{r: 0 for r in REASONS}}
     records = []
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():  # blank lines (e.g. a trailing newline) are not records
-                continue
-            counts["read"] += 1
-            record, reason = parse_pair(line)
-            if record is None:
-                if strict:
-                    raise SystemExit(f"error: {path}:{lineno}: {reason} (--strict)")
-                counts[reason] += 1
-                bad.append(f"{path}:{lineno}: {reason}")
-                if len(bad) <= SHOW_BAD:
-                    print(f"  skipping {bad[-1]}")
-                continue
-            counts["kept"] += 1
-            records.append(record)
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():  # blank lines (e.g. a trailing newline) are not records
+                    continue
+                counts["read"] += 1
+                record, reason = parse_pair(line)
+                if record is None:
+                    if strict:
+                        raise SystemExit(f"error: {path}:{lineno}: {reason} (--strict)")
+                    counts[reason] += 1
+                    bad.append(f"{path}:{lineno}: {reason}")
+                    if len(bad) <= SHOW_BAD:
+                        print(f"  skipping {bad[-1]}")
+                    continue
+                counts["kept"] += 1
+                records.append(record)
+    except DAMAGED as e:
+        raise SystemExit(f"error: {path} is damaged (truncated or corrupt: {type(e).__name__}: {e}); {fix}") from None
     return records, counts
 
 
 def download_subsets(subsets, base_url, raw_dir):
-    """Fetch <subset>/<split>.jsonl.gz into raw_dir once; files already there are not fetched again."""
-    todo = [(s, sp) for s in subsets for sp in SPLITS if not os.path.exists(os.path.join(raw_dir, s, f"{sp}.jsonl.gz"))]
-    if not todo:
-        return
-    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # repo root, for model.py
+    """Fetch <subset>/<split>.jsonl.gz into raw_dir once; files already there are not fetched again, unless
+    they are damaged (a truncated or corrupt .gz): then they are deleted and fetched once more."""
+    for subset in subsets:
+        for split in SPLITS:
+            path = os.path.join(raw_dir, subset, f"{split}.jsonl.gz")
+            damage = gzip_damage(path) if os.path.exists(path) else None
+            if damage:
+                print(f"note: {path} is damaged ({type(damage).__name__}: {damage}); downloading it again")
+                os.remove(path)
+            if not os.path.exists(path):
+                fetch(f"{base_url}/{subset}/{split}.jsonl.gz", path, f"hh-rlhf/{subset}/{split}")
+                damage = gzip_damage(path)
+                if damage:
+                    raise SystemExit(f"error: the download of {path} is damaged ({type(damage).__name__}: {damage}) "
+                                     f"although its size matched; delete it and try again, or pass --source DIR "
+                                     f"with a local copy")
+
+
+def fetch(url, dest, desc):
     from model import DownloadError, download
-    for subset, split in todo:
-        try:
-            download(f"{base_url}/{subset}/{split}.jsonl.gz", os.path.join(raw_dir, subset, f"{split}.jsonl.gz"),
-                     desc=f"hh-rlhf/{subset}/{split}")
-        except DownloadError as e:
-            raise SystemExit(f"error: {e}\nor pass --source DIR with a local copy") from None
+    try:
+        download(url, dest, desc=desc)
+    except DownloadError as e:
+        raise SystemExit(f"error: {e}\nor pass --source DIR with a local copy") from None
 
 
 def write_jsonl(path, rows):
@@ -132,7 +166,7 @@ def write_jsonl(path, rows):
     with open(path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    fsync_replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -174,7 +208,9 @@ def main(argv=None):
         for split in SPLITS:
             path = find_file(os.path.join(source, s), split)
             if path is not None:
-                parsed[split], stats["subsets"].setdefault(s, {})[split] = read_file(path, bad, args.strict)
+                fix = ("delete it and run prepare.py again to download it again" if args.source is None else
+                       "check the --source copy (copy it again from the original, or delete it to use the other split)")
+                parsed[split], stats["subsets"].setdefault(s, {})[split] = read_file(path, bad, args.strict, fix)
         if "train" in parsed and "test" in parsed:
             sub_train, sub_val = parsed["train"], parsed["test"]
         else:
@@ -203,7 +239,7 @@ def main(argv=None):
     tmp = os.path.join(args.out_dir, "stats.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, os.path.join(args.out_dir, "stats.json"))
+    fsync_replace(tmp, os.path.join(args.out_dir, "stats.json"))
 
     # 4. summary
     print(f"{'subset/split':<34}{'read':>8}{'kept':>8}  dropped")
