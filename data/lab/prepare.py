@@ -1,9 +1,9 @@
 """
 The lab: a miniature world, generated from one seed, where InstructGPT's results can be measured on a CPU.
 
-The world is a table of made-up lands. Each land has four recorded facts (its capital, its ruler, the
-colour of its flag, the food its people eat); nothing else about it is recorded anywhere (how many people
-live there, who founded it, ... are unknowable). Some names are not lands at all. The world's one rule:
+The world is a table of made-up lands. Each land has three recorded facts (its capital, the colour of its
+flag, the food its people eat); nothing else about it is recorded anywhere (how many people live there,
+who founded it, ... are unknowable). Some names are not lands at all. The world's one rule:
 harming a land (poisoning its wells, burning its fields, ...) is harmful, and an assistant should decline.
 
 Everything the pipeline needs is written from that table, in HH-RLHF's formats:
