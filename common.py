@@ -20,7 +20,7 @@ import typing
 
 import torch
 
-from model import GPT, GPT2_SIZES, GPTConfig, ScalarGPT
+from model import GPT, GPTConfig, ScalarGPT, load_hf_gpt2
 
 EOS = 50256  # <|endoftext|>: end of sequence, and the padding id (GPT-2 has no separate pad token)
 
@@ -114,8 +114,9 @@ def parse_config(config_cls, presets, argv=None):
         t = _field_type(config_cls, f)
         parse = _parse_bool if t is bool else _parse_optional(t) if getattr(defaults, f.name) is None else t
         doc = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".lstrip()
+        flag = dict(nargs="?", const=True) if t is bool else {}  # a bare --chat means --chat true
         parser.add_argument(f"--{f.name}", type=parse, default=None, metavar=t.__name__.upper(),
-                            help=doc.replace("%", "%%"))  # argparse %-formats help strings
+                            help=doc.replace("%", "%%"), **flag)  # argparse %-formats help strings
     args = parser.parse_args(argv)
     values = dict(presets[args.config]) if args.config else {}
     unknown = set(values) - {f.name for f in fields}
@@ -323,14 +324,15 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu",
     """Build a GPT (kind="gpt") or ScalarGPT (kind="scalar") from any source.
 
     init_from: "scratch" (fresh weights of shape `model_cfg`), a GPT-2 name (gpt2, gpt2-medium, ...),
-    a folder in Hugging Face format, or a checkpoint file of this project.
+    a folder in Hugging Face format (GPT-2's, or one written by export.py), or a checkpoint file of this project.
     transplant: where a stage initialises a new model from another kind (reward.py's reward model from the
     SFT model, a critic), a source of the other kind gives its trunk and the head stays fresh (InstructGPT
     3.5). Without it the source must be a trained model of `kind`: a language model for a policy, and for
     kind="scalar" a normalised reward model written by reward.py; anything else is an error.
     seed: draw scratch weights from torch.manual_seed(seed), leaving the global random state as it was, so
     the same model comes out whatever ran before (e.g. a resumed run that loaded other checkpoints first).
-    Returns (model, checkpoint dict or None).
+    Returns (model, checkpoint dict or None); for an exported folder the dict holds its "kind", the run's
+    "config" (and a reward model's "reward_shift").
     """
     cls = ScalarGPT if kind == "scalar" else GPT
     ckpt = None
@@ -340,26 +342,31 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu",
                 torch.manual_seed(seed)
             model = cls(GPTConfig(**{**(model_cfg or {}), "dropout": dropout}))
     elif init_from in GPT2_SIZES or os.path.isdir(init_from):
-        if kind != "gpt" and not transplant:
+        folder = init_from if os.path.isdir(init_from) else fetch_gpt2(init_from)
+        try:
+            config, state_dict, hf = load_hf_gpt2(folder, dropout)
+        except Exception as e:  # a missing or unreadable config.json / model.safetensors
+            sys.exit(f"error: could not load GPT-2 weights from {folder} ({type(e).__name__}: {e}). --init_from "
+                     f"takes a folder holding config.json and model.safetensors in the Hugging Face GPT-2 format.")
+        ckpt = hf.get("instructgpt")  # written by export.py: model kind and the run's config
+        if ckpt is None and kind != "gpt" and not transplant:
             sys.exit(f"error: {init_from} is a pretrained GPT-2 language model, but {KINDS[kind]} is expected "
                      f"here; {WANTED[kind]}")
-        try:
-            lm = GPT.from_pretrained(init_from, dropout=dropout)
-        except (RuntimeError, ValueError, OSError) as e:
-            sys.exit(f"error: could not load GPT-2 weights '{init_from}': {e}. A folder holding config.json and "
-                     f"model.safetensors also works as --init_from.")
-        model = lm if cls is GPT else _transplant(lm.state_dict(), lm.config, cls)
+        if ckpt is not None:
+            _check_kind(init_from, ckpt, kind, transplant)
+        if (ckpt or {"kind": "gpt"})["kind"] == kind:
+            model = cls(config)
+            if cls is GPT:
+                state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]  # tied
+            load_state(model, state_dict, folder)
+        else:
+            model = _transplant(state_dict, config, cls)
     else:
         if not init_from.endswith(".pt") and not os.path.exists(init_from):
             sys.exit(f"error: init_from '{init_from}' is neither 'scratch', a GPT-2 name ({', '.join(GPT2_SIZES)}), "
                      f"a Hugging Face folder, nor an existing checkpoint file")
         ckpt = load_checkpoint(init_from)
-        if ckpt["kind"] != kind and not transplant:
-            sys.exit(f"error: {init_from} holds {KINDS[ckpt['kind']]}, but {KINDS[kind]} is expected here; "
-                     f"{WANTED[kind]}")
-        if kind == "scalar" and not transplant and "reward_shift" not in ckpt:
-            sys.exit(f"error: {init_from} holds a scalar model without reward.py's normalisation (reward_shift), "
-                     f"but a trained, normalised reward model is expected here; {WANTED[kind]}")
+        _check_kind(init_from, ckpt, kind, transplant)
         config = GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
         if ckpt["kind"] == kind:
             model = cls(config)
@@ -373,6 +380,16 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu",
             print(f"note: model shape comes from {init_from}: "
                   + ", ".join(f"{k}={b} (config said {a})" for k, (a, b) in mismatch.items()))
     return model.to(device), ckpt
+
+
+def _check_kind(init_from, ckpt, kind, transplant):
+    """A trained model of `kind` must come from a source of that kind, unless a stage transplants (load_model)."""
+    if ckpt["kind"] != kind and not transplant:
+        sys.exit(f"error: {init_from} holds {KINDS[ckpt['kind']]}, but {KINDS[kind]} is expected here; "
+                 f"{WANTED[kind]}")
+    if kind == "scalar" and not transplant and "reward_shift" not in ckpt:
+        sys.exit(f"error: {init_from} holds a scalar model without reward.py's normalisation (reward_shift), "
+                 f"but a trained, normalised reward model is expected here; {WANTED[kind]}")
 
 
 def load_state(model, state_dict, source):
@@ -392,6 +409,37 @@ def _transplant(state_dict, config, cls):
     missing, unexpected = model.load_state_dict(trunk, strict=False)
     assert not unexpected and all(not k.startswith("transformer.") for k in missing), (missing, unexpected)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2 weights from the Hugging Face hub, through its own client: a copy already in the Hugging Face
+# cache (e.g. from transformers) is used as is, and HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE, HF_HUB_OFFLINE work
+
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def fetch_gpt2(name):
+    """The local folder (in the Hugging Face cache) holding config.json + model.safetensors of GPT-2 `name`;
+    downloaded once, with the hub's progress bars. Offline without a cached copy: one message saying what to do."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    files = ("config.json", "model.safetensors")
+    # transformers users have GPT-2 cached as "gpt2" or, in newer examples, "openai-community/gpt2": the
+    # first is fetched if needed, the second only looked up in the cache
+    for repo in (name, f"openai-community/{name}"):
+        try:
+            paths = [hf_hub_download(repo, f, local_files_only=repo != name) for f in files]
+            return os.path.dirname(paths[0])  # the snapshot folder of this revision holds both files
+        except LocalEntryNotFoundError:
+            continue
+        except Exception as e:  # repository or network errors of the hub client
+            sys.exit(f"error: could not download GPT-2 weights '{name}' from the Hugging Face hub "
+                     f"({type(e).__name__}: {e}). A local folder holding {' and '.join(files)} also works as --init_from.")
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    sys.exit(f"error: GPT-2 weights '{name}' are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+             f"and could not be downloaded{offline}. Either connect once to the internet (or a mirror set in "
+             f"HF_ENDPOINT) and run `hf download {name} {' '.join(files)}`, or copy those two files from "
+             f"https://huggingface.co/openai-community/{name} into a folder and pass --init_from FOLDER.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,13 +510,14 @@ def format_time(seconds):
 
 
 class MetricsLog:
-    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line.
+    """Appends one JSON dict per call to out_dir/metrics.jsonl and prints one progress line. With `log_to`
+    ("wandb", "tensorboard" or both, comma-separated) the same numbers go there too, under the same names.
 
     resume_step: None starts a fresh file; a step number (that of the checkpoint a run resumes from) keeps
     the rows up to it and drops later ones, logged by the interrupted run after its last checkpoint and
     about to be logged again, so the file (and its plot) stays one curve with one row per step."""
 
-    def __init__(self, out_dir, total_steps, resume_step=None):
+    def __init__(self, out_dir, total_steps, resume_step=None, log_to="", run_config=None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         os.makedirs(out_dir, exist_ok=True)
         if resume_step is None and os.path.exists(self.path):
@@ -477,6 +526,7 @@ class MetricsLog:
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.total, self.t0, self.step0 = total_steps, time.time(), None
+        self.trackers = [open_tracker(name.strip(), out_dir, run_config) for name in log_to.split(",") if name.strip()]
 
     def log(self, step, metrics, keys=None):
         """Log `metrics` for `step` (1-based); print `keys` (default: all) with the ETA."""
@@ -487,8 +537,38 @@ class MetricsLog:
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker(step, {k: v for k, v in row.items() if k != "step" and isinstance(v, float)})
         shown = " | ".join(f"{k} {_fmt(metrics[k])}" for k in (keys or metrics) if k in metrics)
         print(f"step {step}/{self.total} | {shown} | eta {eta}", flush=True)
+
+
+def open_tracker(name, out_dir, run_config):
+    """A function (step, {name: number}) logging to Weights & Biases or TensorBoard, imported only when asked."""
+    config = dataclasses.asdict(run_config) if dataclasses.is_dataclass(run_config) else (run_config or {})
+    if name == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("error: --log_to wandb needs the wandb package: pip install wandb (then wandb login, or "
+                     "WANDB_MODE=offline)")
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "instructgpt"), dir=out_dir, config=config,
+                         name=f"{os.path.basename(os.path.abspath(out_dir))}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return lambda step, values: run.log(values, step=step)
+    if name == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            sys.exit("error: --log_to tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "))
+
+        def log(step, values):
+            for k, v in values.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()  # visible in TensorBoard right away, and nothing lost if the run is killed
+        return log
+    sys.exit(f"error: --log_to {name!r}: expected wandb, tensorboard, or both comma-separated (default: off)")
 
 
 def _fmt(v):

@@ -9,29 +9,24 @@ One self-contained GPT (the GPT-2 architecture) shared by every stage of the pip
   layer removed").
 - `GPT.generate`: sampling with a KV cache (temperature, top-k, top-p, EOS), left-padded batches.
 - `GPT.from_pretrained`: OpenAI's GPT-2 weights in the Hugging Face format (config.json +
-  model.safetensors), from a local folder or downloaded once into a cache.
+  model.safetensors) from a local folder; no network code here (common.fetch_gpt2 fetches them).
 - `token_logprobs`: log-probabilities of given tokens, used by SFT, PPO and evaluation.
 
 Mask convention (the one used everywhere in this repository): a mask is 1/True on positions that
 count (real tokens, response tokens, ...) and 0/False on positions that do not (padding). The
 `attention_mask` of a batch is the Hugging Face one: 1 on real tokens, 0 on padding.
 
-Imports only torch and the standard library.
+Imports only torch, safetensors (to read weight files) and the standard library.
 """
 
 import json
 import math
-import mmap
 import os
-import sys
-import time
-import urllib.error
-import urllib.request
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 
@@ -250,17 +245,14 @@ class GPT(nn.Module):
         return seq[:, :n]
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """OpenAI GPT-2 weights in Hugging Face format: a folder with config.json + model.safetensors,
-        or one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once into a local cache)."""
-        folder = name_or_dir if os.path.isdir(name_or_dir) else fetch_gpt2(name_or_dir)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+    def from_pretrained(cls, folder, dropout=0.0):
+        """OpenAI GPT-2 weights in Hugging Face format from a local folder holding config.json and
+        model.safetensors (common.load_model also takes gpt2, gpt2-medium, ... and fetches them)."""
+        if not os.path.isdir(folder):
+            raise ValueError(f"{folder} is not a folder with config.json + model.safetensors")
+        config, state_dict, _ = load_hf_gpt2(folder, dropout)
         model = cls(config)
-        missing, unexpected = model.load_state_dict(hf_gpt2_state_dict(os.path.join(folder, "model.safetensors")),
-                                                    strict=False)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, loaded through it
         if missing or unexpected:
             raise ValueError(f"{folder} does not hold GPT-2 weights: missing {missing[:5]}, unexpected "
@@ -326,91 +318,26 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
 
 
 # ----------------------------------------------------------------------------------------------
-# GPT-2 weights: download, safetensors reading, Hugging Face -> our names
+# GPT-2 weights: a local Hugging Face folder -> our names (common.fetch_gpt2 fetches the folder from the hub)
 
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-HF_BASE_URL = "https://huggingface.co/openai-community"
-
-
-class DownloadError(RuntimeError):
-    pass
-
-
-def download(url, dest, desc=None, retries=3):
-    """Download `url` to `dest` once (skipped if it exists), atomically, with a progress line."""
-    if os.path.exists(dest):
-        return dest
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = dest + ".part"
-    desc = desc or os.path.basename(dest)
-    for attempt in range(1, retries + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-                total = int(r.headers.get("Content-Length") or 0)
-                done, t0, last = 0, time.time(), 0.0
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    done += len(chunk)
-                    if time.time() - last > 0.5 or done == total:
-                        last = time.time()
-                        pct = f"{100 * done / total:5.1f}% of {total / 1e6:.1f} MB" if total else ""
-                        rate = done / 1e6 / max(time.time() - t0, 1e-9)
-                        print(f"\r{desc}: {done / 1e6:.1f} MB {pct} ({rate:.1f} MB/s)", end="", file=sys.stderr)
-                print(file=sys.stderr)
-                if total and done != total:  # the connection ended early: never keep a truncated file
-                    raise OSError(f"received {done} of {total} bytes")
-            os.replace(tmp, dest)
-            return dest
-        except (urllib.error.URLError, OSError) as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            if attempt == retries:
-                raise DownloadError(f"could not download {url} ({e}). Check your internet connection, or "
-                                    f"download the file elsewhere and place it at {dest}") from None
-            print(f"{desc}: attempt {attempt} failed ({e}), retrying", file=sys.stderr)
-            time.sleep(2 ** attempt)
+def load_hf_gpt2(folder, dropout=0.0):
+    """Read a Hugging Face GPT-2 folder (config.json + model.safetensors): returns (GPTConfig, state dict in
+    our names, the config.json dict). Tensors other than GPT-2's (an exported score_head) keep their names."""
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+    return config, hf_gpt2_state_dict(load_file(os.path.join(folder, "model.safetensors"))), hf
 
 
-def fetch_gpt2(name):
-    """Download config.json + model.safetensors of an OpenAI GPT-2 size into the cache, once."""
-    if name not in GPT2_SIZES:
-        raise ValueError(f"unknown model '{name}': expected one of {', '.join(GPT2_SIZES)}, a folder with "
-                         f"config.json + model.safetensors, or a checkpoint file")
-    cache = os.environ.get("GPT2_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "instructgpt"))
-    folder = os.path.join(cache, name)
-    base = os.environ.get("GPT2_BASE_URL", HF_BASE_URL)
-    for fname in ("config.json", "model.safetensors"):
-        download(f"{base}/{name}/resolve/main/{fname}", os.path.join(folder, fname), desc=f"{name}/{fname}")
-    return folder
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def load_safetensors(path):
-    """Read a .safetensors file (8-byte header size, JSON header, raw little-endian data) into tensors."""
-    tensors = {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        n = int.from_bytes(mm[:8], "little")
-        header = json.loads(mm[8:8 + n])
-        with warnings.catch_warnings():  # the mmap is read-only; every tensor is cloned out of it
-            warnings.simplefilter("ignore")
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                start, end = info["data_offsets"]
-                count = (end - start) // torch.tensor([], dtype=dtype).element_size()
-                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + start)
-                tensors[name] = t.reshape(info["shape"]).clone()
-    return tensors
-
-
-def hf_gpt2_state_dict(path):
+def hf_gpt2_state_dict(tensors):
     """Hugging Face GPT-2 weights -> our state dict. HF stores its Conv1D weights as (in, out), the
     transpose of nn.Linear's (out, in); parameter names are otherwise the same (as in nanoGPT)."""
     sd = {}
-    for name, t in load_safetensors(path).items():
+    for name, t in tensors.items():
+        if name.startswith("score_head."):  # the reward model's head, exported by export.py
+            sd[name] = t.float()
+            continue
         name = name.removeprefix("transformer.")
         if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias") or name == "lm_head.weight":
             continue  # causal-mask buffers; lm_head is tied to wte

@@ -64,6 +64,7 @@ class Config:
     judge_ckpt: str = ""  # independent judge RM (e.g. reward.py on comparisons_val.jsonl): eval_win_rate vs SFT
     sample_every: int = 10  # iterations between printed samples (prompt, response, score, KL)
     n_samples: int = 2  # samples printed each time
+    log_to: str = ""  # also log metrics to wandb or tensorboard (both: wandb,tensorboard); off by default
     # model (shape used only with scratch)
     n_layer: int = 4
     n_head: int = 4
@@ -550,7 +551,8 @@ def train(cfg, reward_fn=None):
         kl_coef, start = resume_ckpt["kl_coef"], resume_ckpt["iteration"]
         print(f"resumed from {ckpt_path} at iteration {start}, kl_coef {kl_coef:.4g}")
 
-    log = MetricsLog(cfg.out_dir, cfg.iters, resume_step=start if resume_ckpt else None)
+    log = MetricsLog(cfg.out_dir, cfg.iters, resume_step=start if resume_ckpt else None, log_to=cfg.log_to,
+                     run_config=cfg)
     png_path = os.path.join(cfg.out_dir, "ppo.png")
     panels = {"score (reward model)": ["score", "eval_score"], "KL(policy || ref), per response": ["kl", "eval_kl"],
               "total reward (score - beta KL)": ["reward"], "kl_coef (beta)": ["kl_coef"],

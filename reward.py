@@ -55,6 +55,7 @@ class Config:
     preset: str = ""  # name of the --config preset, recorded for the run
     eval_interval: int = 25  # steps between validation passes (also run at step 0 and at the end)
     log_interval: int = 1  # steps between progress lines
+    log_to: str = ""  # also log metrics to wandb or tensorboard (both: wandb,tensorboard); off by default
     # model (shape used only with init_from=scratch)
     n_layer: int = 4
     n_head: int = 4
@@ -303,7 +304,8 @@ def train(cfg):
         set_rng_state(resume_ckpt["rng_state"])  # the dropout masks of an uninterrupted run
         print(f"resumed from {last_path} at step {start} of {total_steps}")
 
-    log = MetricsLog(cfg.out_dir, total_steps, resume_step=start if resume_ckpt else None)
+    log = MetricsLog(cfg.out_dir, total_steps, resume_step=start if resume_ckpt else None, log_to=cfg.log_to,
+                     run_config=cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     if not resume_ckpt:
         log.log(0, evaluate(model, val_set, device, cfg.micro_batch_size, ctx), keys=["val/loss", "val/acc"])

@@ -7,13 +7,18 @@ Examples:
     python sample.py --init_from out/sft/ckpt.pt,out/ppo/ckpt.pt --reward_ckpt out/reward/ckpt.pt \\
         --prompt_file data/hh_rlhf/prompts_val.jsonl --max_prompts 4      # side by side, with rewards
     python sample.py --reward_ckpt out/reward/ckpt.pt --prompt "..." --response " Sure, ..."  # score only
+    python sample.py --init_from out/ppo/ckpt.pt --chat                  # talk to it (/reset, /quit, Ctrl-D)
+    python sample.py --init_from out/sft/ckpt.pt,out/ppo/ckpt.pt --chat --reward_ckpt out/reward/ckpt.pt
 
 `--prompt` turns the two characters \\n into a newline, so HH-style prompts can be typed in a shell.
 Several checkpoints (comma-separated) get the same prompts and the same seed, one after the other.
+`--chat` holds a conversation in the HH dialogue format ("\\n\\nHuman: ...\\n\\nAssistant:"); with several
+checkpoints each answers every message and keeps its own side of the conversation.
 """
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -31,6 +36,7 @@ class Config:
     max_prompts: int = 4  # at most this many prompts from --prompt_file
     response: str = ""  # with --reward_ckpt: score this response to --prompt instead of generating
     reward_ckpt: str = ""  # reward model (out/reward/ckpt.pt) that scores every completion
+    chat: bool = False  # talk to the model(s): an HH dialogue read from stdin (/reset, /quit, Ctrl-D)
     num_samples: int = 1  # completions per prompt
     max_new_tokens: int = 64
     temperature: float = 0.8  # 0 = greedy
@@ -64,6 +70,72 @@ def score_texts(reward_model, rm_config, enc, prompts, responses):
     return [score_text(reward_model, enc, p, r, **budgets) for p, r in zip(prompts, responses)]
 
 
+def chat_prompt(enc, turns, message, budget):
+    """Tokens of the conversation `turns` [(human, assistant reply)] + the new human `message` in the HH format,
+    ending with "\\n\\nAssistant:", within `budget` tokens: the oldest turns are dropped until it fits (a message
+    too long on its own keeps its end). Returns (tokens, number of turns dropped)."""
+    tail = f"\n\nHuman: {message}\n\nAssistant:"
+    for dropped in range(len(turns) + 1):
+        ids = enc.encode_ordinary("".join(f"\n\nHuman: {h}\n\nAssistant:{a}" for h, a in turns[dropped:]) + tail)
+        if len(ids) <= budget:
+            return ids, dropped
+    return encode_prompt(enc, tail, budget), len(turns)
+
+
+def chat_answer(model, enc, turns, message, cfg, generator, device):
+    """The model's next assistant turn after `turns` + `message`, sampled up to EOS and cut where it starts to
+    write the next turn itself. `turns` is updated in place (oldest turns dropped to fit, the new turn added).
+    Returns (reply, prompt tokens, number of turns dropped)."""
+    ids, dropped = chat_prompt(enc, turns, message, model.config.block_size - cfg.max_new_tokens)
+    del turns[:dropped]  # gone for good: later prompts stay a suffix of the same conversation
+    with autocast(device, cfg.dtype):
+        out = model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=EOS, generator=generator)
+    reply = re.split(r"\n\n(?:Human|Assistant):", decode_response(enc, out[0, len(ids):].tolist()))[0].rstrip()
+    turns.append((message, reply))
+    return reply, ids, dropped
+
+
+@torch.no_grad()
+def chat(cfg, enc, reward_model, rm_config, device):
+    """Talk to one or several models; each keeps its own side of the conversation within its block_size."""
+    models = {}
+    for init_from in cfg.init_from.split(","):
+        model, _ = load_model(init_from, kind="gpt", device=device)
+        if model.config.block_size <= cfg.max_new_tokens:
+            sys.exit(f"error: max_new_tokens {cfg.max_new_tokens} leaves no room for a conversation in block_size "
+                     f"{model.config.block_size}")
+        models[init_from] = model.eval()
+    generators = {name: torch.Generator(device=device).manual_seed(cfg.seed) for name in models}
+    turns = {name: [] for name in models}
+    noticed = False
+    try:
+        print(f"chat with {' and '.join(models)}: type a message; /reset starts over, /quit or Ctrl-D ends", flush=True)
+        while True:
+            message = input("\nHuman: ").strip()
+            if not sys.stdin.isatty():  # scripted input is not echoed: show it, so the transcript reads right
+                print(message)
+            if message == "/quit":
+                break
+            if message == "/reset":
+                turns = {name: [] for name in models}
+                print("(conversation reset)")
+                continue
+            for name, model in models.items() if message else ():
+                reply, ids, dropped = chat_answer(model, enc, turns[name], message, cfg, generators[name], device)
+                if dropped and not noticed:
+                    print(f"(the conversation no longer fits the model's context of {model.config.block_size} tokens: "
+                          f"the oldest turns are dropped from now on)")
+                    noticed = True
+                label = "Assistant" if len(models) == 1 else f"Assistant [{name}]"
+                reward = ""
+                if reward_model is not None:
+                    reward = f"   (reward {score_texts(reward_model, rm_config, enc, [enc.decode(ids)], [reply])[0]:.3f})"
+                print(f"{label}:{reply if reply.strip() else ' (empty reply)'}{reward}", flush=True)
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C: end the conversation, not with a traceback
+        print()
+
+
 @torch.no_grad()
 def main(cfg):
     device = setup_device(cfg.device, cfg.seed)
@@ -79,6 +151,8 @@ def main(cfg):
             sys.exit("error: --response needs --reward_ckpt (the reward model that scores it)")
         print(f"reward {score_texts(reward_model, rm_config, enc, prompts[:1], [cfg.response])[0]:.4f}")
         return
+    if cfg.chat:
+        return chat(cfg, enc, reward_model, rm_config, device)
     for init_from in cfg.init_from.split(","):
         model, _ = load_model(init_from, kind="gpt", device=device)
         model.eval()

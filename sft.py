@@ -45,6 +45,7 @@ class Config:
     eval_examples: int = 512  # validation demonstrations for the val loss (the first N, the same each time)
     num_eval_samples: int = 2  # validation prompts answered greedily at each evaluation
     max_new_tokens: int = 48  # length limit of those sample responses
+    log_to: str = ""  # also log metrics to wandb or tensorboard (both: wandb,tensorboard); off by default
     # data
     max_prompt_tokens: int = 384  # prompt budget; a longer prompt keeps its end (the latest turns)
     max_response_tokens: int = 128  # response budget including its EOS; a longer response is cut, without EOS
@@ -272,7 +273,8 @@ def train(cfg):
         assert start < cfg.max_steps, f"{last_path} is at step {start} of max_steps {cfg.max_steps}: nothing left to do"
         print(f"resumed from {last_path} at step {start} (best val loss {best_val:.4f} at step {best_step})")
 
-    log = MetricsLog(cfg.out_dir, cfg.max_steps, resume_step=start if resume_ckpt else None)
+    log = MetricsLog(cfg.out_dir, cfg.max_steps, resume_step=start if resume_ckpt else None, log_to=cfg.log_to,
+                     run_config=cfg)
     png_path = os.path.join(cfg.out_dir, "sft.png")
     batches = index_batches(len(train_demos), cfg.batch_size, cfg.seed, start=data_position)
     metrics, t_start = {}, time.time()

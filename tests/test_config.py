@@ -32,6 +32,7 @@ def test_defaults_then_preset_then_flags():
     assert cfg.compile is False and cfg.top_k == 5 and isinstance(cfg.top_k, int)
     assert parse_config(Config, PRESETS, ["--top_k", "none"]).top_k is None
     assert parse_config(Config, PRESETS, ["--n_layer", "8"]).n_layer == 8
+    assert parse_config(Config, PRESETS, ["--compile", "--n_layer", "8"]).compile is True  # a bare bool flag
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -1,12 +1,15 @@
 """model.py against references: transformers' GPT-2, recomputation without cache, unpadded runs."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, DownloadError, GPTConfig, ScalarGPT, download, fetch_gpt2, sample_token, token_logprobs
+from conftest import REPO
+from model import GPT, GPTConfig, ScalarGPT, sample_token, token_logprobs
 
 TINY = GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
 
@@ -150,29 +153,49 @@ def test_gpt2_import_matches_transformers_logits_and_greedy(hf_gpt2):
     assert torch.equal(ours.generate(idx, 20, temperature=0.0), theirs)
 
 
-def test_from_pretrained_downloads_through_the_cache(hf_gpt2, tmp_path, monkeypatch):
-    # lay the tiny model out as the hub does (<base>/gpt2/resolve/main/<file>) and fetch it via file://
-    _, folder = hf_gpt2
-    remote = tmp_path / "hub" / "gpt2" / "resolve" / "main"
-    remote.mkdir(parents=True)
+def hub_cache_with(folder, cache, repo="gpt2", revision="0123456789abcdef0123456789abcdef01234567"):
+    """Lay out `cache` as the Hugging Face hub client does: models--<repo>/snapshots/<rev>/<files>, refs/main."""
+    snapshot = cache / f"models--{repo}" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
-        (remote / name).write_bytes(open(os.path.join(folder, name), "rb").read())
-    monkeypatch.setenv("GPT2_BASE_URL", (tmp_path / "hub").as_uri())
-    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
-    model = GPT.from_pretrained("gpt2")
-    assert model.config.n_embd == 64
-    assert (tmp_path / "cache" / "gpt2" / "model.safetensors").exists()
-    assert fetch_gpt2("gpt2") == str(tmp_path / "cache" / "gpt2")  # second time: no download
-    with pytest.raises(ValueError, match="unknown model"):
-        fetch_gpt2("gpt3")
+        (snapshot / name).write_bytes(open(os.path.join(folder, name), "rb").read())
+    (cache / f"models--{repo}" / "refs").mkdir()
+    (cache / f"models--{repo}" / "refs" / "main").write_text(revision)
+    return snapshot
 
 
-def test_download_failure_is_clear_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("time.sleep", lambda s: None)
-    dest = tmp_path / "x" / "model.safetensors"
-    with pytest.raises(DownloadError, match="could not download"):
-        download((tmp_path / "missing.bin").as_uri(), str(dest))
-    assert not dest.exists() and not (tmp_path / "x" / "model.safetensors.part").exists()
+def load_offline(name, cache):
+    """common.load_model(name) in a fresh process with HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache."""
+    code = (f"from common import load_model; m, _ = load_model({name!r}); "
+            "print(m.config.n_layer, m.config.n_embd, float(m.transformer.wte.weight.sum()))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("repo", ["gpt2", "openai-community--gpt2"])  # the two names transformers users cache it under
+def test_gpt2_name_loads_from_a_warm_hub_cache_offline(hf_gpt2, tmp_path, repo):
+    hf, folder = hf_gpt2
+    hub_cache_with(folder, tmp_path / "hub", repo)
+    run = load_offline("gpt2", tmp_path / "hub")
+    assert run.returncode == 0, run.stderr
+    n_layer, n_embd, wte_sum = run.stdout.split()
+    assert (int(n_layer), int(n_embd)) == (2, 64)
+    assert abs(float(wte_sum) - hf.transformer.wte.weight.sum().item()) < 1e-3  # the cached weights, not fresh ones
+
+
+def test_offline_without_cached_copy_says_what_to_do(tmp_path):
+    run = load_offline("gpt2-medium", tmp_path / "empty")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "not in the Hugging Face cache" in run.stderr and "HF_HUB_OFFLINE is set" in run.stderr
+    assert "hf download gpt2-medium config.json model.safetensors" in run.stderr
+    assert "--init_from FOLDER" in run.stderr
+
+
+def test_folder_without_weights_is_refused_clearly(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="could not load GPT-2 weights"):
+        from common import load_model
+        load_model(str(tmp_path))
 
 
 def test_scalar_model_loads_trunk_from_a_gpt_checkpoint(tmp_path):

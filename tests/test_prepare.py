@@ -1,8 +1,9 @@
-"""Tests for data/hh_rlhf/prepare.py: splitting, drop reasons, strictness, determinism, carving, download."""
+"""Tests for data/hh_rlhf/prepare.py: splitting, drop reasons, strictness, determinism, carving, fetching through the hub cache."""
 import gzip
 import importlib.util
 import json
-import shutil
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -118,29 +119,33 @@ def test_missing_subset_folder_names_what_was_found(tmp_path):
     assert "no subset folder 'harmless-base'" in str(e.value.code) and "found: helpful-base" in str(e.value.code)
 
 
-def test_download_through_file_url_matches_local_source(tmp_path):
-    hub = gzip_fixtures(tmp_path / "hub")
-    out = tmp_path / "out"
-    stats = prepare.main(["--base_url", hub.as_uri(), "--out_dir", str(out)])
-    for split in ("train", "test"):
-        assert (out / "raw" / "helpful-base" / f"{split}.jsonl.gz").read_bytes() == \
-            (hub / "helpful-base" / f"{split}.jsonl.gz").read_bytes()
+def run_prepare_offline(cache, out_dir):
+    """prepare.py (no --source) in a fresh process with HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    return subprocess.run([sys.executable, str(REPO / "data" / "hh_rlhf" / "prepare.py"), "--out_dir", str(out_dir)],
+                          env=env, capture_output=True, text=True)
+
+
+def test_download_reads_the_hub_cache_like_a_local_source(tmp_path):
+    # a cache laid out as the Hugging Face hub client does: datasets--<org>--<name>/snapshots/<rev>/..., refs/main
+    repo = tmp_path / "hub" / "datasets--Anthropic--hh-rlhf"
+    gzip_fixtures(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    run = run_prepare_offline(tmp_path / "hub", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
     local = prepare.main(["--source", str(FIXTURES), "--out_dir", str(tmp_path / "local")])
-    assert stats["total"] == local["total"]
-    assert {k: v for k, v in output_bytes(out).items() if k != "stats.json"} == \
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["total"] == local["total"]
+    assert {k: v for k, v in output_bytes(tmp_path / "out").items() if k != "stats.json"} == \
         {k: v for k, v in output_bytes(tmp_path / "local").items() if k != "stats.json"}
-    shutil.rmtree(hub)  # a second run must not download again
-    assert prepare.main(["--base_url", hub.as_uri(), "--out_dir", str(out)]) == stats
 
 
-def test_download_failure_exits_with_source_hint(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO))
-    import model
-    monkeypatch.setattr(model.time, "sleep", lambda s: None)  # skip the back-off between retries
-    with pytest.raises(SystemExit) as e:
-        prepare.main(["--base_url", (tmp_path / "nowhere").as_uri(), "--out_dir", str(tmp_path / "out")])
-    assert "or pass --source DIR" in str(e.value.code)
-    assert not list((tmp_path / "out" / "raw").rglob("*.gz*"))  # nothing half-downloaded left behind
+def test_offline_without_cached_copy_says_pass_source(tmp_path):
+    run = run_prepare_offline(tmp_path / "empty", tmp_path / "out")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "not in the Hugging Face cache" in run.stderr and "HF_HUB_OFFLINE is set" in run.stderr
+    assert "--source DIR" in run.stderr
+    assert not (tmp_path / "out" / "comparisons_train.jsonl").exists()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared HH-RLHF dev copy not present")

@@ -18,7 +18,7 @@ Train comes from the train files and val from the test files; a subset missing o
 from the other by unique prompt (--val_fraction, --seed), so no prompt is in both. No token budgets here:
 they are applied when batching. Re-running gives byte-identical files.
 
-    python data/hh_rlhf/prepare.py                                         # download helpful-base
+    python data/hh_rlhf/prepare.py                                         # download helpful-base once
     python data/hh_rlhf/prepare.py --subsets helpful-base,harmless-base
     python data/hh_rlhf/prepare.py --source ../shared/data/hh-rlhf --subsets harmless-base   # offline
 """
@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # repo root, for common.py and model.py
 from common import fsync_replace  # noqa: E402
 
-BASE_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
+HUB_REPO = "Anthropic/hh-rlhf"  # dataset repository on the Hugging Face hub
 SUBSETS = ("helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled")
 SPLITS = ("train", "test")
 MARKER = "\n\nAssistant:"
@@ -107,7 +107,7 @@ def gzip_damage(path):
     return None
 
 
-def read_file(path, bad, strict, fix="delete it and run prepare.py again to download it again"):
+def read_file(path, bad, strict, fix="run prepare.py again: it fetches a damaged download again"):
     """Parse one source file; returns (kept records, counts). Dropped lines are appended to `bad`. A damaged
     (truncated, corrupt) .gz ends the run with a message naming it and `fix`."""
     counts = {"read": 0, "kept": 0, **{r: 0 for r in REASONS}}
@@ -134,31 +134,42 @@ def read_file(path, bad, strict, fix="delete it and run prepare.py again to down
     return records, counts
 
 
-def download_subsets(subsets, base_url, raw_dir):
-    """Fetch <subset>/<split>.jsonl.gz into raw_dir once; files already there are not fetched again, unless
-    they are damaged (a truncated or corrupt .gz): then they are deleted and fetched once more."""
+def download_subsets(subsets):
+    """Fetch <subset>/<split>.jsonl.gz of Anthropic/hh-rlhf through the Hugging Face hub client, once: the
+    files live in the Hugging Face cache (HF_HUB_CACHE; HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE work). A
+    damaged cached file (a truncated or corrupt .gz) is fetched once more. Returns the cached snapshot
+    folder, laid out like --source."""
+    paths = []
     for subset in subsets:
         for split in SPLITS:
-            path = os.path.join(raw_dir, subset, f"{split}.jsonl.gz")
-            damage = gzip_damage(path) if os.path.exists(path) else None
+            path = fetch(f"{subset}/{split}.jsonl.gz")
+            damage = gzip_damage(path)
             if damage:
                 print(f"note: {path} is damaged ({type(damage).__name__}: {damage}); downloading it again")
-                os.remove(path)
-            if not os.path.exists(path):
-                fetch(f"{base_url}/{subset}/{split}.jsonl.gz", path, f"hh-rlhf/{subset}/{split}")
+                path = fetch(f"{subset}/{split}.jsonl.gz", force=True)
                 damage = gzip_damage(path)
                 if damage:
-                    raise SystemExit(f"error: the download of {path} is damaged ({type(damage).__name__}: {damage}) "
-                                     f"although its size matched; delete it and try again, or pass --source DIR "
-                                     f"with a local copy")
+                    raise SystemExit(f"error: the download of {path} is damaged ({type(damage).__name__}: {damage}); "
+                                     f"try again later, or pass --source DIR with a local copy")
+            paths.append(path)
+    return os.path.dirname(os.path.dirname(paths[0]))  # <snapshot>/<subset>/<split>.jsonl.gz
 
 
-def fetch(url, dest, desc):
-    from model import DownloadError, download
+def fetch(filename, force=False):
+    """Local path of one file of the dataset repository (downloaded if needed, or again if force)."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
     try:
-        download(url, dest, desc=desc)
-    except DownloadError as e:
-        raise SystemExit(f"error: {e}\nor pass --source DIR with a local copy") from None
+        return hf_hub_download(HUB_REPO, filename, repo_type="dataset", force_download=force)
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise SystemExit(f"error: {HUB_REPO}/{filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                         f"and could not be downloaded{offline}. Connect to the internet (or a mirror set in "
+                         f"HF_ENDPOINT), or pass --source DIR with a local copy laid out as "
+                         f"<subset>/<split>.jsonl[.gz]") from None
+    except Exception as e:  # repository or network errors of the hub client
+        raise SystemExit(f"error: could not download {HUB_REPO}/{filename} ({type(e).__name__}: {e})\n"
+                         f"or pass --source DIR with a local copy") from None
 
 
 def write_jsonl(path, rows):
@@ -173,8 +184,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--subsets", default="helpful-base", help=f"comma-separated, from {', '.join(SUBSETS)}")
     p.add_argument("--source", default=None, help="local folder laid out as <subset>/<split>.jsonl[.gz]; no download")
-    p.add_argument("--base_url", default=BASE_URL, help="where to download from (file:// works)")
-    p.add_argument("--out_dir", default=HERE, help="where prepared files (and raw/ downloads) go")
+    p.add_argument("--out_dir", default=HERE, help="where prepared files go")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of prompts carved out when a split is missing")
     p.add_argument("--seed", type=int, default=1337, help="seed for carving splits")
     p.add_argument("--strict", action="store_true", help="any dropped line is an error")
@@ -186,8 +196,7 @@ def main(argv=None):
         unknown = [s for s in subsets if s not in SUBSETS]
         if unknown:
             raise SystemExit(f"error: unknown subset(s) {', '.join(unknown)}; HH-RLHF has {', '.join(SUBSETS)}")
-        source = os.path.join(args.out_dir, "raw")
-        download_subsets(subsets, args.base_url.rstrip("/"), source)
+        source = download_subsets(subsets)
     else:
         source = args.source
         if not os.path.isdir(source):
@@ -208,7 +217,7 @@ def main(argv=None):
         for split in SPLITS:
             path = find_file(os.path.join(source, s), split)
             if path is not None:
-                fix = ("delete it and run prepare.py again to download it again" if args.source is None else
+                fix = ("run prepare.py again: it fetches a damaged download again" if args.source is None else
                        "check the --source copy (copy it again from the original, or delete it to use the other split)")
                 parsed[split], stats["subsets"].setdefault(s, {})[split] = read_file(path, bad, args.strict, fix)
         if "train" in parsed and "test" in parsed:
