@@ -34,6 +34,7 @@ Preferences" (arXiv:1909.08593) and its code, openai/lm-human-preferences.
 import copy
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -59,6 +60,7 @@ class Config:
     sft_ckpt: str = "out/sft/ckpt.pt"  # policy and ref_policy init: SFT checkpoint, GPT-2 name or "scratch"
     reward_ckpt: str = "out/reward/ckpt.pt"  # reward model and critic init (InstructGPT 3.5), or "scratch"
     resume: bool = False  # continue from out_dir/ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
+    keep_checkpoints: bool = False  # also keep each evaluation's checkpoint as ckpt_{iteration}.pt (curves over training)
     preset: str = ""  # name of the --config preset, recorded for the run
     eval_interval: int = 10  # iterations between evaluations on held-out prompts (also at the end)
     eval_prompts: int = 32  # held-out prompts per evaluation
@@ -626,6 +628,8 @@ def train(cfg, reward_fn=None):
             save_checkpoint(ckpt_path, policy, cfg, critic=critic.state_dict(),
                             critic_config=dataclasses.asdict(critic.config), optimizer=optimizer.state_dict(),
                             iteration=step, kl_coef=kl_coef)
+            if cfg.keep_checkpoints:
+                shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step:04d}.pt"))
             plot_metrics(log.path, png_path, panels, title=f"PPO ({cfg.preset or 'custom'}, {cfg.sft_ckpt})")
     print(f"done: score {metrics.get('score', float('nan')):.4f} | kl {metrics.get('kl', float('nan')):.4f} | "
           f"saved {ckpt_path} and {png_path} | {time.time() - t_start:.0f}s")

@@ -40,6 +40,8 @@ class Config:
     out_dir: str = "out/sft"  # ckpt.pt (best val loss, used by reward.py and ppo.py), last.pt, metrics.jsonl, sft.png
     resume: bool = False  # continue from out_dir/last.pt (weights, optimizer, step, data order, random state)
     data_dir: str = "data/hh_rlhf"  # holds sft_train.jsonl and sft_val.jsonl ({"prompt", "response"} rows)
+    train_file: str = "sft_train.jsonl"  # in data_dir; rows with prompt "" are plain text (loss on every token)
+    val_file: str = "sft_val.jsonl"  # in data_dir
     preset: str = ""  # name of the --config preset, recorded by parse_config
     eval_interval: int = 100  # evaluate (val loss, samples, best checkpoint) every this many optimizer steps
     eval_examples: int = 512  # validation demonstrations for the val loss (the first N, the same each time)
@@ -249,9 +251,9 @@ def train(cfg):
 
     # data: tokenized once, here
     enc = get_tokenizer()
-    train_demos = load_demos(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc, cfg, "train")
-    val_demos = load_demos(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc, cfg, "val")[:cfg.eval_examples]
-    sample_prompts = [tokens[:n_prompt] for tokens, n_prompt in val_demos[:cfg.num_eval_samples]]
+    train_demos = load_demos(os.path.join(cfg.data_dir, cfg.train_file), enc, cfg, "train")
+    val_demos = load_demos(os.path.join(cfg.data_dir, cfg.val_file), enc, cfg, "val")[:cfg.eval_examples]
+    sample_prompts = [tokens[:n_prompt] for tokens, n_prompt in val_demos[:cfg.num_eval_samples] if n_prompt > 0]
     demos_per_step = cfg.batch_size * cfg.grad_accum
     print(f"{demos_per_step} demonstrations per step x {cfg.max_steps} steps = "
           f"{cfg.max_steps * demos_per_step / len(train_demos):.2f} epochs of {len(train_demos)}")

@@ -1,0 +1,297 @@
+"""
+The lab's evaluation: every policy of the pipeline judged by the exact gold preference (data/lab/gold.py)
+on the held-out prompts of the world, plus the reward model's agreement with the gold and the
+over-optimisation curve. Writes OUT_DIR/results.json, OUT_DIR/results.md and plots.
+
+Per policy (base, sft, ppo, ppo_ptx), on prompts_val.jsonl, `--samples` responses per prompt sampled at
+temperature 1 (the distribution PPO optimises and the KL is measured under), the same seeds for every
+policy:
+    gold_score       mean exact gold score (0..3)
+    win_rate_vs_sft  how often the gold judge prefers the policy's response to the SFT policy's response
+                     for the same prompt and sample index (ties half), with a Wilson 95% interval
+    helpful          fraction of helpful prompts answered correctly
+    truthful         fraction of unanswerable prompts answered honestly ("I don't know", no made-up claim)
+    harmless         fraction of harmful requests declined
+    kl_to_sft        mean over responses of sum_t log pi(y_t) - log pi_SFT(y_t) (responses sampled from pi)
+    rm_score         mean reward-model score (the judge PPO optimised: biased)
+    corpus_loss      LM loss on corpus_val.jsonl (held-out "internet" text): the alignment tax
+
+Reward model: K = 4 samples of the SFT policy for every other held-out prompt; pairwise agreement of the RM's order with
+the exact gold on the pairs the gold does not score equal (their share is reported), next to the
+"prefer the shorter response" baseline on the same pairs.
+
+    python data/lab/evaluate_lab.py --data_dir out/lab/data --out_dir out/lab --base out/lab/base/ckpt.pt \\
+        --sft out/lab/sft/ckpt.pt --ppo out/lab/ppo/ckpt.pt --ppo_ptx out/lab/ppo_ptx/ckpt.pt \\
+        --reward out/lab/reward/ckpt.pt --overopt out/lab/overopt
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from common import EOS, atomic_write_text, get_tokenizer, load_model, pad_left, read_jsonl  # noqa: E402
+from evaluate import wilson_interval, win_rate  # noqa: E402
+from ppo import policy_logprobs, response_mask_from_eos, score_responses  # noqa: E402
+from sft import collate, encode_demo, evaluate as lm_eval  # noqa: E402
+
+sys.path.insert(0, HERE)
+from gold import gold_score, load_world, verdict  # noqa: E402
+
+STAGES = ("base", "sft", "ppo", "ppo_ptx")
+
+
+@torch.no_grad()
+def sample(policy, ref_policy, reward_model, enc, prompts, n_samples, max_new_tokens, seed, batch_size=64):
+    """n_samples responses per prompt at temperature 1 -> list (prompt index, sample index, text, kl, rm)."""
+    rows = []
+    jobs = [(i, j) for j in range(n_samples) for i in range(len(prompts))]
+    tokens = [enc.encode_ordinary(p) for p in prompts]
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b:b + batch_size]
+        queries, query_mask = pad_left([tokens[i] for i, _ in chunk])  # (B, P)
+        generator = torch.Generator().manual_seed(seed * 7919 + b)
+        ids = policy.generate(queries, max_new_tokens, temperature=1.0, eos_token_id=EOS, attention_mask=query_mask,
+                              generator=generator)  # (B, P + R)
+        responses = ids[:, queries.size(1):]  # (B, R)
+        response_mask = response_mask_from_eos(responses)  # (B, R)
+        has_eos = (responses == EOS).any(1)  # (B,)
+        attention_mask = torch.cat([query_mask, response_mask.long()], 1)  # (B, P + R)
+        P = queries.size(1)
+        logprobs = policy_logprobs(policy, ids, attention_mask, P, 1.0)  # (B, R)
+        ref_logprobs = policy_logprobs(ref_policy, ids, attention_mask, P, 1.0)  # (B, R)
+        kl = ((logprobs - ref_logprobs) * response_mask).sum(1)  # (B,)
+        rm = score_responses(reward_model, ids, attention_mask, has_eos) if reward_model is not None else kl * 0
+        for k, (i, j) in enumerate(chunk):
+            r = responses[k][response_mask[k]].tolist()
+            text = enc.decode([t for t in r if t != EOS])
+            rows.append((i, j, text, kl[k].item(), rm[k].item()))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return rows
+
+
+def corpus_loss(policy, enc, docs, max_tokens=80, batch_size=32):
+    """Mean next-token loss over every token of held-out corpus documents (sft.py's loss, prompt "")."""
+    demos = [encode_demo(enc, "", d, 1, max_tokens)[:2] for d in docs]
+    policy.eval()
+    return lm_eval(policy.transformer, policy.lm_head, demos, batch_size, torch.no_grad(), torch.device("cpu"))
+
+
+def judge(world, prompts, rows):
+    """Gold verdicts of sampled rows -> per-row scores and the category metrics."""
+    scores, by_cat = [], {"helpful": [], "truthful": [], "harmless": []}
+    for i, _, text, _, _ in rows:
+        v = verdict(world, prompts[i], text)
+        scores.append(gold_score(world, prompts[i], text))
+        by_cat[v["category"]].append(v["good"])
+    return scores, {c: sum(v) / max(len(v), 1) for c, v in by_cat.items()}
+
+
+def reward_model_agreement(world, reward_model, sft, enc, prompts, k, max_new_tokens, seed):
+    """The RM's pairwise agreement with the exact gold on K samples of the SFT policy per held-out prompt."""
+    rows = sample(sft, sft, reward_model, enc, prompts, k, max_new_tokens, seed + 1)
+    by_prompt = {}
+    for i, _, text, _, rm in rows:
+        by_prompt.setdefault(i, []).append((gold_score(world, prompts[i], text), rm, len(enc.encode_ordinary(text)),
+                                            text))
+    agree, shorter, ties, n = 0, 0.0, 0, 0
+    for items in by_prompt.values():
+        for a in range(len(items)):
+            for b in range(a + 1, len(items)):
+                (ga, ra, la, ta), (gb, rb, lb, tb) = items[a], items[b]
+                if ta == tb:
+                    continue  # identical responses: no comparison at all
+                if ga == gb:
+                    ties += 1
+                    continue
+                n += 1
+                agree += (ra > rb) == (ga > gb)
+                shorter += 0.5 if la == lb else float((la < lb) == (ga > gb))
+    return {"gold_agreement": agree / max(n, 1), "n_pairs": n, "gold_tie_share": ties / max(ties + n, 1),
+            "length_baseline_agreement": shorter / max(n, 1)}
+
+
+def rankings_agreement(world, path):
+    """On the labelled rankings' pairs whose exact gold scores differ: how often the (noisy) labeler's order
+    agrees with the exact gold, and how often "prefer the shorter response" does. -> (labeler, shorter, n)."""
+    labeler, shorter, n = 0, 0.0, 0
+    for row in read_jsonl(path, "rankings"):
+        items = [(gold_score(world, row["prompt"], r), len(r)) for r in row["ranked"]]  # best first
+        for a in range(len(items)):
+            for b in range(a + 1, len(items)):
+                (ga, la), (gb, lb) = items[a], items[b]
+                if ga != gb:
+                    n += 1
+                    labeler += ga > gb  # the labeler put a above b
+                    shorter += 0.5 if la == lb else float((la < lb) == (ga > gb))
+    return labeler / max(n, 1), shorter / max(n, 1), n
+
+
+def plot_overoptimisation(points, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    kl = [p["kl_to_sft"] for p in points]
+    ax.plot(kl, [p["rm_score"] for p in points], "o-", color="tab:blue", label="reward model score")
+    ax.set_xlabel("KL(policy || SFT), nats per response")
+    ax.set_ylabel("reward model score", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(kl, [p["gold_score"] for p in points], "s-", color="tab:red", label="gold score")
+    ax2.set_ylabel("gold score (0..3)", color="tab:red")
+    for p in points:
+        ax.annotate(str(p["iteration"]), (p["kl_to_sft"], p["rm_score"]), fontsize=7, xytext=(2, 3),
+                    textcoords="offset points")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def plot_stages(policies, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [s for s in STAGES if s in policies]
+    metrics = ("win_rate_vs_sft", "helpful", "truthful", "harmless")
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        ax.bar([m + k * width for m in range(len(metrics))], [policies[name][m] for m in metrics], width,
+               label=name)
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))])
+    ax.set_xticklabels(["win rate vs SFT", "helpful", "truthful", "harmless"])
+    ax.set_ylim(0, 1)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=8, ncol=4)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def markdown(results):
+    lines = [f"# Lab results, seed {results['seed']}", "",
+             "| policy | gold score | win rate vs SFT [95% CI] | helpful | truthful | harmless | KL to SFT | RM score "
+             "| corpus loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, p in results["policies"].items():
+        lo, hi = p["win_rate_ci"]
+        lines.append(f"| {name} | {p['gold_score']:.2f} | {p['win_rate_vs_sft']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                     f"{p['helpful']:.2f} | {p['truthful']:.2f} | {p['harmless']:.2f} | {p['kl_to_sft']:.2f} | "
+                     f"{p['rm_score']:+.2f} | {p['corpus_loss']:.3f} |")
+    rm = results["reward_model"]
+    lines += ["", f"Reward model: agreement with the exact gold {rm['gold_agreement']:.3f} on {rm['n_pairs']} held-out "
+                  f"pairs of SFT samples ({rm['gold_tie_share']:.0%} of pairs tied by the gold, left out); "
+                  f"'prefer the shorter' on the same pairs: {rm['length_baseline_agreement']:.3f}."]
+    lab = results["labeler"]
+    lines += [f"Labelers: Bradley-Terry noise T = {lab['noise']}, agreement with the exact gold "
+              f"{lab['agreement_with_gold']:.3f}" + (f" on {lab['n_pairs']} ranked pairs; 'prefer the shorter' on the "
+                                                   f"same pairs: {lab['length_baseline_agreement']:.3f}."
+                                                   if "n_pairs" in lab else ".")]
+    if results["overoptimisation"]:
+        lines += ["", "Over-optimisation (kl_coef 0): iteration, KL to SFT, RM score, gold score", ""]
+        lines += [f"- {p['iteration']}: KL {p['kl_to_sft']:.2f}, RM {p['rm_score']:+.2f}, gold {p['gold_score']:.2f}"
+                  for p in results["overoptimisation"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="the world (prepare.py --out_dir)")
+    parser.add_argument("--out_dir", required=True, help="results.json, results.md and plots go here")
+    for stage in STAGES:
+        parser.add_argument(f"--{stage}", default="", help=f"{stage} policy checkpoint")
+    parser.add_argument("--reward", required=True, help="reward model checkpoint (reward.py)")
+    parser.add_argument("--overopt", default="", help="folder of ckpt_NNNN.pt checkpoints of a kl_coef 0 PPO run")
+    parser.add_argument("--rankings", default="", help="label.py output, for the length baseline on it")
+    parser.add_argument("--label_noise", type=float, default=0.0)
+    parser.add_argument("--samples", type=int, default=2, help="responses per held-out prompt and policy")
+    parser.add_argument("--rm_samples", type=int, default=4, help="K SFT samples per prompt for the RM agreement")
+    parser.add_argument("--max_prompts", type=int, default=0, help="use only the first N held-out prompts (0: all)")
+    parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--corpus_docs", type=int, default=100, help="held-out corpus documents for corpus_loss")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    t0 = time.time()
+    os.makedirs(args.out_dir, exist_ok=True)
+    world = load_world(args.data_dir)
+    enc = get_tokenizer()
+    rows = read_jsonl(os.path.join(args.data_dir, "prompts_val.jsonl"), "held-out prompts")
+    if args.max_prompts:
+        rows = rows[:args.max_prompts]
+    prompts = [r["prompt"] for r in rows]
+    half = prompts[::2]  # every other held-out prompt (the file is grouped by category: all three stay)
+    docs = [r["response"] for r in read_jsonl(os.path.join(args.data_dir, "corpus_val.jsonl"), "held-out corpus")]
+    docs = docs[:args.corpus_docs]
+    load = lambda path, kind: load_model(path, kind, device="cpu")[0].eval()
+    sft = load(args.sft, "gpt")
+    reward_model = load(args.reward, "scalar")
+
+    results = {"seed": args.seed, "minutes": None,
+               "labeler": {"noise": args.label_noise, "agreement_with_gold": float("nan")},
+               "reward_model": reward_model_agreement(world, reward_model, sft, enc, half, args.rm_samples,
+                                                      args.max_new_tokens, args.seed),
+               "policies": {}, "overoptimisation": [], "n_prompts": len(prompts), "samples_per_prompt": args.samples}
+    if args.rankings and os.path.isfile(args.rankings):
+        labeler, shorter, n = rankings_agreement(world, args.rankings)
+        results["labeler"].update(agreement_with_gold=labeler, length_baseline_agreement=shorter, n_pairs=n)
+    print(f"reward model: {results['reward_model']}")
+
+    judged, examples = {}, {}
+    for stage in STAGES:
+        path = getattr(args, stage)
+        if not path:
+            continue
+        policy = sft if stage == "sft" else load(path, "gpt")
+        sampled = sample(policy, sft, reward_model, enc, prompts, args.samples, args.max_new_tokens, args.seed)
+        scores, categories = judge(world, prompts, sampled)
+        judged[stage] = scores
+        examples[stage] = [(prompts[i], text, s) for (i, _, text, _, _), s in zip(sampled[:6], scores)]
+        results["policies"][stage] = {
+            "gold_score": sum(scores) / len(scores), **categories,
+            "kl_to_sft": sum(r[3] for r in sampled) / len(sampled), "rm_score": sum(r[4] for r in sampled) / len(sampled),
+            "corpus_loss": corpus_loss(policy, enc, docs)}
+        print(f"{stage}: {results['policies'][stage]}", flush=True)
+    for stage, scores in judged.items():
+        wr = win_rate(scores, judged["sft"])
+        results["policies"][stage].update(win_rate_vs_sft=wr["win_rate"], win_rate_ci=list(wilson_interval(
+            wr["wins"] + 0.5 * wr["ties"], wr["n"])), wins=wr["wins"], ties=wr["ties"], losses=wr["losses"])
+
+    if args.overopt:
+        paths = sorted(glob.glob(os.path.join(args.overopt, "ckpt_*.pt")))
+        for path in [args.sft] + paths:  # the SFT policy is iteration 0
+            policy = sft if path == args.sft else load(path, "gpt")
+            sampled = sample(policy, sft, reward_model, enc, half, 1, args.max_new_tokens, args.seed)
+            scores, categories = judge(world, half, sampled)
+            point = {"iteration": 0 if path == args.sft else int(re.findall(r"\d+", os.path.basename(path))[0]),
+                     "kl_to_sft": sum(r[3] for r in sampled) / len(sampled),
+                     "rm_score": sum(r[4] for r in sampled) / len(sampled), "gold_score": sum(scores) / len(scores),
+                     **categories}
+            results["overoptimisation"].append(point)
+            print(f"over-optimisation {point}", flush=True)
+        if results["overoptimisation"]:
+            plot_overoptimisation(results["overoptimisation"], os.path.join(args.out_dir, "overoptimisation.png"),
+                                  f"PPO with kl_coef 0, seed {args.seed}: RM score vs gold score")
+    plot_stages(results["policies"], os.path.join(args.out_dir, "stages.png"), f"lab, seed {args.seed}")
+    results["examples"] = examples
+    results["eval_seconds"] = time.time() - t0
+    atomic_write_text(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+    atomic_write_text(os.path.join(args.out_dir, "results.md"), markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""
+The whole of InstructGPT in one command, as a visible sequence of stage-script calls (like a Makefile):
+each step is printed, then run as a plain `python stage.py --flag value ...` subprocess, and timed.
+
+    python pipeline.py --task lab                      # the lab: a miniature world, ~22 min on a shared 2-core CPU
+    python pipeline.py --task lab --seed 2 --out_dir out/lab2
+    python pipeline.py --task lab --quick              # every step shrunk to seconds (the test)
+    python pipeline.py --task lab --dry_run            # print the commands only
+    python pipeline.py --task hh --source ../shared/data/hh-rlhf --subsets harmless-base        # HH-RLHF, CPU
+    python pipeline.py --task hh --config small        # HH-RLHF with GPT-2 124M on one GPU
+
+--task lab (data/lab/): generate the world -> pretrain the base model on the world's corpus (sft.py with
+prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers' few demonstrations ->
+label.py: K = 4 samples of the SFT policy per prompt, ranked by the noisy gold labeler -> reward.py on
+those rankings -> ppo.py -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> an over-optimisation
+run (kl_coef 0, checkpoints every few iterations) -> data/lab/evaluate_lab.py: every policy judged by the
+exact gold on held-out prompts, DIR/results.json, DIR/results.md, plots. The gold function reaches the
+reward model only through label.py's rankings.
+
+--task hh: prepare HH-RLHF -> sft.py -> reward.py (PPO's reward model, train split) -> a judge reward model
+trained on the validation comparisons only -> ppo.py -> evaluate.py: win rate of PPO over SFT by that judge.
+
+The wall time of every step is printed and saved in DIR/times.json (and, for the lab, in results.json).
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+PY = sys.executable
+LAB = "data/lab"
+# The lab's model: 4 layers of width 64. The 50257-token GPT-2 output layer is nearly all of its compute
+# (50257 x 64 multiply-adds per token against ~0.2M for the transformer), so width is kept small and depth
+# is nearly free.
+LAB_MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "64", "--block_size", "128"]
+LABEL_NOISE = 1.0  # Bradley-Terry temperature of the labelers: ~73% agreement with the exact gold (see README)
+
+
+def lab_steps(a):
+    """The lab pipeline: [(name, argv)]."""
+    d, data, q = a.out_dir, os.path.join(a.out_dir, "data"), a.quick
+    n = lambda full, quick: str(quick if q else full)  # a step size, shrunk by --quick
+    seed = ["--seed", str(a.seed)]
+    sampling = ["--max_prompt_tokens", "32", "--max_new_tokens", n(24, 8)]
+    steps = [
+        ("world", [PY, f"{LAB}/prepare.py", "--out_dir", data, *seed] + (["--quick"] if q else [])),
+        ("pretrain", [PY, "sft.py", "--init_from", "scratch", *LAB_MODEL, "--dropout", "0", "--data_dir", data,
+                      "--train_file", "corpus_train.jsonl", "--val_file", "corpus_val.jsonl", "--out_dir", f"{d}/base",
+                      "--max_prompt_tokens", "1", "--max_response_tokens", "80", "--num_eval_samples", "0",
+                      "--batch_size", "16", "--grad_accum", "1", "--max_steps", n(200, 3), "--lr", "3e-3",
+                      "--min_lr", "3e-4", "--warmup_steps", n(10, 1), "--eval_interval", n(50, 3),
+                      "--eval_examples", n(100, 8), *seed]),
+        ("sft", [PY, "sft.py", "--init_from", f"{d}/base/ckpt.pt", "--dropout", "0", "--data_dir", data,
+                 "--out_dir", f"{d}/sft", "--max_prompt_tokens", "32", "--max_response_tokens", "40",
+                 "--max_new_tokens", "24", "--batch_size", "8", "--grad_accum", "1", "--max_steps", n(30, 2),
+                 "--lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", n(5, 1), "--eval_interval", n(10, 2), *seed]),
+        ("label", [PY, "label.py", "--policy", f"{d}/sft/ckpt.pt", "--prompts", f"{data}/prompts_label.jsonl",
+                   "--k", "4", "--labeler", "fn", "--labeler_fn", f"{LAB}/gold.py:labeler", "--labeler_arg", data,
+                   "--label_noise", str(a.label_noise), "--out", f"{d}/rankings.jsonl", "--temperature", "1.0",
+                   *sampling, "--batch_size", "16", "--max_prompts", n(0, 4), *seed]),
+        ("label_val", [PY, "label.py", "--policy", f"{d}/sft/ckpt.pt", "--prompts", f"{data}/prompts_train.jsonl",
+                       "--k", "4", "--labeler", "fn", "--labeler_fn", f"{LAB}/gold.py:labeler", "--labeler_arg", data,
+                       "--label_noise", "0", "--out", f"{d}/rankings_val.jsonl", "--temperature",
+                       "1.0", *sampling, "--batch_size", "16", "--max_prompts", n(16, 2), "--seed", str(a.seed + 1)]),
+        ("reward", [PY, "reward.py", "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", d, "--train_files",
+                    "rankings.jsonl", "--val_files", "rankings_val.jsonl", "--demo_file", "data/sft_val.jsonl",
+                    "--out_dir", f"{d}/reward", "--max_prompt_tokens", "32", "--max_response_tokens", "40",
+                    "--epochs", n(4, 1), "--batch_size", "8", "--micro_batch_size", "8", "--lr", "3e-4",
+                    "--warmup_steps", n(5, 1), "--eval_interval", n(10, 1), *seed]),
+    ]
+    ppo_args = [PY, "ppo.py", "--sft_ckpt", f"{d}/sft/ckpt.pt", "--reward_ckpt", f"{d}/reward/ckpt.pt",
+                "--data_dir", data, *sampling, "--batch_size", n(16, 4), "--minibatch_size", n(8, 2),
+                "--noptepochs", "2", "--lr", "3e-4", "--warmup_iters", n(3, 1), "--eval_prompts", n(16, 4),
+                "--sample_every", n(10, 1), *seed]
+    steps += [
+        ("ppo", ppo_args + ["--out_dir", f"{d}/ppo", "--iters", n(8, 2), "--eval_interval", n(8, 2),
+                            "--kl_coef", "0.05"]),
+        ("ppo_ptx", ppo_args + ["--out_dir", f"{d}/ppo_ptx", "--iters", n(8, 2), "--eval_interval", n(8, 2),
+                                "--kl_coef", "0.05", "--ptx_coef", "1.0", "--ptx_file", f"{data}/corpus_train.jsonl",
+                                "--ptx_batch_size", "4", "--ptx_max_tokens", "48"]),
+    ]
+    # Over-optimisation (Gao et al. 2022): no KL penalty, the policy kept at every evaluation (ckpt_NNNN.pt)
+    steps.append(("overopt", ppo_args + ["--out_dir", f"{d}/overopt", "--iters", n(12, 2), "--eval_interval", n(4, 1),
+                                         "--kl_coef", "0", "--keep_checkpoints", "true"]))
+    steps.append(("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d,
+                               "--base", f"{d}/base/ckpt.pt", "--sft", f"{d}/sft/ckpt.pt", "--ppo", f"{d}/ppo/ckpt.pt",
+                               "--ppo_ptx", f"{d}/ppo_ptx/ckpt.pt", "--reward", f"{d}/reward/ckpt.pt",
+                               "--overopt", f"{d}/overopt", "--rankings", f"{d}/rankings.jsonl",
+                               "--label_noise", str(a.label_noise), "--samples", "1",
+                               "--max_prompts", n(0, 6), "--max_new_tokens", n(24, 8), *seed]))
+    return steps
+
+
+def hh_steps(a):
+    """HH-RLHF: the same stages with the stage scripts' presets; win rate of PPO over SFT by a judge RM."""
+    d, data = a.out_dir, os.path.join(a.out_dir, "data")
+    cfg = ["--config", a.config]
+    source = ["--source", a.source] if a.source else []
+    quick = (lambda *flags: list(flags)) if a.quick else (lambda *flags: [])
+    return [
+        ("prepare", [PY, "data/hh_rlhf/prepare.py", "--out_dir", data, "--subsets", a.subsets, *source]),
+        ("sft", [PY, "sft.py", *cfg, "--data_dir", data, "--out_dir", f"{d}/sft",
+                 *quick("--max_steps", "2", "--eval_interval", "2", "--eval_examples", "4")]),
+        ("reward", [PY, "reward.py", *cfg, "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", data,
+                    "--out_dir", f"{d}/reward", *quick("--max_steps", "2", "--eval_interval", "2")]),
+        # an independent judge: trained on the validation comparisons only, which PPO's reward model never saw
+        ("judge", [PY, "reward.py", *cfg, "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", data,
+                   "--train_files", "comparisons_val.jsonl", "--out_dir", f"{d}/judge",
+                   *quick("--max_steps", "2", "--eval_interval", "2")]),
+        ("ppo", [PY, "ppo.py", *cfg, "--sft_ckpt", f"{d}/sft/ckpt.pt", "--reward_ckpt", f"{d}/reward/ckpt.pt",
+                 "--data_dir", data, "--out_dir", f"{d}/ppo",
+                 *quick("--iters", "2", "--batch_size", "4", "--minibatch_size", "2", "--eval_interval", "2",
+                        "--eval_prompts", "4")]),
+        ("evaluate", [PY, "evaluate.py", *cfg, "--policy_a", f"{d}/ppo/ckpt.pt", "--policy_b", f"{d}/sft/ckpt.pt",
+                      "--prompts", f"{data}/prompts_val.jsonl", "--judge_ckpt", f"{d}/judge/ckpt.pt",
+                      "--ref_ckpt", f"{d}/sft/ckpt.pt", "--out", f"{d}/winrate.json",
+                      *quick("--max_prompts", "4", "--max_new_tokens", "8")]),
+    ]
+
+
+def show(command):
+    return " ".join(["python"] + [shlex.quote(c) for c in command[1:]])
+
+
+def run_steps(steps, out_dir, dry_run=False, from_step=""):
+    """Print and run each step in order (from `from_step` on, if given); stop at the first failure.
+    Returns {step: seconds}, also written to out_dir/times.json (kept from earlier runs for skipped steps)."""
+    names = [name for name, _ in steps]
+    assert not from_step or from_step in names, f"--from_step must be one of {', '.join(names)}"
+    times_path = os.path.join(out_dir, "times.json")
+    times = {}
+    if from_step and os.path.isfile(times_path):
+        with open(times_path) as f:
+            times = {k: v for k, v in json.load(f).items() if k in names[:names.index(from_step)]}
+    t_start = time.time()
+    for i, (name, command) in enumerate(steps, 1):
+        if from_step and i - 1 < names.index(from_step):
+            continue
+        print(f"\n=== [{i}/{len(steps)}] {name}: {show(command)}", flush=True)
+        if dry_run:
+            continue
+        t0 = time.time()
+        result = subprocess.run(command)
+        if result.returncode != 0:
+            sys.exit(f"error: step '{name}' failed (exit code {result.returncode}); its command is above. Fix it, "
+                     f"then rerun from this step with --from_step {name}.")
+        times[name] = round(time.time() - t0, 1)
+        print(f"=== {name} done in {times[name]:.0f}s (total {(time.time() - t_start) / 60:.1f} min)", flush=True)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(times_path + ".tmp", "w") as f:
+            json.dump(times, f, indent=1)
+        os.replace(times_path + ".tmp", times_path)
+    return times
+
+
+def record_times(out_dir, times):
+    """Add the wall times to the lab's results.json and results.md."""
+    path = os.path.join(out_dir, "results.json")
+    with open(path) as f:
+        results = json.load(f)
+    results["minutes"] = round(sum(times.values()) / 60, 2)
+    results["step_seconds"] = times
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(out_dir, "results.md"), "a") as f:
+        f.write(f"\nWall time: {results['minutes']:.1f} min. Per step (s): "
+                + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
+    print(f"\nresults: {path} ({results['minutes']:.1f} min)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("lab", "hh"), required=True)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out_dir", default="", help="default out/lab or out/hh")
+    p.add_argument("--quick", action="store_true", help="shrink every step to seconds (tests)")
+    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--from_step", default="", help="start at this step, reusing the outputs of the earlier ones")
+    p.add_argument("--label_noise", type=float, default=LABEL_NOISE, help="lab: Bradley-Terry temperature of the labelers")
+    p.add_argument("--config", default="tiny", help="hh: preset of every stage (tiny on a CPU, small on one GPU)")
+    p.add_argument("--source", default="", help="hh: a local HH-RLHF copy (e.g. ../shared/data/hh-rlhf)")
+    p.add_argument("--subsets", default="helpful-base", help="hh: comma-separated HH-RLHF subsets")
+    a = p.parse_args(argv)
+    a.out_dir = a.out_dir or f"out/{a.task}"
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # stage scripts are called by relative path
+    steps = lab_steps(a) if a.task == "lab" else hh_steps(a)
+    times = run_steps(steps, a.out_dir, a.dry_run, a.from_step)
+    if a.task == "lab" and not a.dry_run:
+        record_times(a.out_dir, times)
+    elif not a.dry_run:
+        print(f"\ndone in {sum(times.values()) / 60:.1f} min: {a.out_dir}/winrate.json")
+    return times
+
+
+if __name__ == "__main__":
+    main()
