@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import torch
 
 from common import (EOS, MODEL_PRESETS, MetricsLog, all_gather_cat, all_reduce_sum, autocast, check_finite,
-                    encode_prompt, get_tokenizer, get_world_size, global_masked_mean, global_masked_var,
-                    init_distributed, load_checkpoint, load_model, make_adamw, mean_over_ranks, no_sync, pad_left,
-                    pad_right, plot_metrics, print_config, read_jsonl, run, save_checkpoint, setup_device, shard,
-                    wrap_ddp)
+                    encode_prompt, fsync_replace, get_tokenizer, get_world_size, global_masked_mean,
+                    global_masked_var, init_distributed, is_main, load_checkpoint, load_model, make_adamw,
+                    mean_over_ranks, no_sync, pad_left, pad_right, plot_metrics, print_config, read_jsonl, run,
+                    save_checkpoint, setup_device, shard, wrap_ddp)
 from model import GPTConfig, ScalarGPT, token_logprobs
 from reward import last_token_index, score_sequences
 from sft import index_batches
@@ -628,8 +628,10 @@ def train(cfg, reward_fn=None):
             save_checkpoint(ckpt_path, policy, cfg, critic=critic.state_dict(),
                             critic_config=dataclasses.asdict(critic.config), optimizer=optimizer.state_dict(),
                             iteration=step, kl_coef=kl_coef)
-            if cfg.keep_checkpoints:
-                shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step:04d}.pt"))
+            if cfg.keep_checkpoints and is_main():  # rank 0 alone wrote ckpt.pt; a durable copy, like every write
+                kept = os.path.join(cfg.out_dir, f"ckpt_{step:04d}.pt")
+                shutil.copyfile(ckpt_path, kept + ".tmp")
+                fsync_replace(kept + ".tmp", kept)
             plot_metrics(log.path, png_path, panels, title=f"PPO ({cfg.preset or 'custom'}, {cfg.sft_ckpt})")
     print(f"done: score {metrics.get('score', float('nan')):.4f} | kl {metrics.get('kl', float('nan')):.4f} | "
           f"saved {ckpt_path} and {png_path} | {time.time() - t_start:.0f}s")
