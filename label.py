@@ -8,7 +8,7 @@ be repeated with the improved policy. This script does the sampling and the aski
 
 per ranked prompt to --out, which reward.py trains on as it is (--train_files rankings.jsonl, mixable with
 HH comparison files). Each line is flushed to disk as soon as it is given: a crash or Ctrl-C loses nothing
-already ranked, and a rerun with the same --out skips the prompts already ranked there (resumable).
+already ranked, and a rerun with the same --out skips the rankings already there (resumable).
 
 Labelers, behind one interface: a callable (prompt, responses) -> ranking (indices into responses, best
 first) or None (skip this prompt).
@@ -22,11 +22,14 @@ j with probability sigmoid((s_i - s_j) / T), the preference model eq. (1) fits; 
 
     python label.py --policy out/sft/ckpt.pt --prompts data/hh_rlhf/prompts_train.jsonl --k 4 \\
         --labeler human --out data/hh_rlhf/rankings.jsonl
+    python label.py --policy out/ppo/ckpt.pt,out/sft/ckpt.pt --labeler human \\
+        --out data/hh_rlhf/rankings_round2.jsonl     # a second round: K/2 samples of each policy, shuffled
     python label.py --labeler reward --reward_ckpt out/reward/ckpt.pt --max_prompts 200 --out out/distill.jsonl
     python label.py --labeler fn --labeler_fn mylabel.py:score --label_noise 0.5 --out out/rankings.jsonl
     python reward.py --config tiny --train_files rankings.jsonl,comparisons_train.jsonl
 """
 
+import collections
 import importlib
 import importlib.util
 import json
@@ -47,12 +50,13 @@ from common import (EOS, autocast, decode_response, encode_prompt, format_time, 
 @dataclass
 class Config:
     # io
-    policy: str = "out/sft/ckpt.pt"  # the policy whose samples are ranked (paper: the current best policy)
+    policy: str = "out/sft/ckpt.pt"  # the policy whose samples are ranked; comma-separated: K shared out over them
     prompts: str = "data/hh_rlhf/prompts_train.jsonl"  # JSON lines with a "prompt" field
-    out: str = "data/hh_rlhf/rankings.jsonl"  # rankings are appended here; prompts already in it are skipped
+    out: str = "data/hh_rlhf/rankings.jsonl"  # rankings are appended here; those already in it are not redone
     max_prompts: int = 0  # use only the first N prompts of the file (0 = all)
     # sampling
     k: int = 4  # responses per prompt (paper: K = 4..9)
+    rankings_per_prompt: int = 1  # rank each prompt this many times, each time K fresh samples (more comparisons)
     temperature: float = 1.0  # sampling temperature (1 = the policy's own distribution)
     max_new_tokens: int = 64  # response length limit
     max_prompt_tokens: int = 192  # a longer prompt keeps its end (the model sees only that part)
@@ -68,7 +72,8 @@ class Config:
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
     seed: int = 1337
 
-    RANGES = {"max_prompts": ">= 0", "k": ">= 1", "label_noise": ">= 0", "labeler": ("human", "reward", "fn")}
+    RANGES = {"max_prompts": ">= 0", "k": ">= 1", "rankings_per_prompt": ">= 1", "label_noise": ">= 0",
+              "labeler": ("human", "reward", "fn")}
 
 
 CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # matches ppo.py's tiny rollouts
@@ -271,9 +276,9 @@ def read_prompts(path, max_prompts=0):
 
 
 def already_ranked(path):
-    """Prompts with a line in `path` already (a missing file has none). A broken line stops the run: better
-    than appending after it, since reward.py could not read the file either."""
-    done = set()
+    """How many lines `path` already has for each prompt (a missing file has none). A broken line stops the run:
+    better than appending after it, since reward.py could not read the file either."""
+    done = collections.Counter()
     if not os.path.isfile(path):
         return done
     with open(path) as f:
@@ -281,11 +286,28 @@ def already_ranked(path):
             if not line.strip():
                 continue
             try:
-                done.add(json.loads(line)["prompt"])
+                done[json.loads(line)["prompt"]] += 1
             except (ValueError, KeyError, TypeError):
                 sys.exit(f"error: {path} line {n} is not a JSON object with a \"prompt\" (a crash while writing?). "
                          f"Remove or fix that line, then rerun.")
     return done
+
+
+def sample_from_policies(policies, enc, prompts, k, cfg, generator, device, rng):
+    """K responses per prompt shared out over several policies (the first k % n give one more), shuffled per
+    prompt so that a labeler cannot tell which policy wrote which. The paper's comparisons are between outputs
+    of several models; in a second round this puts the new policy's habits next to the old policy's answers."""
+    n = len(policies)
+    if n == 1:
+        return sample_responses(policies[0], enc, prompts, k, cfg, generator, device)
+    per_policy = [sample_responses(policy, enc, prompts, k // n + (j < k % n), cfg, generator, device)
+                  for j, policy in enumerate(policies)]
+    samples = []
+    for i in range(len(prompts)):
+        responses = [r for of_policy in per_policy for r in of_policy[i]]
+        rng.shuffle(responses)
+        samples.append(responses)
+    return samples
 
 
 @torch.no_grad()
@@ -326,9 +348,10 @@ def main(cfg, input_fn=input):
     # prompts not yet ranked in --out
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
     done = already_ranked(cfg.out)
-    todo = [p for p in prompts if p not in done]
-    print(f"{len(prompts)} prompts in {cfg.prompts}; {len(prompts) - len(todo)} already ranked in {cfg.out}; "
-          f"{len(todo)} to go, {cfg.k} responses each")
+    todo = [p for r in range(cfg.rankings_per_prompt) for p in prompts if done[p] <= r]  # pass by pass
+    wanted = len(prompts) * cfg.rankings_per_prompt
+    print(f"{len(prompts)} prompts in {cfg.prompts}, {cfg.rankings_per_prompt} ranking(s) each; "
+          f"{wanted - len(todo)} already in {cfg.out}; {len(todo)} to go, {cfg.k} responses each")
 
     # the labeler
     if cfg.labeler == "human":
@@ -341,12 +364,15 @@ def main(cfg, input_fn=input):
             score_fn = lambda prompt, responses: [fn(prompt, r) for r in responses]
         labeler = ScoreLabeler(score_fn, cfg.label_noise, cfg.seed)
 
-    policy, _ = load_model(cfg.policy, kind="gpt", device=device)
-    policy.eval()
-    assert cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size, \
-        f"max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceeds the policy's " \
-        f"block_size {policy.config.block_size}"
+    paths = [path for path in cfg.policy.split(",") if path]
+    assert 1 <= len(paths) <= cfg.k, f"--policy names {len(paths)} checkpoints; give 1 to k = {cfg.k}"
+    policies = [load_model(path, kind="gpt", device=device)[0].eval() for path in paths]
+    for path, policy in zip(paths, policies):
+        assert cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size, \
+            f"max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceeds the " \
+            f"block_size {policy.config.block_size} of {path}"
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    shuffle_rng = random.Random(cfg.seed)
 
     ranked = skipped = identical = human_ties = 0
     stopped = False
@@ -357,7 +383,7 @@ def main(cfg, input_fn=input):
             for b in range(0, len(todo), cfg.batch_size):
                 batch = todo[b:b + cfg.batch_size]
                 with ctx:
-                    samples = sample_responses(policy, enc, batch, cfg.k, cfg, generator, device)
+                    samples = sample_from_policies(policies, enc, batch, cfg.k, cfg, generator, device, shuffle_rng)
                 for n, (prompt, responses) in enumerate(zip(batch, samples), b + 1):
                     if cfg.labeler == "human":
                         print("\n" + "=" * 100 + "\n" + progress_line(n - 1, len(todo), ranked, skipped,
@@ -380,7 +406,7 @@ def main(cfg, input_fn=input):
             stopped = True
     ties = human_ties if cfg.labeler == "human" else labeler.ties
     summary = {"ranked": ranked, "skipped": skipped, "ties": ties, "out": cfg.out, "all_identical": identical,
-               "already_ranked": len(prompts) - len(todo), "remaining": len(todo) - ranked - skipped,
+               "already_ranked": wanted - len(todo), "remaining": len(todo) - ranked - skipped,
                "stopped": stopped, "time_s": time.time() - t_start}
     if cfg.labeler != "human":
         summary["agreement_with_exact"] = labeler.agree / labeler.pairs if labeler.pairs else float("nan")

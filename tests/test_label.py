@@ -1,5 +1,6 @@
 """label.py: the human terminal labeler driven by scripted input (bad input, skip, quit, resume, crash), the
 Bradley-Terry programmatic labeler against its probabilities, and reward-labeler rankings that reward.py trains on."""
+import collections
 import itertools
 import json
 import math
@@ -148,6 +149,47 @@ def test_all_identical_responses_are_skipped_without_asking(ckpts, tmp_path):
     cfg = config(ckpts, tmp_path, temperature=0.0, max_prompts=3)  # greedy: the K samples are the same
     summary = label.main(cfg, input_fn=scripted([AssertionError("the labeler should not be asked")]))
     assert summary["ranked"] == 0 and summary["skipped"] == 3 and summary["all_identical"] == 3
+
+
+def test_k_samples_are_shared_out_over_several_policies(ckpts, tmp_path):
+    """--policy A,B: the first policy gives ceil(K/2) of the K responses and the second the rest (a second round
+    ranks the new policy against the old one). Greedy decoding makes each policy's answer one known text."""
+    torch.manual_seed(1)
+    other = save_checkpoint(str(tmp_path / "other.pt"), GPT(GPTConfig(**SHAPE)), label.Config())
+    prompts = [json.loads(line)["prompt"] for line in open(PROMPTS)][:3]
+    enc, device = get_tokenizer(), torch.device("cpu")
+    cfg = config(ckpts, tmp_path, temperature=0.0, k=5)
+    greedy = {}
+    for name, path in (("a", ckpts["policy"]), ("b", other)):
+        model = label.load_model(path, kind="gpt", device="cpu")[0].eval()
+        greedy[name] = [r[0] for r in label.sample_responses(model, enc, prompts, 1, cfg, None, device)]
+    assert greedy["a"] != greedy["b"], "fixture assumption: the two policies answer differently"
+    cfg = config(ckpts, tmp_path, temperature=0.0, k=5, policy=f"{ckpts['policy']},{other}", labeler="fn",
+                 labeler_fn=f"{__file__}:length_score", max_prompts=3)
+    label.main(cfg)
+    rows = {r["prompt"]: r["ranked"] for r in read_lines(cfg.out)}
+    for i, prompt in enumerate(prompts):
+        assert sorted(rows[prompt]) == sorted([greedy["a"][i]] * 3 + [greedy["b"][i]] * 2)
+    with pytest.raises(AssertionError, match="names 3 checkpoints; give 1 to k = 2"):
+        label.main(config(ckpts, tmp_path, k=2, policy=",".join([ckpts["policy"]] * 3)))
+
+
+def test_rankings_per_prompt_ranks_fresh_samples_and_resumes(ckpts, tmp_path):
+    cfg = config(ckpts, tmp_path, labeler="fn", labeler_fn=f"{__file__}:length_score", max_prompts=3,
+                 rankings_per_prompt=2)
+    assert label.main(cfg)["ranked"] == 6
+    rows = read_lines(cfg.out)
+    assert collections.Counter(r["prompt"] for r in rows) == {p: 2 for p in {r["prompt"] for r in rows}}
+    assert len({r["prompt"] for r in rows}) == 3
+    assert rows[0]["prompt"] == rows[3]["prompt"] and rows[0]["ranked"] != rows[3]["ranked"], "not fresh samples"
+    cfg.rankings_per_prompt = 3  # a rerun asking for more adds only the missing third ranking of each prompt
+    summary = label.main(cfg)
+    assert summary["already_ranked"] == 6 and summary["ranked"] == 3 and len(read_lines(cfg.out)) == 9
+
+
+def length_score(prompt, response):
+    """A labeling function for the tests: longer is better."""
+    return float(len(response))
 
 
 def test_broken_line_in_out_stops_with_a_message(ckpts, tmp_path):
