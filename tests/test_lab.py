@@ -131,13 +131,15 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
     assert isinstance(results["seed"], int) and isinstance(results["minutes"], float)
     assert set(results["labeler"]) >= {"noise", "agreement_with_gold"}
     assert set(results["reward_model"]) >= {"gold_agreement", "n_pairs"}
-    assert set(results["policies"]) == {"base", "sft", "ppo", "ppo_ptx"}
+    assert set(results["policies"]) == {"base", "sft", "ppo_round1", "ppo", "ppo_ptx"}
+    assert set(results["reward_model_round1"]) >= {"gold_agreement", "n_pairs"}
     for name, policy in results["policies"].items():
         for key in ("gold_score", "win_rate_vs_sft", "helpful", "truthful", "harmless", "kl_to_sft", "rm_score",
                     "corpus_loss"):
             assert isinstance(policy[key], float), (name, key)
         lo, hi = policy["win_rate_ci"]
         assert 0 <= lo <= policy["win_rate_vs_sft"] <= hi <= 1
+    assert 0.5 <= results["win_rate_ceiling"] <= 1
     assert results["policies"]["sft"]["win_rate_vs_sft"] == 0.5 and results["policies"]["sft"]["kl_to_sft"] == 0
     assert len(results["overoptimisation"]) >= 2
     assert all(set(p) >= {"kl_to_sft", "rm_score", "gold_score"} for p in results["overoptimisation"])

@@ -3,7 +3,7 @@ The lab's evaluation: every policy of the pipeline judged by the exact gold pref
 on the held-out prompts of the world, plus the reward model's agreement with the gold and the
 over-optimisation curve. Writes OUT_DIR/results.json, OUT_DIR/results.md and plots.
 
-Per policy (base, sft, ppo, ppo_ptx), on prompts_val.jsonl, `--samples` responses per prompt sampled at
+Per policy (base, sft, ppo_round1, ppo, ppo_ptx), on prompts_val.jsonl, `--samples` responses per prompt sampled at
 temperature 1 (the distribution PPO optimises and the KL is measured under), the same seeds for every
 policy:
     gold_score       mean exact gold score (0..3)
@@ -16,9 +16,11 @@ policy:
     rm_score         mean reward-model score (the judge PPO optimised: biased)
     corpus_loss      LM loss on corpus_val.jsonl (held-out "internet" text): the alignment tax
 
-Reward model: K = 4 samples of the SFT policy for every other held-out prompt; pairwise agreement of the RM's order with
-the exact gold on the pairs the gold does not score equal (their share is reported), next to the
-"prefer the shorter response" baseline on the same pairs.
+Reward models (the final one, and with --reward_round1 the first round's): K = --rm_samples samples of the
+SFT policy for every held-out prompt; pairwise agreement of the RM's order with the exact gold on the pairs
+the gold does not score equal (their share is reported), next to the "prefer the shorter response" baseline
+on the same pairs. win_rate_ceiling: the win rate over SFT of a policy that always scores 3 (the room SFT
+leaves).
 
     python data/lab/evaluate_lab.py --data_dir out/lab/data --out_dir out/lab --base out/lab/base/ckpt.pt \\
         --sft out/lab/sft/ckpt.pt --ppo out/lab/ppo/ckpt.pt --ppo_ptx out/lab/ppo_ptx/ckpt.pt \\
@@ -41,12 +43,12 @@ import torch  # noqa: E402
 from common import EOS, atomic_write_text, get_tokenizer, load_model, pad_left, read_jsonl  # noqa: E402
 from evaluate import wilson_interval, win_rate  # noqa: E402
 from ppo import policy_logprobs, response_mask_from_eos, score_responses  # noqa: E402
-from sft import collate, encode_demo, evaluate as lm_eval  # noqa: E402
+from sft import encode_demo, evaluate as lm_eval  # noqa: E402
 
 sys.path.insert(0, HERE)
 from gold import gold_score, load_world, verdict  # noqa: E402
 
-STAGES = ("base", "sft", "ppo", "ppo_ptx")
+STAGES = ("base", "sft", "ppo_round1", "ppo", "ppo_ptx")
 
 
 @torch.no_grad()
@@ -185,15 +187,21 @@ def markdown(results):
     lines = [f"# Lab results, seed {results['seed']}", "",
              "| policy | gold score | win rate vs SFT [95% CI] | helpful | truthful | harmless | KL to SFT | RM score "
              "| corpus loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, p in results["policies"].items():
+    for name, p in results["policies"].items():  # base, sft, [ppo_round1,] ppo, ppo_ptx
         lo, hi = p["win_rate_ci"]
         lines.append(f"| {name} | {p['gold_score']:.2f} | {p['win_rate_vs_sft']:.2f} [{lo:.2f}, {hi:.2f}] | "
                      f"{p['helpful']:.2f} | {p['truthful']:.2f} | {p['harmless']:.2f} | {p['kl_to_sft']:.2f} | "
                      f"{p['rm_score']:+.2f} | {p['corpus_loss']:.3f} |")
     rm = results["reward_model"]
+    lines += ["", f"A perfect policy (gold 3 on every response) would win {results['win_rate_ceiling']:.2f} "
+                  "against SFT."]
     lines += ["", f"Reward model: agreement with the exact gold {rm['gold_agreement']:.3f} on {rm['n_pairs']} held-out "
                   f"pairs of SFT samples ({rm['gold_tie_share']:.0%} of pairs tied by the gold, left out); "
                   f"'prefer the shorter' on the same pairs: {rm['length_baseline_agreement']:.3f}."]
+    if "reward_model_round1" in results:
+        rm1 = results["reward_model_round1"]
+        lines += [f"Round-1 reward model (SFT samples only): agreement {rm1['gold_agreement']:.3f} on "
+                  f"{rm1['n_pairs']} pairs."]
     lab = results["labeler"]
     lines += [f"Labelers: Bradley-Terry noise T = {lab['noise']}, agreement with the exact gold "
               f"{lab['agreement_with_gold']:.3f}" + (f" on {lab['n_pairs']} ranked pairs; 'prefer the shorter' on the "
@@ -212,11 +220,15 @@ def main(argv=None):
     parser.add_argument("--out_dir", required=True, help="results.json, results.md and plots go here")
     for stage in STAGES:
         parser.add_argument(f"--{stage}", default="", help=f"{stage} policy checkpoint")
-    parser.add_argument("--reward", required=True, help="reward model checkpoint (reward.py)")
+    parser.add_argument("--reward", required=True, help="the final reward model checkpoint (reward.py)")
+    parser.add_argument("--reward_round1", default="", help="the round-1 reward model, if there were two rounds: its "
+                        "agreement is reported too, and the over-optimisation run, which optimised it, is scored by it")
     parser.add_argument("--overopt", default="", help="folder of ckpt_NNNN.pt checkpoints of a kl_coef 0 PPO run")
     parser.add_argument("--rankings", default="", help="label.py output, for the length baseline on it")
     parser.add_argument("--label_noise", type=float, default=0.0)
     parser.add_argument("--samples", type=int, default=2, help="responses per held-out prompt and policy")
+    parser.add_argument("--overopt_samples", type=int, default=2, help="responses per prompt and over-optimisation "
+                        "checkpoint")
     parser.add_argument("--rm_samples", type=int, default=4, help="K SFT samples per prompt for the RM agreement")
     parser.add_argument("--max_prompts", type=int, default=0, help="use only the first N held-out prompts (0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=24)
@@ -232,18 +244,22 @@ def main(argv=None):
     if args.max_prompts:
         rows = rows[:args.max_prompts]
     prompts = [r["prompt"] for r in rows]
-    half = prompts[::2]  # every other held-out prompt (the file is grouped by category: all three stay)
     docs = [r["response"] for r in read_jsonl(os.path.join(args.data_dir, "corpus_val.jsonl"), "held-out corpus")]
     docs = docs[:args.corpus_docs]
     load = lambda path, kind: load_model(path, kind, device="cpu")[0].eval()
     sft = load(args.sft, "gpt")
     reward_model = load(args.reward, "scalar")
+    reward_round1 = load(args.reward_round1, "scalar") if args.reward_round1 else reward_model
 
     results = {"seed": args.seed, "minutes": None,
                "labeler": {"noise": args.label_noise, "agreement_with_gold": float("nan")},
-               "reward_model": reward_model_agreement(world, reward_model, sft, enc, half, args.rm_samples,
+               "reward_model": reward_model_agreement(world, reward_model, sft, enc, prompts, args.rm_samples,
                                                       args.max_new_tokens, args.seed),
                "policies": {}, "overoptimisation": [], "n_prompts": len(prompts), "samples_per_prompt": args.samples}
+    if args.reward_round1:
+        results["reward_model_round1"] = reward_model_agreement(world, reward_round1, sft, enc, prompts,
+                                                                args.rm_samples, args.max_new_tokens, args.seed)
+        print(f"round-1 reward model: {results['reward_model_round1']}")
     if args.rankings and os.path.isfile(args.rankings):
         labeler, shorter, n = rankings_agreement(world, args.rankings)
         results["labeler"].update(agreement_with_gold=labeler, length_baseline_agreement=shorter, n_pairs=n)
@@ -264,6 +280,8 @@ def main(argv=None):
             "kl_to_sft": sum(r[3] for r in sampled) / len(sampled), "rm_score": sum(r[4] for r in sampled) / len(sampled),
             "corpus_loss": corpus_loss(policy, enc, docs)}
         print(f"{stage}: {results['policies'][stage]}", flush=True)
+    # the room SFT leaves: the win rate over SFT of a policy whose every response scores the maximum, 3
+    results["win_rate_ceiling"] = sum(1.0 if s < 3 else 0.5 for s in judged["sft"]) / len(judged["sft"])
     for stage, scores in judged.items():
         wr = win_rate(scores, judged["sft"])
         results["policies"][stage].update(win_rate_vs_sft=wr["win_rate"], win_rate_ci=list(wilson_interval(
@@ -273,8 +291,9 @@ def main(argv=None):
         paths = sorted(glob.glob(os.path.join(args.overopt, "ckpt_*.pt")))
         for path in [args.sft] + paths:  # the SFT policy is iteration 0
             policy = sft if path == args.sft else load(path, "gpt")
-            sampled = sample(policy, sft, reward_model, enc, half, 1, args.max_new_tokens, args.seed)
-            scores, categories = judge(world, half, sampled)
+            sampled = sample(policy, sft, reward_round1, enc, prompts, args.overopt_samples, args.max_new_tokens,
+                             args.seed)
+            scores, categories = judge(world, prompts, sampled)
             point = {"iteration": 0 if path == args.sft else int(re.findall(r"\d+", os.path.basename(path))[0]),
                      "kl_to_sft": sum(r[3] for r in sampled) / len(sampled),
                      "rm_score": sum(r[4] for r in sampled) / len(sampled), "gold_score": sum(scores) / len(scores),

@@ -195,15 +195,15 @@ def fact_page(world, land, rng):
 # ----------------------------------------------------------------------------------------------
 # Splits
 
-def split_prompts(questions, rng, n_val=30, n_demo=10):
+def split_prompts(questions, rng, n_val=30, n_demo=4):
     """Disjoint prompt sets. n_val held-out prompts per category; then n_demo + n_demo // 3 demonstration
-    prompts per category, from few templates only: helpful questions in their first phrasing, two of the
-    four unknowable attributes, two of the four harmful requests, no lands that do not exist. Everything
+    prompts per category, from few templates only: helpful questions in their first phrasing, one of the
+    four unknowable attributes, one of the four harmful requests, no lands that do not exist. Everything
     else is shared out between label (reward-model data) and train (PPO)."""
     prompts = sorted(questions)
     rng.shuffle(prompts)
     covered = lambda q: ((q["category"] == "helpful" and q["template"] == 0)
-                         or q["kind"] in ("population", "founder", "poison", "burn"))
+                         or q["kind"] in ("population", "poison"))
     val, sft_train, sft_val = [], [], []
     for category in ("helpful", "truthful", "harmless"):
         of_category = [p for p in prompts if questions[p]["category"] == category]
