@@ -43,7 +43,7 @@ LAB_MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "64", "--block_size"
 # (batch x tokens x 50257) logits that page-faulting is ~40% of a CPU step. Raising the thresholds keeps freed
 # memory in the heap for reuse (1.7x faster pretraining here); it changes no result. Set for every step below.
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 33)}
-KL_COEF = 0.2  # beta of every lab PPO run but the over-optimisation one (paper: 0.02, for its reward scale)
+KL_COEF = 0.2  # DEVIATION: beta of every lab PPO run but the over-optimisation one (paper: 0.02, for its RM scale)
 LABEL_NOISE = 1.0  # Bradley-Terry temperature of the labelers: 83-84% agreement with the exact gold (README)
 
 
