@@ -3,9 +3,9 @@ The lab's evaluation: every policy of the pipeline judged by the exact gold pref
 on the held-out prompts of the world, plus the reward model's agreement with the gold and the
 over-optimisation curve. Writes OUT_DIR/results.json, OUT_DIR/results.md and plots.
 
-Per policy (base, sft, ppo_round1, ppo, ppo_ptx), on prompts_val.jsonl, `--samples` responses per prompt sampled at
-temperature 1 (the distribution PPO optimises and the KL is measured under), the same seeds for every
-policy:
+Per policy (base, sft, ppo_round1, ppo, ppo_ptx), on prompts_val.jsonl, `--samples` responses per prompt
+sampled at temperature 1 (the distribution PPO optimises and the KL is measured under), the same seeds for
+every policy:
     gold_score       mean exact gold score (0..3)
     win_rate_vs_sft  how often the gold judge prefers the policy's response to the SFT policy's response
                      for the same prompt and sample index (ties half), with a Wilson 95% interval
