@@ -4,7 +4,7 @@ each step is printed, then run as a plain `python stage.py --flag value ...` sub
 
     python pipeline.py --task lab                      # the lab: a miniature world, ~15 min on a 2-core CPU
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
-    python pipeline.py --task lab --quick              # every step shrunk to seconds (the test)
+    python pipeline.py --task lab --quick --in_process # every step shrunk to seconds, run in one process (the test)
     python pipeline.py --task lab --dry_run            # print the commands only
     python pipeline.py --task hh --source ../shared/data/hh-rlhf --subsets harmless-base        # HH-RLHF, CPU
     python pipeline.py --task hh --config small        # HH-RLHF with GPT-2 124M on one GPU
@@ -27,10 +27,12 @@ The wall time of every step is printed and saved in DIR/times.json (and, for the
 import argparse
 import json
 import os
+import runpy
 import shlex
 import subprocess
 import sys
 import time
+import traceback
 
 PY = sys.executable
 LAB = "data/lab"
@@ -148,7 +150,28 @@ def show(command):
     return " ".join(["python"] + [shlex.quote(c) for c in command[1:]])
 
 
-def run_steps(steps, out_dir, dry_run=False, from_step=""):
+def run_in_process(command):
+    """Run `python script.py args...` in this interpreter, as `python` would run it (runpy, __name__ ==
+    "__main__"); returns its exit code. The same script and arguments as a subprocess, without the few seconds
+    of start-up (importing torch, tiktoken, matplotlib) that each step would pay again."""
+    argv = sys.argv
+    sys.argv = command[1:]
+    try:
+        runpy.run_path(command[1], run_name="__main__")
+        return 0
+    except SystemExit as e:  # sys.exit("error: ...") prints its message and exits 1, as python would
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except Exception:  # a crash: its traceback, then the pipeline's own message naming the step
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = argv
+
+
+def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
     """Print and run each step in order (from `from_step` on, if given); stop at the first failure.
     Returns {step: seconds}, also written to out_dir/times.json (kept from earlier runs for skipped steps)."""
     names = [name for name, _ in steps]
@@ -159,7 +182,10 @@ def run_steps(steps, out_dir, dry_run=False, from_step=""):
         with open(times_path) as f:
             times = {k: v for k, v in json.load(f).items() if k in names[:names.index(from_step)]}
     t_start = time.time()
-    print("every step runs with " + " ".join(f"{k}={v}" for k, v in CPU_MALLOC_ENV.items()), flush=True)
+    if in_process:  # glibc reads its malloc settings at start-up: they would not reach the steps
+        print("every step runs in this Python process (--in_process)", flush=True)
+    else:
+        print("every step runs with " + " ".join(f"{k}={v}" for k, v in CPU_MALLOC_ENV.items()), flush=True)
     for i, (name, command) in enumerate(steps, 1):
         if from_step and i - 1 < names.index(from_step):
             continue
@@ -167,9 +193,12 @@ def run_steps(steps, out_dir, dry_run=False, from_step=""):
         if dry_run:
             continue
         t0 = time.time()
-        result = subprocess.run(command, env={**os.environ, **CPU_MALLOC_ENV})
-        if result.returncode != 0:
-            sys.exit(f"error: step '{name}' failed (exit code {result.returncode}); its command is above. Fix it, "
+        if in_process:
+            returncode = run_in_process(command)
+        else:
+            returncode = subprocess.run(command, env={**os.environ, **CPU_MALLOC_ENV}).returncode
+        if returncode != 0:
+            sys.exit(f"error: step '{name}' failed (exit code {returncode}); its command is above. Fix it, "
                      f"then rerun from this step with --from_step {name}.")
         times[name] = round(time.time() - t0, 1)
         print(f"=== {name} done in {times[name]:.0f}s (total {(time.time() - t_start) / 60:.1f} min)", flush=True)
@@ -204,6 +233,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="shrink every step to seconds (tests)")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--from_step", default="", help="start at this step, reusing the outputs of the earlier ones")
+    p.add_argument("--in_process", action="store_true",
+                   help="run each step's script in this Python process (runpy) instead of a subprocess: saves each "
+                        "step's start-up, a few seconds (the --quick test uses it)")
     p.add_argument("--label_noise", type=float, default=LABEL_NOISE, help="lab: Bradley-Terry temperature of the labelers")
     p.add_argument("--config", default="tiny", help="hh: preset of every stage (tiny on a CPU, small on one GPU)")
     p.add_argument("--source", default="", help="hh: a local HH-RLHF copy (e.g. ../shared/data/hh-rlhf)")
@@ -217,7 +249,7 @@ def main(argv=None):
     a = parse_args(argv)
     os.chdir(os.path.dirname(os.path.abspath(__file__)))  # stage scripts are called by relative path
     steps = lab_steps(a) if a.task == "lab" else hh_steps(a)
-    times = run_steps(steps, a.out_dir, a.dry_run, a.from_step)
+    times = run_steps(steps, a.out_dir, a.dry_run, a.from_step, a.in_process)
     if a.task == "lab" and not a.dry_run:
         record_times(a.out_dir, times)
     elif not a.dry_run:

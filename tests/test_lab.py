@@ -123,8 +123,8 @@ def test_training_stages_never_reach_the_gold_function(stage):
 
 def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
     out = tmp_path / "lab"
-    run = subprocess.run([sys.executable, "pipeline.py", "--task", "lab", "--quick", "--out_dir", str(out)],
-                         cwd=REPO, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "pipeline.py", "--task", "lab", "--quick", "--in_process", "--out_dir",
+                          str(out)], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with open(out / "results.json") as f:
         results = json.load(f)
@@ -145,6 +145,29 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
     assert all(set(p) >= {"kl_to_sft", "rm_score", "gold_score"} for p in results["overoptimisation"])
     for name in ("results.md", "overoptimisation.png"):
         assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_run_steps_runs_scripts_in_order_and_stops_at_a_failure(tmp_path, in_process, capsys):
+    """Each step is `python script args`, as a subprocess or through runpy: the script sees its arguments and
+    __name__ == "__main__", the times are recorded, and the first failing step stops the run, naming it."""
+    import pipeline
+    script = tmp_path / "step.py"
+    script.write_text("import sys\nif __name__ == '__main__':\n"
+                      "    open(sys.argv[1], 'a').write(sys.argv[2])\n    sys.exit(int(sys.argv[3]))\n")
+    log = tmp_path / "log.txt"
+    step = lambda name, code: (name, [sys.executable, str(script), str(log), name, str(code)])
+    times = pipeline.run_steps([step("a", 0), step("b", 0)], str(tmp_path / "out"), in_process=in_process)
+    assert log.read_text() == "ab" and set(times) == {"a", "b"}
+    with pytest.raises(SystemExit, match="step 'd' failed \\(exit code 3\\).*--from_step d"):
+        pipeline.run_steps([step("c", 0), step("d", 3), step("e", 0)], str(tmp_path / "out"), in_process=in_process)
+    assert log.read_text() == "abcd"  # e never ran
+    script.write_text("import sys\nif __name__ == '__main__':\n    sys.exit('error: ' + sys.argv[1])\n")
+    with pytest.raises(SystemExit, match="step 'f' failed \\(exit code 1\\)"):
+        pipeline.run_steps([("f", [sys.executable, str(script), "bad input"])], str(tmp_path / "out"),
+                           in_process=in_process)
+    if in_process:  # subprocess output goes straight to the file descriptors, not through capsys
+        assert "error: bad input" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task", ["lab", "hh"])
