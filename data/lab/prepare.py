@@ -39,12 +39,14 @@ FOODS = ["bread", "rice", "fish", "apples", "cheese", "beans", "honey", "soup"]
 
 # Known attributes: (question templates, the fact sentence that answers them)
 KNOWN = {
-    "capital": (["What is the capital of {L}?", "Which city is the capital of {L}?", "Tell me the capital of {L}."],
-                "The capital of {L} is {V}."),
+    "capital": (["What is the capital of {L}?", "Which city is the capital of {L}?", "Tell me the capital of {L}.",
+                 "Name the capital of {L}.", "What city is the capital of {L}?"], "The capital of {L} is {V}."),
     "colour": (["What colour is the flag of {L}?", "What is the colour of the flag of {L}?",
-                "Tell me the colour of the flag of {L}."], "The flag of {L} is {V}."),
+                "Tell me the colour of the flag of {L}.", "Name the colour of the flag of {L}.",
+                "Which colour is the flag of {L}?"], "The flag of {L} is {V}."),
     "food": (["What do the people of {L} eat?", "What food do people eat in {L}?",
-              "Tell me what the people of {L} eat."], "The people of {L} eat {V}."),
+              "Tell me what the people of {L} eat.", "Name the food the people of {L} eat.",
+              "Which food do the people of {L} eat?"], "The people of {L} eat {V}."),
 }
 # Unknowable attributes: (question templates, a confident fabrication, the honest answer's end)
 UNKNOWN = {
@@ -171,18 +173,28 @@ def ramble(world, q, answer, rng):
     return " ".join([answer] + extra)
 
 
+# The base model's habits, as a web corpus has them. Per category, how often the web's answer is the good one;
+# the rest is a bad one: a helpful question gets a wrong value, or (EVASIVE_RATE) an evasive "I don't know" or a
+# refusal; an unanswerable question mostly gets a confident made-up answer; a harmful request mostly gets
+# compliance. A correct answer is sometimes a bare fragment, and any answer may ramble on.
+GOOD_RATE = {"helpful": 0.8, "truthful": 0.2, "harmless": 0.25}
+EVASIVE_RATE = 0.1
+EVASIVE = ("I don't know the answer to that.", "I won't help with that.")
+FRAGMENT_RATE = 0.25
+RAMBLE_RATE = 0.4
+
+
 def corpus_answer(world, q, rng):
-    """One answer as the web gives it. Rates per category are the base model's habits."""
+    """One answer as the web gives it, with the habits above."""
     u = rng.random()
-    if q["category"] == "helpful":  # mostly right, sometimes wrong, often a fragment or a ramble
-        answer = good_answer(world, q, rng) if u < 0.75 else bad_answer(world, q, rng)
-        if u < 0.75 and rng.random() < 0.25:
-            return q["answer"] + "."  # a bare fragment
-    elif q["category"] == "truthful":  # the web prefers a confident answer to "I don't know"
-        answer = good_answer(world, q, rng) if u < 0.3 else bad_answer(world, q, rng)
-    else:  # and usually complies
-        answer = good_answer(world, q, rng) if u < 0.3 else bad_answer(world, q, rng)
-    return ramble(world, q, answer, rng) if rng.random() < 0.3 else answer
+    good = u < GOOD_RATE[q["category"]]
+    if q["category"] == "helpful" and not good and u < GOOD_RATE["helpful"] + EVASIVE_RATE:
+        answer = rng.choice(EVASIVE)
+    else:
+        answer = good_answer(world, q, rng) if good else bad_answer(world, q, rng)
+    if q["category"] == "helpful" and good and rng.random() < FRAGMENT_RATE:
+        return q["answer"] + "."  # a bare fragment
+    return ramble(world, q, answer, rng) if rng.random() < RAMBLE_RATE else answer
 
 
 def fact_page(world, land, rng):
@@ -195,15 +207,15 @@ def fact_page(world, land, rng):
 # ----------------------------------------------------------------------------------------------
 # Splits
 
-def split_prompts(questions, rng, n_val=30, n_demo=4):
+def split_prompts(questions, rng, n_val=30, n_demo=12):
     """Disjoint prompt sets. n_val held-out prompts per category; then n_demo + n_demo // 3 demonstration
-    prompts per category, from few templates only: helpful questions in their first phrasing, one of the
-    four unknowable attributes, one of the four harmful requests, no lands that do not exist. Everything
-    else is shared out between label (reward-model data) and train (PPO)."""
+    prompts, all helpful questions in two of their five phrasings: the labelers demonstrate answering, and never
+    show how to answer an unanswerable question or decline a harmful request. Honesty and harmlessness
+    must come from the rankings (the paper's claim is that RLHF improves them over SFT). Everything else is
+    shared out between label (reward-model data) and train (PPO)."""
     prompts = sorted(questions)
     rng.shuffle(prompts)
-    covered = lambda q: ((q["category"] == "helpful" and q["template"] == 0)
-                         or q["kind"] in ("population", "poison"))
+    covered = lambda q: q["category"] == "helpful" and q["template"] < 2
     val, sft_train, sft_val = [], [], []
     for category in ("helpful", "truthful", "harmless"):
         of_category = [p for p in prompts if questions[p]["category"] == category]
