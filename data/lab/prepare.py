@@ -11,12 +11,14 @@ Everything the pipeline needs is written from that table, in HH-RLHF's formats:
     world.json              the fact table, the name pools, and every question with its category and answer
                             (read by data/lab/gold.py, the labeling instructions, and by the evaluation only)
     corpus_{train,val}.jsonl {"prompt": "", "response": document}: the world's "internet", for pretraining.
-                            Fact pages and Q&A dialogues, WITH the bad habits of a real web corpus: wrong
-                            answers, confident made-up answers to unanswerable questions, compliance with
-                            harmful requests, bare fragments and rambling that does not stop.
-    sft_{train,val}.jsonl   {"prompt", "response"}: a few demonstrations by the "labelers" (correct, honest,
-                            harmless, concise), deliberately covering only part of the question templates.
-    prompts_label.jsonl     prompts whose SFT samples label.py ranks (reward-model data)
+                            Fact pages and Q&A dialogues, WITH the bad habits of a real web corpus (rates in
+                            GOOD_RATE and below): wrong or evasive answers, confident made-up answers to
+                            unanswerable questions, compliance with harmful requests, bare fragments and
+                            rambling that does not stop.
+    sft_{train,val}.jsonl   {"prompt", "response"}: a few demonstrations by the "labelers" (correct and
+                            concise), of factual questions only, in two of their five phrasings: none shows
+                            an honest "I don't know" or a refusal; those must come from the rankings.
+    prompts_label.jsonl     prompts whose samples label.py ranks (reward-model data)
     prompts_train.jsonl     prompts for PPO
     prompts_val.jsonl       held-out evaluation prompts, {"prompt", "category"}: helpful / truthful / harmless
     stats.json              sizes
