@@ -138,22 +138,27 @@ def rankings_agreement(world, path):
 
 
 def plot_overoptimisation(points, path, title):
+    """RM score and gold score against KL to SFT (Gao et al.'s axis), and against the iteration (the KL of a
+    kl_coef-0 run need not grow steadily, so the order of the points is clearer there)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    kl = [p["kl_to_sft"] for p in points]
-    ax.plot(kl, [p["rm_score"] for p in points], "o-", color="tab:blue", label="reward model score")
-    ax.set_xlabel("KL(policy || SFT), nats per response")
-    ax.set_ylabel("reward model score", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(kl, [p["gold_score"] for p in points], "s-", color="tab:red", label="gold score")
-    ax2.set_ylabel("gold score (0..3)", color="tab:red")
-    for p in points:
-        ax.annotate(str(p["iteration"]), (p["kl_to_sft"], p["rm_score"]), fontsize=7, xytext=(2, 3),
-                    textcoords="offset points")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, xlabel in ((axes[0], "kl_to_sft", "KL(policy || SFT), nats per response"),
+                            (axes[1], "iteration", "PPO iteration")):
+        x = [p[key] for p in points]
+        ax.plot(x, [p["rm_score"] for p in points], "o-", color="tab:blue", label="reward model score")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("reward model score", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot(x, [p["gold_score"] for p in points], "s-", color="tab:red", label="gold score")
+        ax2.set_ylabel("gold score (0..3)", color="tab:red")
+        if key == "kl_to_sft":  # which iteration each point is
+            for p in points:
+                ax.annotate(str(p["iteration"]), (p["kl_to_sft"], p["rm_score"]), fontsize=7, xytext=(2, 3),
+                            textcoords="offset points")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=90)
     plt.close(fig)
