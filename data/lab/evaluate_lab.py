@@ -205,7 +205,7 @@ def markdown(results):
                   f"'prefer the shorter' on the same pairs: {rm['length_baseline_agreement']:.3f}."]
     if "reward_model_round1" in results:
         rm1 = results["reward_model_round1"]
-        lines += [f"Round-1 reward model (SFT samples only): agreement {rm1['gold_agreement']:.3f} on "
+        lines += [f"Round-1 reward model (first-round rankings only): agreement {rm1['gold_agreement']:.3f} on "
                   f"{rm1['n_pairs']} pairs."]
     lab = results["labeler"]
     lines += [f"Labelers: Bradley-Terry noise T = {lab['noise']}, agreement with the exact gold "
