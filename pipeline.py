@@ -10,14 +10,14 @@ each step is printed, then run as a plain `python stage.py --flag value ...` sub
     python pipeline.py --task hh --config small        # HH-RLHF with GPT-2 124M on one GPU
 
 --task lab (data/lab/): generate the world -> pretrain the base model on the world's corpus (sft.py with
-prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers' few demonstrations ->
-round 1: label.py ranks K = 8 samples per prompt, 4 of SFT and 4 of the base model (4 times, fresh samples
-each), with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py ranks 4 samples of the round-1
-PPO policy and 4 of SFT per prompt (4 times) -> reward.py on both rounds -> ppo.py -> ppo.py with PPO-ptx (the corpus as
-pretraining mix) -> an over-optimisation run (the round-1 reward model, kl_coef 0, checkpoints every 2
-iterations) -> data/lab/evaluate_lab.py: every policy judged by the exact gold on held-out prompts,
-DIR/results.json, DIR/results.md, plots. The gold function reaches the reward models only through
-label.py's rankings.
+prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers' few demonstrations -> round
+1: label.py ranks K = 8 samples per prompt, 4 of SFT and 4 of the base model (4 times, fresh samples each),
+with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py ranks 4 samples of the round-1 PPO
+policy and 4 of SFT per prompt (4 times) -> reward.py on both rounds -> ppo.py -> ppo.py with PPO-ptx (the
+corpus as pretraining mix) -> an over-optimisation run (the round-1 reward model, kl_coef 0, checkpoints every
+2 iterations) -> data/lab/evaluate_lab.py: every policy judged by the exact gold on held-out prompts,
+DIR/results.json, DIR/results.md, plots. The gold function reaches the reward models only through label.py's
+rankings.
 
 --task hh: prepare HH-RLHF -> sft.py -> reward.py (PPO's reward model, train split) -> a judge reward model
 trained on the validation comparisons only -> ppo.py -> evaluate.py: win rate of PPO over SFT by that judge.
