@@ -197,6 +197,11 @@ def test_run_steps_runs_scripts_in_order_and_stops_at_a_failure(tmp_path, in_pro
                            in_process=in_process)
     if in_process:  # subprocess output goes straight to the file descriptors, not through capsys
         assert "error: bad input" in capsys.readouterr().err
+    script.write_text("raise RuntimeError('a crash')\n")  # a traceback, and the same message naming the step
+    with pytest.raises(SystemExit, match="step 'g' failed \\(exit code 1\\)"):
+        pipeline.run_steps([("g", [sys.executable, str(script)])], str(tmp_path / "out"), in_process=in_process)
+    if in_process:
+        assert "RuntimeError: a crash" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task", ["lab", "hh"])
