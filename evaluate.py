@@ -20,17 +20,19 @@ on comparisons PPO never saw, e.g. HH's validation split:
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
-import ppo
-from common import (atomic_write_text, autocast, decode_response, encode_prompt, get_tokenizer, load_model, pad_left,
-                    run, setup_device)
-from label import load_function, read_prompts
+from lib.checkpoints import atomic_write_text, load_model
+from lib.config import load_function, run
+from lib.data import read_prompts
+from lib.responses import decode_responses, sample_and_score, sequence_kl
+from lib.tokens import decode_response, encode_prompt, get_tokenizer, pad_left
+from lib.training import autocast, setup_device
+from lib.winrate import wilson_interval, win_rate
 
 
 @dataclass
@@ -64,33 +66,6 @@ CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # ppo.py's t
 
 
 # ----------------------------------------------------------------------------------------------
-# The statistics
-
-def win_rate(scores_a, scores_b):
-    """Pairwise comparison of A and B on the same prompts: a higher score wins, equal scores tie and count
-    half (win_rate = (wins + ties / 2) / n)."""
-    assert len(scores_a) == len(scores_b) and len(scores_a) > 0, "need one score of A and of B per prompt"
-    wins = sum(a > b for a, b in zip(scores_a, scores_b))
-    ties = sum(a == b for a, b in zip(scores_a, scores_b))
-    n = len(scores_a)
-    return {"win_rate": (wins + ties / 2) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
-
-
-def wilson_interval(successes, n, z=1.96):
-    """Wilson score interval of a proportion successes / n (z = 1.96: 95%). Unlike p +- z sqrt(p(1-p)/n) it
-    stays inside [0, 1] and is not of zero width at p = 0 or 1. `successes` may be fractional (wins + ties/2).
-
-        center = (p + z^2 / 2n) / (1 + z^2 / n),  half = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)"""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
-    return max(center - half, 0.0), min(center + half, 1.0)
-
-
-# ----------------------------------------------------------------------------------------------
 # Sampling and judging
 
 def text_judge(fn, enc, prompt_texts):
@@ -106,25 +81,20 @@ def text_judge(fn, enc, prompt_texts):
 def sample_and_judge(policy, judge_model, judge_fn, enc, prompts, cfg, device, ref_policy=None):
     """The policy's responses to `prompts` (text), judged; each batch b sampled with seed cfg.seed + b.
     Returns {responses, scores, lengths, eos, kl (None without ref_policy)}, one entry per prompt."""
-    gen_cfg = ppo.Config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # missing_eos_penalty 0
     out = {"responses": [], "scores": [], "lengths": [], "eos": [], "kl": [] if ref_policy is not None else None}
     for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
         texts = prompts[i:i + cfg.batch_size]
         queries, query_mask = pad_left([encode_prompt(enc, p, cfg.max_prompt_tokens) for p in texts])
-        queries, query_mask = queries.to(device), query_mask.to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed + b)
         reward_fn = text_judge(judge_fn, enc, texts) if judge_fn is not None else None
-        batch, _ = ppo.generate_and_score(policy, judge_model, reward_fn, queries, query_mask, gen_cfg, generator)
-        mask = batch["response_mask"]  # (B, R)
-        out["responses"] += [decode_response(enc, row) for row in batch["responses"].tolist()]
+        batch = sample_and_score(policy, queries.to(device), query_mask.to(device), cfg.max_new_tokens,
+                                 cfg.temperature, generator, judge_model, reward_fn)
+        out["responses"] += decode_responses(enc, batch)
         out["scores"] += batch["scores"].tolist()
-        out["lengths"] += mask.sum(1).tolist()
+        out["lengths"] += batch["response_mask"].sum(1).tolist()
         out["eos"] += batch["has_eos"].tolist()
         if ref_policy is not None:  # sum over the response of log pi(y_t) - log pi_ref(y_t): KL of the sequence
-            P = queries.size(1)
-            logprobs = ppo.policy_logprobs(policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
-            ref_logprobs = ppo.policy_logprobs(ref_policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
-            out["kl"] += ((logprobs - ref_logprobs) * mask).sum(1).tolist()
+            out["kl"] += sequence_kl(policy, ref_policy, batch, cfg.temperature).tolist()
     return out
 
 

@@ -20,10 +20,11 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
 from safetensors.torch import save_file
 
-from common import EOS, atomic_write_text, get_tokenizer, load_checkpoint, load_state, parse_config
+from lib.checkpoints import atomic_write_text, load_checkpoint, load_state
+from lib.config import parse_config
+from lib.tokens import EOS, get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
 
 

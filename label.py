@@ -30,8 +30,6 @@ j with probability sigmoid((s_i - s_j) / T), the preference model eq. (1) fits; 
 """
 
 import collections
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -43,8 +41,13 @@ from typing import Optional
 
 import torch
 
-from common import (EOS, autocast, decode_response, encode_prompt, format_time, get_tokenizer, load_model,
-                    pad_left, read_jsonl, run, setup_device)
+from lib.checkpoints import load_model
+from lib.config import load_function, run
+from lib.data import read_prompts
+from lib.responses import decode_responses, sample_responses, score_texts
+from lib.tokens import encode_prompt, get_tokenizer, pad_left
+from lib.tracking import format_time
+from lib.training import autocast, setup_device
 
 
 @dataclass
@@ -135,51 +138,14 @@ class ScoreLabeler:
         return ranking
 
 
-def load_function(spec, arg=None):
-    """"path/to/file.py:NAME" or "module:NAME" -> the object NAME; with `arg`, NAME(arg) (a factory's product)."""
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path or not name:
-        sys.exit(f"error: expected path/to/file.py:NAME (or module:NAME), got '{spec}'")
-    if path.endswith(".py"):
-        if not os.path.isfile(path):
-            sys.exit(f"error: {path} not found (from '{spec}')")
-        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # the file may import its neighbours
-        try:
-            module_spec.loader.exec_module(module)
-        finally:
-            sys.path.pop(0)
-    else:
-        try:
-            module = importlib.import_module(path)
-        except ImportError as e:
-            sys.exit(f"error: could not import '{path}' (from '{spec}'): {e}")
-    if not hasattr(module, name):
-        sys.exit(f"error: {path} defines no '{name}'")
-    fn = getattr(module, name)
-    if arg is not None:
-        fn = fn(arg)
-    if not callable(fn):
-        sys.exit(f"error: '{spec}'{f'({arg!r})' if arg is not None else ''} is not callable")
-    return fn
-
-
 def reward_model_scorer(reward_ckpt, device, ctx):
     """score_fn(prompt, responses) -> K floats from a reward-model checkpoint, scored as reward.py trained it
     (prompt + response + EOS, with the token budgets of its training config)."""
-    from reward import Config as RewardConfig, rm_tokens, score_all
     reward_model, ckpt = load_model(reward_ckpt, kind="scalar", device=device)
     reward_model.eval()
-    rm_cfg = ckpt["config"] if ckpt else {}
-    budget = {k: rm_cfg.get(k, getattr(RewardConfig, k)) for k in ("max_prompt_tokens", "max_response_tokens")}
-    enc = get_tokenizer()
-
-    def score(prompt, responses):
-        seqs = [rm_tokens(enc, prompt, r, budget["max_prompt_tokens"], budget["max_response_tokens"])
-                for r in responses]
-        return score_all(reward_model, seqs, device, len(seqs), ctx).tolist()
-    return score
+    rm_config, enc = (ckpt or {}).get("config", {}), get_tokenizer()
+    return lambda prompt, responses: score_texts(reward_model, rm_config, enc, [prompt] * len(responses), responses,
+                                                 ctx, batch_size=len(responses))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,15 +232,6 @@ class HumanLabeler:
 # ----------------------------------------------------------------------------------------------
 # Sampling, resuming, writing
 
-def read_prompts(path, max_prompts=0):
-    """Unique prompts of a JSON lines file, in file order (the first max_prompts if > 0)."""
-    rows = read_jsonl(path, what="prompts")
-    if rows and "prompt" not in rows[0]:
-        sys.exit(f"error: {path}: expected JSON lines with a \"prompt\" field, got keys {sorted(rows[0])}")
-    prompts = list(dict.fromkeys(row["prompt"] for row in rows))
-    return prompts[:max_prompts] if max_prompts > 0 else prompts
-
-
 def already_ranked(path):
     """How many lines `path` already has for each prompt (a missing file has none). A broken line stops the run:
     better than appending after it, since reward.py could not read the file either."""
@@ -299,8 +256,8 @@ def sample_from_policies(policies, enc, prompts, k, cfg, generator, device, rng)
     of several models; in a second round this puts the new policy's habits next to the old policy's answers."""
     n = len(policies)
     if n == 1:
-        return sample_responses(policies[0], enc, prompts, k, cfg, generator, device)
-    per_policy = [sample_responses(policy, enc, prompts, k // n + (j < k % n), cfg, generator, device)
+        return sample_responses_text(policies[0], enc, prompts, k, cfg, generator, device)
+    per_policy = [sample_responses_text(policy, enc, prompts, k // n + (j < k % n), cfg, generator, device)
                   for j, policy in enumerate(policies)]
     samples = []
     for i in range(len(prompts)):
@@ -311,12 +268,12 @@ def sample_from_policies(policies, enc, prompts, k, cfg, generator, device, rng)
 
 
 @torch.no_grad()
-def sample_responses(policy, enc, prompts, k, cfg, generator, device):
+def sample_responses_text(policy, enc, prompts, k, cfg, generator, device):
     """K sampled responses (text, cut at the first EOS) for each prompt: [[r_1, ..., r_k], ...]."""
     queries, query_mask = pad_left([encode_prompt(enc, p, cfg.max_prompt_tokens) for p in prompts for _ in range(k)])
-    ids = policy.generate(queries.to(device), cfg.max_new_tokens, temperature=cfg.temperature, eos_token_id=EOS,
-                          attention_mask=query_mask.to(device), generator=generator)  # (B k, P + R)
-    texts = [decode_response(enc, row) for row in ids[:, queries.size(1):].tolist()]
+    batch = sample_responses(policy, queries.to(device), query_mask.to(device), cfg.max_new_tokens, cfg.temperature,
+                             generator)  # (B k, P + R)
+    texts = decode_responses(enc, batch)
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 

@@ -9,7 +9,7 @@ One self-contained GPT (the GPT-2 architecture) shared by every stage of the pip
   layer removed").
 - `GPT.generate`: sampling with a KV cache (temperature, top-k, top-p, EOS), left-padded batches.
 - `GPT.from_pretrained`: OpenAI's GPT-2 weights in the Hugging Face format (config.json +
-  model.safetensors) from a local folder; no network code here (common.fetch_gpt2 fetches them).
+  model.safetensors) from a local folder; no network code here (lib/checkpoints.py's fetch_gpt2 fetches them).
 - `token_logprobs`: log-probabilities of given tokens, used by SFT, PPO and evaluation.
 
 Mask convention (the one used everywhere in this repository): a mask is 1/True on positions that
@@ -248,7 +248,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dropout=0.0):
         """OpenAI GPT-2 weights in Hugging Face format from a local folder holding config.json and
-        model.safetensors (common.load_model also takes gpt2, gpt2-medium, ... and fetches them)."""
+        model.safetensors (lib/checkpoints.py's load_model also takes gpt2, gpt2-medium, ... and fetches them)."""
         if not os.path.isdir(folder):
             raise ValueError(f"{folder} is not a folder with config.json + model.safetensors")
         config, state_dict, _ = load_hf_gpt2(folder, dropout)
@@ -319,7 +319,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
 
 
 # ----------------------------------------------------------------------------------------------
-# GPT-2 weights: a local Hugging Face folder -> our names (common.fetch_gpt2 fetches the folder from the hub)
+# GPT-2 weights: a local Hugging Face folder -> our names (lib/checkpoints.py's fetch_gpt2 fetches the folder from the hub)
 
 def load_hf_gpt2(folder, dropout=0.0):
     """Read a Hugging Face GPT-2 folder (config.json + model.safetensors): returns (GPTConfig, state dict in

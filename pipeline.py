@@ -6,7 +6,7 @@ each step is printed, then run as a plain `python stage.py --flag value ...` sub
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
     python pipeline.py --task lab --quick --in_process # every step shrunk to seconds, run in one process (the test)
     python pipeline.py --task lab --dry_run            # print the commands only
-    python pipeline.py --task hh --source ../shared/data/hh-rlhf --subsets harmless-base        # HH-RLHF, CPU
+    python pipeline.py --task hh --source path/to/hh-rlhf --subsets harmless-base   # HH-RLHF from a local copy, CPU
     python pipeline.py --task hh --config small        # HH-RLHF with GPT-2 124M on one GPU
 
 --task lab (data/lab/): generate the world -> pretrain the base model on the world's corpus (sft.py with
@@ -79,7 +79,7 @@ def lab_steps(a):
         PY, "reward.py", "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", d, "--train_files", train_files,
         "--val_files", "rankings_val.jsonl", "--demo_file", "data/sft_val.jsonl", "--out_dir", out_dir,
         "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", n(4, 1), "--batch_size", "8",
-        "--micro_batch_size", "8", "--lr", "3e-4", "--warmup_steps", n(5, 1), "--eval_interval", n(10, 1), *seed]
+        "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", n(5, 1), "--eval_interval", n(10, 1), *seed]
     ppo = lambda reward_ckpt, out_dir, *extra, kl_coef=KL_COEF, every=n(10, 2): [
         PY, "ppo.py", "--sft_ckpt", f"{d}/sft/ckpt.pt", "--reward_ckpt", reward_ckpt, "--data_dir", data,
         "--out_dir", out_dir, *sampling, "--batch_size", n(32, 4), "--minibatch_size", n(16, 2), "--noptepochs", "2",
@@ -242,7 +242,7 @@ def parse_args(argv=None):
                         "step's start-up, a few seconds (the --quick test uses it)")
     p.add_argument("--label_noise", type=float, default=LABEL_NOISE, help="lab: Bradley-Terry temperature of the labelers")
     p.add_argument("--config", default="tiny", help="hh: preset of every stage (tiny on a CPU, small on one GPU)")
-    p.add_argument("--source", default="", help="hh: a local HH-RLHF copy (e.g. ../shared/data/hh-rlhf)")
+    p.add_argument("--source", default="", help="hh: a local copy of HH-RLHF (its folder of *.jsonl.gz files)")
     p.add_argument("--subsets", default="helpful-base", help="hh: comma-separated HH-RLHF subsets")
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or f"out/{a.task}"

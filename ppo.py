@@ -5,20 +5,22 @@ SFT policy with PPO against the frozen reward model, maximising
     objective(phi) = E_{(x,y) ~ D_pi_RL} [ r_theta(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x)) ]
                      + gamma * E_{x ~ D_pretrain} [ log pi_RL(x) ]                                   (eq. 2)
 
-The KL term is paid token by token: every response token gets reward -beta * (log pi_RL - log pi_SFT),
-and the reward model's score is added at the last response token (Ziegler et al. 2019). gamma > 0 is
-"PPO-ptx": a language-modelling loss on pretraining-distribution text mixed into every update (by default
-the HH dialogues themselves, sft_train.jsonl; --ptx_file gives another corpus). Four models: `policy`
-(trained, from the SFT checkpoint), `ref_policy` (a frozen copy of it), `reward_model` (frozen, normalised
-by reward.py) and `critic` (the value function, trained, initialised from the reward model). One iteration:
+with beta = `kl_coef` and the paper's gamma = `ptx_coef` (`gamma` in this file is GAE's discount). The KL
+term is paid token by token: every response token gets reward -beta * (log pi_RL - log pi_SFT), and the
+reward model's score is added at the last response token (Ziegler et al. 2019). ptx_coef > 0 is "PPO-ptx": a
+language-modelling loss on pretraining-distribution text mixed into every update. Four models: `policy`
+(trained, from the SFT checkpoint), `ref_policy` (a frozen copy of it), `reward_model` (frozen, normalised by
+reward.py) and `critic` (the value function, trained, initialised from the reward model).
 
-  1. rollout: sample responses to a batch of prompts (KV-cache generate, temperature 1)
-  2. score: reward model on prompt + response + EOS
-  3. logprobs of policy and ref_policy, values of the critic, in one forward each
-  4. KL-shaped reward (eq. 2)
-  5. GAE advantages and returns (Schulman et al. 2016), advantages whitened
-  6. PPO epochs over shuffled minibatches: clipped surrogate (PPO eq. 7) + clipped value loss (+ ptx)
-  7. KL coefficient fixed (paper: 0.02) or adaptive (Ziegler et al. 2019, section 2.2)
+One iteration, numbered as in train():
+  1. rollout: sample responses to a batch of prompts (KV cache, temperature 1), score them with the RM
+  2. logprobs of policy and ref_policy, values of the critic: one forward each
+  3. KL-shaped reward, eq. (2)                                                       compute_rewards
+  4. GAE advantages and returns (Schulman et al. 2016), advantages whitened          compute_gae, whiten
+  5. PPO epochs over shuffled minibatches, minimising                                ppo_update
+        loss = pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss
+     pg_loss: clipped surrogate, PPO eq. (7); vf_loss: clipped value loss; ptx_loss: -log pi_RL(x)
+  6. KL coefficient: fixed (paper: 0.02) or adaptive (Ziegler et al. 2019, section 2.2)
 
 References: InstructGPT (arXiv:2203.02155) eq. (2) and C.4; PPO, Schulman et al. 2017 (arXiv:1707.06347);
 GAE, Schulman et al. 2016 (arXiv:1506.02438); Ziegler et al. 2019, "Fine-Tuning Language Models from Human
@@ -42,14 +44,28 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EOS, MODEL_PRESETS, MetricsLog, all_gather_cat, all_reduce_sum, autocast, check_finite,
-                    encode_prompt, fsync_replace, get_tokenizer, get_world_size, global_masked_mean,
-                    global_masked_var, init_distributed, is_main, load_checkpoint, load_model, make_adamw,
-                    mean_over_ranks, no_sync, pad_left, pad_right, plot_metrics, print_config, read_jsonl, run,
-                    save_checkpoint, setup_device, shard, wrap_ddp)
+from lib.checkpoints import fsync_replace, load_checkpoint, load_model, save_checkpoint
+from lib.config import MODEL_PRESETS, print_config, run
+from lib.data import index_batches, read_jsonl, spread
+from lib.ddp import (
+    all_gather_cat,
+    get_world_size,
+    global_masked_mean,
+    global_masked_var,
+    init_distributed,
+    is_main,
+    mean_over_ranks,
+    no_sync,
+    shard,
+    step_total,
+    wrap_ddp,
+)
+from lib.responses import last_token_index, policy_logprobs, sample_and_score, score_responses, sequence_kl
+from lib.tokens import EOS, encode_prompt, get_tokenizer, pad_left, pad_right
+from lib.tracking import MetricsLog, plot_metrics
+from lib.training import autocast, check_finite, make_adamw, setup_device
+from lib.winrate import win_rate
 from model import GPTConfig, ScalarGPT, token_logprobs
-from reward import last_token_index, score_sequences
-from sft import index_batches
 
 
 @dataclass
@@ -63,7 +79,7 @@ class Config:
     keep_checkpoints: bool = False  # also keep each evaluation's checkpoint as ckpt_{iteration}.pt (curves over training)
     preset: str = ""  # name of the --config preset, recorded for the run
     eval_interval: int = 10  # iterations between evaluations on held-out prompts (also at the end)
-    eval_prompts: int = 32  # held-out prompts per evaluation
+    eval_prompts: int = 32  # held-out prompts per evaluation, spread evenly over prompts_val.jsonl
     judge_ckpt: str = ""  # independent judge RM (e.g. reward.py on comparisons_val.jsonl): eval_win_rate vs SFT
     sample_every: int = 10  # iterations between printed samples (prompt, response, score, KL)
     n_samples: int = 2  # samples printed each time
@@ -82,7 +98,7 @@ class Config:
     iters: int = 100  # PPO iterations (paper: 256k episodes / 512 = 500)
     batch_size: int = 64  # prompts (episodes) per iteration, on each rank (paper: 512)
     minibatch_size: int = 16  # episodes per optimizer step, on each rank (paper: 64)
-    gradient_accumulation_steps: int = 1  # a minibatch is run in this many pieces when it does not fit
+    grad_accum: int = 1  # a minibatch runs in this many micro-batches (a memory knob: the same update)
     noptepochs: int = 4  # passes over the batch (paper: 1 inner epoch; Ziegler et al. 2019: 4)
     lr: float = 1e-5  # Adam learning rate, policy and critic (paper C.4: order 1e-5)
     warmup_iters: int = 10  # linear warmup from lr / 10 (paper: 10 iterations from a tenth of the peak)
@@ -94,14 +110,14 @@ class Config:
     cliprange: float = 0.2  # epsilon of the clipped surrogate, PPO eq. (7) (paper: 0.2)
     cliprange_value: float = 0.2  # values move at most this far from the rollout's values
     vf_coef: float = 0.1  # weight of the value loss (lm-human-preferences: 0.1)
-    gamma: float = 1.0  # discount (paper: 1, no discount)
+    gamma: float = 1.0  # GAE discount (paper: 1, no discount); not eq. (2)'s gamma, which is ptx_coef
     lam: float = 0.95  # GAE lambda (paper: 0.95)
     # rlhf
     kl_coef: float = 0.02  # beta, InstructGPT eq. (2) (paper: 0.02)
     adaptive_kl: bool = False  # adapt kl_coef towards kl_target (Ziegler et al. 2019, 2.2)
     kl_target: float = 6.0  # target KL per response in nats for the adaptive controller (lm-human-preferences: 6)
     kl_horizon: int = 10000  # episodes over which the controller acts (Ziegler et al. 2019: 10000)
-    ptx_coef: float = 0.0  # gamma, InstructGPT eq. (2): PPO-ptx pretraining loss weight (paper: 27.8; 0 = PPO)
+    ptx_coef: float = 0.0  # the paper's gamma, eq. (2): PPO-ptx pretraining loss weight (paper: 27.8; 0 = PPO)
     ptx_batch_size: int = 8  # pretraining sequences per optimizer step (split across its micro-batches)
     ptx_max_tokens: int = 256  # pretraining sequences are cut to this many tokens
     ptx_file: str = ""  # PPO-ptx text: rows {"prompt", "response"}, prompt may be "" ("" = data_dir/sft_train.jsonl)
@@ -110,7 +126,7 @@ class Config:
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
     seed: int = 1337
 
-    RANGES = {"temperature": "> 0"}  # stricter than common.FIELD_RANGES: logprobs divide the logits by it
+    RANGES = {"temperature": "> 0"}  # stricter than lib/config.py's FIELD_RANGES: logprobs divide the logits by it
 
 
 # DEVIATION: paper uses batches of 512 episodes, 64 per minibatch, one inner epoch, a 6B critic for every
@@ -123,11 +139,12 @@ CONFIGS = {
     "tiny": dict(MODEL_PRESETS["tiny"], max_prompt_tokens=128, max_new_tokens=48, iters=40, batch_size=16,
                  minibatch_size=8, noptepochs=2, lr=1e-4, warmup_iters=5, eval_interval=10, eval_prompts=32,
                  sample_every=10),
-    "small": dict(MODEL_PRESETS["small"], lr=5e-6, iters=500, gradient_accumulation_steps=2, **_GPU),
-    "medium": dict(MODEL_PRESETS["medium"], lr=3e-6, iters=500, gradient_accumulation_steps=4, **_GPU),
-    "large": dict(MODEL_PRESETS["large"], lr=2e-6, iters=500, gradient_accumulation_steps=8, **_GPU),
-    "xl": dict(MODEL_PRESETS["xl"], lr=1.5e-6, iters=500, gradient_accumulation_steps=16, **_GPU),
+    "small": dict(MODEL_PRESETS["small"], lr=5e-6, iters=500, grad_accum=2, **_GPU),
+    "medium": dict(MODEL_PRESETS["medium"], lr=3e-6, iters=500, grad_accum=4, **_GPU),
+    "large": dict(MODEL_PRESETS["large"], lr=2e-6, iters=500, grad_accum=8, **_GPU),
+    "xl": dict(MODEL_PRESETS["xl"], lr=1.5e-6, iters=500, grad_accum=16, **_GPU),
 }
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,12 +229,6 @@ def adaptive_kl_coef(kl_coef, kl, kl_target, horizon, n_steps):
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
-def response_mask_from_eos(responses):
-    """(B, R) sampled tokens -> (B, R) bool mask: True up to and including the first EOS. EOS and padding
-    share id 50256, so the mask comes from the first EOS's position, never from token == pad."""
-    is_eos = responses == EOS
-    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS strictly before t
-    return eos_before == 0  # (B, R)
 
 
 def lm_loss(policy, ids, attention_mask):
@@ -226,18 +237,9 @@ def lm_loss(policy, ids, attention_mask):
     return -masked_mean(token_logprobs(logits, ids[:, 1:]), attention_mask[:, 1:])
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Forward passes on rollouts: only the response positions, where the token at t is scored at t - 1
-
-def policy_logprobs(policy, ids, attention_mask, n_query, temperature):
-    """log softmax(logits / temperature)[y_t] of the response tokens y = ids[:, n_query:] -> (B, R), float32.
-    Token t is scored by the logits at position t - 1, and the lm_head runs on those R positions only: no
-    (B, T, V) logits for the prompt. Used by the rollout, the update and the evaluation alike, so the
-    rollout's logprobs are exactly what the first update recomputes (ratio 1). One call of the model's
-    forward (the last position predicts nothing and is left out), so a DDP-wrapped policy works the same."""
-    logits = policy(ids[:, :-1], attention_mask[:, :-1], start=n_query - 1)  # (B, R, V)
-    return token_logprobs(logits, ids[:, n_query:], temperature)  # (B, R)
-
+# Steps 1-5 on a batch: rollout and update
 
 def critic_values(critic, ids, attention_mask, n_query):
     """V(s_t) for each response token t, read at position t - 1 (the state before y_t) -> (B, R). One call of
@@ -245,62 +247,40 @@ def critic_values(critic, ids, attention_mask, n_query):
     return critic(ids, attention_mask)[:, n_query - 1:-1].float()  # (B, R)
 
 
-def score_responses(reward_model, ids, attention_mask, has_eos):
-    """Reward model score at the EOS that ends each response; one is appended where sampling hit
-    max_new_tokens (such a row fills every response column, so the new column is right after it)."""
-    if not bool(has_eos.all()):
-        ids = torch.cat([ids, torch.full_like(ids[:, :1], EOS)], 1)  # (B, T + 1)
-        attention_mask = torch.cat([attention_mask, (~has_eos).to(attention_mask.dtype)[:, None]], 1)
-    return score_sequences(reward_model, ids, attention_mask)  # (B,)
-
-
-@torch.no_grad()
-def generate_and_score(policy, reward_model, reward_fn, queries, query_mask, cfg, generator=None):
-    """Steps 1-2: sample responses (KV cache), truncate after the first EOS, score them."""
-    policy.eval()
-    t0 = time.time()
-    ids = policy.generate(queries, cfg.max_new_tokens, temperature=cfg.temperature, eos_token_id=EOS,
-                          attention_mask=query_mask, generator=generator)  # (B, P + R); EOS repeats after EOS
-    t_generate = time.time() - t0
-    responses = ids[:, queries.size(1):]  # (B, R)
-    response_mask = response_mask_from_eos(responses)  # (B, R)
-    has_eos = (responses == EOS).any(1)  # (B,)
-    attention_mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], 1)  # (B, P + R)
-    if reward_fn is not None:
-        scores = reward_fn(queries, query_mask, responses, response_mask).float()  # (B,)
-    else:
-        scores = score_responses(reward_model, ids, attention_mask, has_eos)  # (B,)
-    if cfg.missing_eos_penalty:
-        scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
-    return dict(ids=ids, attention_mask=attention_mask, queries=queries, responses=responses,
-                response_mask=response_mask, has_eos=has_eos, scores=scores), t_generate
-
-
 @torch.no_grad()
 def rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg, kl_coef, reward_fn=None,
-            generator=None):
-    """Steps 1-5 of one iteration: a batch of experience with advantages and returns, plus timings."""
+            generator=None, iteration="?"):
+    """Steps 1-4 of an iteration on a batch of prompts: a batch of experience (lib/responses.py's layout plus
+    logprobs, ref_logprobs, values, rewards, kl, advantages, returns, all (B, R)) and its statistics."""
     t0 = time.time()
-    batch, t_generate = generate_and_score(policy, reward_model, reward_fn, queries, query_mask, cfg, generator)
+    # 1. rollout: sample responses and score them (reward model, or a programmatic reward_fn)
+    try:
+        batch = sample_and_score(policy, queries, query_mask, cfg.max_new_tokens, cfg.temperature, generator,
+                                 reward_model, reward_fn)
+    except FloatingPointError:  # NaN/inf logits in generate: the last update broke the policy
+        check_finite(float("nan"), iteration, "a logit of the policy while sampling")
+    t_generate = time.time() - t0
+    if cfg.missing_eos_penalty:
+        batch["scores"] = batch["scores"] - cfg.missing_eos_penalty * (~batch["has_eos"]).float()
     ids, attention_mask, mask = batch["ids"], batch["attention_mask"], batch["response_mask"]
     P = queries.size(1)
-    # 3. logprobs and values: one forward each, logits divided by the sampling temperature
+    # 2. logprobs and values: one forward each, logits divided by the sampling temperature
     logprobs = policy_logprobs(policy, ids, attention_mask, P, cfg.temperature)  # (B, R)
     ref_logprobs = policy_logprobs(ref_policy, ids, attention_mask, P, cfg.temperature)  # (B, R)
     critic.eval()
     values = critic_values(critic, ids, attention_mask, P)  # (B, R)
-    # 4. KL-shaped reward, InstructGPT eq. (2)
+    # 3. KL-shaped reward, InstructGPT eq. (2)
     rewards, kl = compute_rewards(batch["scores"], logprobs, ref_logprobs, mask, kl_coef)  # (B, R)
-    # 5. GAE; returns from the raw advantages, then advantages whitened over the batch's response tokens
+    # 4. GAE; returns from the raw advantages, then advantages whitened over the batch's response tokens
     advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # (B, R)
     advantages = whiten(advantages, mask)
     batch.update(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards, kl=kl,
                  advantages=advantages, returns=returns)
-    # entropy: E_y~pi[-log pi(y)], estimated from the sampled tokens (free; the exact value would cost
-    # another pass over the (B, R, V) logits)
-    # (global_masked_mean: over the batches of all ranks under torchrun)
-    stats = {"score": global_masked_mean(batch["scores"]).item(), "reward": global_masked_mean(rewards.sum(1)).item(),
-             "kl": global_masked_mean(kl.sum(1)).item(), "entropy": global_masked_mean(-logprobs, mask).item(),
+    # statistics over the batches of all ranks; the entropy E_y~pi[-log pi(y)] is estimated from the sampled
+    # tokens (free; the exact value would cost another pass over the (B, R, V) logits)
+    stats = {"score": global_masked_mean(batch["scores"]).item(),
+             "reward": global_masked_mean(rewards.sum(1)).item(), "kl": global_masked_mean(kl.sum(1)).item(),
+             "entropy": global_masked_mean(-logprobs, mask).item(),
              "explained_var": explained_variance(values, returns, mask).item(),
              "resp_len": global_masked_mean(mask.float().sum(1)).item(),
              "eos_frac": global_masked_mean(batch["has_eos"].float()).item(),
@@ -322,64 +302,46 @@ def minibatch(batch, idx):
 
 
 def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None, iteration="?"):
-    """Step 6: `noptepochs` passes over shuffled minibatches; returns the mean over optimizer steps of each loss
-    statistic. `generator` (a CPU torch.Generator) shuffles the minibatches; `ptx_batches` yields one batch of
+    """Step 5: `noptepochs` passes over the batch in shuffled minibatches, one optimizer step each, minimising
+    pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss. Returns each statistic's mean over the steps.
+    `generator` (a CPU torch.Generator) shuffles the minibatches; `ptx_batches` yields one batch of
     right-padded pretraining text per optimizer step (PPO-ptx); `iteration` names the step if the loss diverges.
-
-    A minibatch runs in gradient_accumulation_steps micro-batches, and accumulation is a memory knob only:
-    the losses are means over all the minibatch's response tokens, so each micro-batch's masked means are
-    weighted by its share of those tokens (as sft.accumulate_gradients does), not averaged, which would give
-    the tokens of short responses more weight. Likewise the ptx batch of a step is split into as many pieces,
-    each weighted by its share of the ptx tokens: the same gradient however the minibatch is split.
-
-    Under torchrun `policy` and `critic` are DDP-wrapped and each rank's minibatch is its share of a global
-    one. DDP averages the ranks' gradients (divides by world_size), so the token shares are shares of the
-    GLOBAL minibatch times world_size, w = world_size * n_micro / N_all (N_all all-reduced): the average is
-    then the token mean over all ranks' minibatches, not a mean of per-rank means."""
+    A minibatch (and its ptx batch) runs in grad_accum micro-batches, each weighted by its share of the
+    tokens, so the update is the same however it is split and over however many ranks (lib/ddp.py)."""
     policy.train()
     critic.train()
-    B = batch["ids"].size(0)
-    pieces = cfg.gradient_accumulation_steps
-    micro = cfg.minibatch_size // pieces
     stats = defaultdict(list)
     for _ in range(cfg.noptepochs):
-        order = torch.randperm(B, generator=generator).to(batch["ids"].device)
-        for start in range(0, B, cfg.minibatch_size):
-            rows = order[start:start + cfg.minibatch_size]
-            world = get_world_size()
-            n_tokens = all_reduce_sum(float(batch["response_mask"][rows].sum()))  # response tokens, all ranks
-            if cfg.ptx_coef > 0:
-                ptx_ids, ptx_mask = next(ptx_batches)  # (P, T)
-                n_ptx = all_reduce_sum(float(ptx_mask[:, 1:].sum()))  # predicted tokens of the step's ptx batches
-                ptx_pieces = list(zip(ptx_ids.tensor_split(pieces), ptx_mask.tensor_split(pieces)))
+        order = torch.randperm(batch["ids"].size(0), generator=generator).to(batch["ids"].device)
+        for start in range(0, len(order), cfg.minibatch_size):
+            rows = order[start:start + cfg.minibatch_size].tensor_split(cfg.grad_accum)  # micro-batches
+            ptx = split_ptx(next(ptx_batches), cfg.grad_accum) if cfg.ptx_coef > 0 else [None] * cfg.grad_accum
+            total = step_total(float(batch["response_mask"][torch.cat(rows)].sum()))  # response tokens / world
+            ptx_total = step_total(sum(n_predicted(p) for p in ptx)) if cfg.ptx_coef > 0 else 1.0
             step_stats = defaultdict(float)  # this optimizer step's statistics, token-weighted like its loss
-            for j in range(pieces):
-                with no_sync(policy, critic, enabled=j < pieces - 1):  # DDP: all-reduce once, after the last piece
-                    mb = minibatch(batch, rows[j * micro:(j + 1) * micro])
-                    mb_mask = mb["response_mask"]
-                    weight = world * int(mb_mask.sum()) / max(n_tokens, 1)  # share of the minibatch's tokens
+            for j in range(cfg.grad_accum):
+                with no_sync(policy, critic, enabled=j < cfg.grad_accum - 1):  # DDP: one all-reduce, after the last
+                    mb = minibatch(batch, rows[j])
+                    w = int(mb["response_mask"].sum()) / total  # the micro-batch's share of the tokens
                     logprobs = policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"],
-                                               cfg.temperature)
-                    values = critic_values(critic, mb["ids"], mb["attention_mask"], mb["n_query"])
+                                               cfg.temperature)  # (b, R)
+                    values = critic_values(critic, mb["ids"], mb["attention_mask"], mb["n_query"])  # (b, R)
                     pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"],
-                                                                      mb_mask, cfg.cliprange)
-                    vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb_mask,
+                                                                      mb["response_mask"], cfg.cliprange)
+                    vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb["response_mask"],
                                                           cfg.cliprange_value)
-                    loss = weight * (pg_loss + cfg.vf_coef * vf_loss)
-                    for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
-                                 ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
-                        step_stats[k] += weight * v.item()
-                    if cfg.ptx_coef > 0:  # PPO-ptx, eq. (2): gamma * pretraining log-likelihood, at every update
-                        ids, mask = ptx_pieces[j]  # (P / pieces, T) rows of the step's ptx batch
-                        n = int(mask[:, 1:].sum())
-                        step_stats["ptx_loss"] += 0.0  # every rank reports the key (DDP averages it), even if n = 0
-                        if n > 0:
-                            T = int(mask.sum(1).max())  # drop the columns that are padding in every row of the piece
-                            ptx_loss = lm_loss(policy, ids[:, :T], mask[:, :T])
-                            loss = loss + cfg.ptx_coef * (world * n / n_ptx) * ptx_loss
-                            step_stats["ptx_loss"] += (world * n / n_ptx) * ptx_loss.item()
+                    pg_loss, vf_loss = pg_loss * w, vf_loss * w
+                    ptx_loss = 0.0
+                    if ptx[j] is not None and n_predicted(ptx[j]) > 0:  # PPO-ptx: -log pi_RL(x), eq. (2)
+                        ptx_loss = lm_loss(policy, *ptx[j]) * (n_predicted(ptx[j]) / ptx_total)
+                    loss = pg_loss + cfg.vf_coef * vf_loss + cfg.ptx_coef * ptx_loss  # InstructGPT eq. (2), PPO
                     check_finite(loss, iteration, "the PPO loss")
                     loss.backward()
+                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("ptx_loss", ptx_loss),
+                             ("pg_clipfrac", pg_clipfrac * w), ("vf_clipfrac", vf_clipfrac * w),
+                             ("approx_kl", approx_kl * w)):
+                    if k != "ptx_loss" or cfg.ptx_coef > 0:  # every rank reports the same keys
+                        step_stats[k] += v.item() if torch.is_tensor(v) else v
             for k, v in step_stats.items():
                 stats[k].append(v)
             # Clipped separately: the critic's large early value gradients must not shrink the policy's step.
@@ -391,6 +353,20 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
     return mean_over_ranks({k: sum(v) / len(v) for k, v in stats.items()})
 
 
+def split_ptx(ptx_batch, pieces):
+    """A step's ptx batch (ids, mask) -> `pieces` micro-batches, each cut to its longest row."""
+    out = []
+    for ids, mask in zip(*(t.tensor_split(pieces) for t in ptx_batch)):
+        T = int(mask.sum(1).max()) if mask.numel() else 0  # drop the columns that are padding in every row
+        out.append((ids[:, :T], mask[:, :T]))
+    return out
+
+
+def n_predicted(ptx):
+    """Tokens of a right-padded text batch that the ptx loss predicts: every real token but the first of a row."""
+    return int(ptx[1][:, 1:].sum())
+
+
 def make_optimizer(policy, critic, cfg, device):
     """One AdamW over both networks (one state to checkpoint). They share no parameters and Adam normalises
     each parameter's step, so with separate gradient clipping vf_coef barely changes the critic's updates
@@ -400,7 +376,7 @@ def make_optimizer(policy, critic, cfg, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data and evaluation
+# Data, evaluation, samples
 
 def load_prompts(path, enc, max_prompt_tokens):
     return [encode_prompt(enc, row["prompt"], max_prompt_tokens) for row in read_jsonl(path, what="prompts")]
@@ -414,6 +390,23 @@ def prompt_batch(prompts, batch_size, iteration, seed, device):
     idx = shard(torch.randperm(len(prompts), generator=g)[:batch_size * get_world_size()].tolist())
     queries, query_mask = pad_left([prompts[i] for i in idx])
     return queries.to(device), query_mask.to(device)
+
+
+def load_ptx_text(cfg, enc):
+    """The PPO-ptx text as token lists (each cut to ptx_max_tokens)."""
+    # DEVIATION: the paper's ptx batches come from GPT-3's pretraining mix; we have no such corpus here, so by
+    # default the "pretraining distribution" is the HH dialogues themselves (prompt + chosen response,
+    # sft_train.jsonl); --ptx_file gives another corpus in the same format.
+    path = cfg.ptx_file or os.path.join(cfg.data_dir, "sft_train.jsonl")
+    if cfg.ptx_file and not os.path.isfile(cfg.ptx_file):
+        sys.exit(f"error: --ptx_file {cfg.ptx_file} not found (JSON lines of {{'prompt': str, 'response': str}})")
+    texts = read_jsonl(path, what="pretraining text (ptx)")
+    for i, r in enumerate(texts):
+        ok = isinstance(r, dict) and isinstance(r.get("response"), str) and isinstance(r.get("prompt", ""), str)
+        assert ok, f"{path}: line {i + 1} is not a {{'prompt': str, 'response': str}} object (prompt may be '')"
+    seqs = [(enc.encode_ordinary(r.get("prompt", "") + r["response"]) + [EOS])[:cfg.ptx_max_tokens] for r in texts]
+    assert any(len(s) > 1 for s in seqs), f"{path} holds no text for the ptx loss"
+    return seqs
 
 
 def ptx_iterator(sequences, batch_size, seed, device, start=0):
@@ -435,19 +428,17 @@ def evaluate(policy, ref_policy, reward_model, reward_fn, prompts, cfg, device, 
     scores, kls, judged = [], [], []
     for i in range(0, len(prompts), cfg.batch_size):
         queries, query_mask = pad_left(prompts[i:i + cfg.batch_size])
-        queries, query_mask = queries.to(device), query_mask.to(device)
-        batch, _ = generate_and_score(policy, reward_model, reward_fn, queries, query_mask, cfg, generator)
-        P = queries.size(1)
-        logprobs = policy_logprobs(policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
-        ref_logprobs = policy_logprobs(ref_policy, batch["ids"], batch["attention_mask"], P, cfg.temperature)
+        batch = sample_and_score(policy, queries.to(device), query_mask.to(device), cfg.max_new_tokens,
+                                 cfg.temperature, generator, reward_model, reward_fn)
+        if cfg.missing_eos_penalty:
+            batch["scores"] = batch["scores"] - cfg.missing_eos_penalty * (~batch["has_eos"]).float()
         scores.append(batch["scores"])
-        kls.append(((logprobs - ref_logprobs) * batch["response_mask"]).sum(1))
+        kls.append(sequence_kl(policy, ref_policy, batch, cfg.temperature))
         if judge is not None:
             judged.append(score_responses(judge, batch["ids"], batch["attention_mask"], batch["has_eos"]))
     scores, kls = all_gather_cat(scores), all_gather_cat(kls)  # DDP: each rank evaluated its share of the prompts
     metrics = {"eval_score": scores.mean().item(), "eval_kl": kls.mean().item()}
     if judge is not None:
-        from evaluate import win_rate  # imported here: evaluate.py imports this file
         judged = all_gather_cat(judged)  # (all ranks' prompts,)
         metrics["eval_judge_score"] = judged.mean().item()
         if judge_baseline is not None:
@@ -464,9 +455,8 @@ def judge_scores(policy, judge, prompts, cfg, device):
     scores = []
     for i in range(0, len(prompts), cfg.batch_size):
         queries, query_mask = pad_left(prompts[i:i + cfg.batch_size])
-        batch, _ = generate_and_score(policy, judge, None, queries.to(device), query_mask.to(device),
-                                      dataclasses.replace(cfg, missing_eos_penalty=0.0), generator)
-        scores += batch["scores"].tolist()
+        scores += sample_and_score(policy, queries.to(device), query_mask.to(device), cfg.max_new_tokens,
+                                   cfg.temperature, generator, reward_model=judge)["scores"].tolist()
     return scores
 
 
@@ -476,6 +466,71 @@ def print_samples(enc, batch, n):
         r = batch["responses"][i][batch["response_mask"][i]].tolist()
         print(f"--- score {batch['scores'][i].item():+.3f} | kl {batch['kl'][i].sum().item():+.3f}\n"
               f"[prompt] ...{enc.decode(q)[-300:]!r}\n[response] {enc.decode(r)!r}")
+
+
+PANELS = {"score (reward model)": ["score", "eval_score"], "KL(policy || ref), per response": ["kl", "eval_kl"],
+          "total reward (score - beta KL)": ["reward"], "kl_coef (beta)": ["kl_coef"],
+          "policy entropy per token": ["entropy"], "losses": ["pg_loss", "vf_loss"],
+          "clip fractions, approx_kl": ["pg_clipfrac", "vf_clipfrac", "approx_kl"],
+          "critic explained variance": ["explained_var"], "response length": ["resp_len"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: the four models, resumed or fresh
+
+def build_models(cfg, device, reward_fn=None, resume_ckpt=None):
+    """policy and ref_policy from the SFT checkpoint, reward_model and critic from the reward model's
+    (InstructGPT 3.5: "we initialize the value function from the RM"). Dropout is off in all four: the ratios
+    and the KL must compare the same deterministic function. A resumed run takes policy and critic from its
+    checkpoint. "scratch" models are drawn from their own seeds, so a resumed run, which loads other
+    checkpoints first, builds the same ones. With a programmatic reward_fn there is no reward model; the
+    critic's trunk then comes from --reward_ckpt (a language model's trunk, or scratch) and its head is new."""
+    model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
+    ref_policy, _ = load_model(cfg.sft_ckpt, "gpt", model_cfg, dropout=0.0, device=device, seed=cfg.seed)
+    if resume_ckpt:
+        policy, _ = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), "gpt", dropout=0.0, device=device)
+    else:
+        policy = copy.deepcopy(ref_policy)
+    ref_policy.eval().requires_grad_(False)
+    shape = {k: getattr(policy.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    reward_model = None
+    if reward_fn is None:
+        reward_model, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, seed=cfg.seed + 1)
+        reward_model.eval().requires_grad_(False)
+    if resume_ckpt:
+        critic = ScalarGPT(GPTConfig(**resume_ckpt["critic_config"])).to(device)
+        critic.load_state_dict(resume_ckpt["critic"])
+    elif reward_model is not None:
+        critic = copy.deepcopy(reward_model).requires_grad_(True)
+    else:
+        critic, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, transplant=True,
+                               seed=cfg.seed + 1)
+    longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
+    for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
+        assert m is None or longest <= m.config.block_size, \
+            f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the {name}'s block_size {m.config.block_size}"
+    return policy, ref_policy, reward_model, critic
+
+
+def load_judge(cfg, device):
+    """The independent judge of eval_win_rate (--judge_ckpt), or None."""
+    if not cfg.judge_ckpt:
+        return None
+    judge, _ = load_model(cfg.judge_ckpt, "scalar", dropout=0.0, device=device)
+    longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1
+    assert longest <= judge.config.block_size, f"{longest} tokens exceed the judge's block_size"
+    return judge.eval().requires_grad_(False)
+
+
+def save_ppo_checkpoint(path, policy, critic, optimizer, cfg, iteration, kl_coef):
+    """ckpt.pt: the policy (loadable as a plain GPT by every script), and what --resume needs. With
+    --keep_checkpoints also a durable copy ckpt_{iteration}.pt (curves over training)."""
+    save_checkpoint(path, policy, cfg, critic=critic.state_dict(), critic_config=dataclasses.asdict(critic.config),
+                    optimizer=optimizer.state_dict(), iteration=iteration, kl_coef=kl_coef)
+    if cfg.keep_checkpoints and is_main():  # rank 0 alone wrote ckpt.pt
+        kept = os.path.join(os.path.dirname(path), f"ckpt_{iteration:04d}.pt")
+        shutil.copyfile(path, kept + ".tmp")
+        fsync_replace(kept + ".tmp", kept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,8 +550,8 @@ def train(cfg, reward_fn=None):
         f"temperature must be > 0 for PPO (got {cfg.temperature}): rollouts are sampled and every logprob divides "
         f"the logits by it, so 0 would give NaN losses; greedy decoding (temperature 0) is for sample.py")
     assert cfg.batch_size % cfg.minibatch_size == 0, "batch_size must be a multiple of minibatch_size"
-    assert cfg.minibatch_size % cfg.gradient_accumulation_steps == 0, \
-        "minibatch_size must be a multiple of gradient_accumulation_steps (the micro-batch size)"
+    assert cfg.minibatch_size % cfg.grad_accum == 0, \
+        "minibatch_size must be a multiple of grad_accum (the micro-batch size)"
     updates_per_iter = cfg.noptepochs * cfg.batch_size // cfg.minibatch_size
     os.makedirs(cfg.out_dir, exist_ok=True)
     print_config(cfg, cfg.out_dir)
@@ -504,68 +559,24 @@ def train(cfg, reward_fn=None):
     ctx = autocast(device, cfg.dtype)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    # data, tokenized once
+    # data, tokenized once; DDP: each rank evaluates its share of the held-out prompts
     enc = get_tokenizer()
     train_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc, cfg.max_prompt_tokens)
     val_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"), enc, cfg.max_prompt_tokens)
-    val_prompts = shard(val_prompts[:cfg.eval_prompts])  # DDP: this rank's share of the evaluation prompts
+    val_prompts = shard(spread(val_prompts, cfg.eval_prompts))
     assert len(train_prompts) >= cfg.batch_size * world_size, (
         f"{len(train_prompts)} prompts < batch_size {cfg.batch_size} x {world_size} processes")
-    ptx_seqs = None
-    if cfg.ptx_coef > 0:
-        # DEVIATION: the paper's ptx batches come from GPT-3's pretraining mix; we have no such corpus here,
-        # so by default the "pretraining distribution" is the HH dialogues themselves (prompt + chosen
-        # response, sft_train.jsonl); --ptx_file gives another corpus in the same format.
-        ptx_path = cfg.ptx_file or os.path.join(cfg.data_dir, "sft_train.jsonl")
-        if cfg.ptx_file and not os.path.isfile(cfg.ptx_file):
-            sys.exit(f"error: --ptx_file {cfg.ptx_file} not found (JSON lines of {{'prompt': str, 'response': str}})")
-        texts = read_jsonl(ptx_path, what="pretraining text (ptx)")
-        for i, r in enumerate(texts):
-            ok = isinstance(r, dict) and isinstance(r.get("response"), str) and isinstance(r.get("prompt", ""), str)
-            assert ok, f"{ptx_path}: line {i + 1} is not a {{'prompt': str, 'response': str}} object (prompt may be '')"
-        ptx_seqs = [(enc.encode_ordinary(r.get("prompt", "") + r["response"]) + [EOS])[:cfg.ptx_max_tokens]
-                    for r in texts]
-        assert any(len(s) > 1 for s in ptx_seqs), f"{ptx_path} holds no text for the ptx loss"
+    ptx_seqs = load_ptx_text(cfg, enc) if cfg.ptx_coef > 0 else None
 
-    # models: policy and ref_policy from SFT, reward_model and critic from the RM. Dropout is off in all four
-    # (no --dropout): the ratios and the KL must compare the same deterministic function. "scratch" models
-    # are drawn from their own seeds, so a resumed run, which loads other checkpoints first, builds the same.
-    model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
+    # models, optimizer; a resumed run continues from ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
     resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    ref_policy, _ = load_model(cfg.sft_ckpt, "gpt", model_cfg, dropout=0.0, device=device, seed=cfg.seed)
-    if resume_ckpt:
-        policy, _ = load_model(ckpt_path, "gpt", dropout=0.0, device=device)
-    else:
-        policy = copy.deepcopy(ref_policy)
-    shape = {k: getattr(policy.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
-    reward_model = None
-    if reward_fn is None:
-        reward_model, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, seed=cfg.seed + 1)
-        reward_model.eval().requires_grad_(False)
-    if resume_ckpt:
-        critic = ScalarGPT(GPTConfig(**resume_ckpt["critic_config"])).to(device)
-        critic.load_state_dict(resume_ckpt["critic"])
-    elif reward_model is not None:
-        critic = copy.deepcopy(reward_model).requires_grad_(True)
-    else:
-        critic, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, transplant=True,
-                               seed=cfg.seed + 1)
-    ref_policy.eval().requires_grad_(False)
-    longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
-    for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
-        assert m is None or longest <= m.config.block_size, \
-            f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the {name}'s block_size {m.config.block_size}"
-    judge, judge_baseline = None, None
-    if cfg.judge_ckpt:  # an independent judge, and its scores of the SFT policy's held-out responses
-        judge, _ = load_model(cfg.judge_ckpt, "scalar", dropout=0.0, device=device)
-        judge.eval().requires_grad_(False)
-        assert longest <= judge.config.block_size, f"{longest} tokens exceed the judge's block_size"
-        with ctx:
-            judge_baseline = judge_scores(ref_policy, judge, val_prompts, cfg, device)
+    policy, ref_policy, reward_model, critic = build_models(cfg, device, reward_fn, resume_ckpt)
+    judge = load_judge(cfg, device)
+    with ctx:  # the judge's scores of the SFT policy's held-out responses: eval_win_rate's baseline
+        judge_baseline = judge_scores(ref_policy, judge, val_prompts, cfg, device) if judge else None
     print(f"policy {policy.num_params() / 1e6:.1f}M parameters from {cfg.sft_ckpt}; critic from "
           f"{cfg.reward_ckpt}; reward: {'reward_fn' if reward_fn else cfg.reward_ckpt}; {cfg.iters} iterations "
           f"of {cfg.batch_size} prompts, {updates_per_iter} updates each")
-
     optimizer = make_optimizer(policy, critic, cfg, device)
     # DDP: the two trained models average their gradients over ranks; the frozen ref_policy and reward_model
     # take no gradients and stay unwrapped, and so do rollouts and evaluation (no gradients either)
@@ -575,63 +586,51 @@ def train(cfg, reward_fn=None):
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         kl_coef, start = resume_ckpt["kl_coef"], resume_ckpt["iteration"]
         print(f"resumed from {ckpt_path} at iteration {start}, kl_coef {kl_coef:.4g}")
-
     log = MetricsLog(cfg.out_dir, cfg.iters, resume_step=start if resume_ckpt else None, log_to=cfg.log_to,
                      run_config=cfg)
     png_path = os.path.join(cfg.out_dir, "ppo.png")
-    panels = {"score (reward model)": ["score", "eval_score"], "KL(policy || ref), per response": ["kl", "eval_kl"],
-              "total reward (score - beta KL)": ["reward"], "kl_coef (beta)": ["kl_coef"],
-              "policy entropy per token": ["entropy"], "losses": ["pg_loss", "vf_loss"],
-              "clip fractions, approx_kl": ["pg_clipfrac", "vf_clipfrac", "approx_kl"],
-              "critic explained variance": ["explained_var"], "response length": ["resp_len"]}
-    if judge is not None:
-        panels["judge: win rate vs SFT (eval)"] = ["eval_win_rate"]
+    panels = {**PANELS, **({"judge: win rate vs SFT (eval)": ["eval_win_rate"]} if judge else {})}
+    held_out = lambda: evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device, judge,
+                                judge_baseline)
     metrics = {}
     if start == 0:  # the SFT policy's own score on the held-out prompts: the baseline of the plot
         with ctx:
-            log.log(0, evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device,
-                                judge, judge_baseline))
+            log.log(0, held_out())
+
     for it in range(start, cfg.iters):
         t0 = time.time()
-        lr = cfg.lr * min(1.0, 0.1 + 0.9 * it / max(cfg.warmup_iters, 1))
+        lr = cfg.lr * min(1.0, 0.1 + 0.9 * it / max(cfg.warmup_iters, 1))  # warmup from lr / 10
         for group in optimizer.param_groups:
             group["lr"] = lr
-        queries, query_mask = prompt_batch(train_prompts, cfg.batch_size, it, cfg.seed, device)  # this rank's prompts
+        # prompts and ptx text of this iteration: functions of the iteration number (exact resume)
+        queries, query_mask = prompt_batch(train_prompts, cfg.batch_size, it, cfg.seed, device)  # this rank's
         ptx_batches = None if ptx_seqs is None else ptx_iterator(  # ptx_batch_size per optimizer step, per rank
             ptx_seqs, cfg.ptx_batch_size, seed, device, start=it * updates_per_iter * cfg.ptx_batch_size)
         with ctx:
-            # 1. rollout, 2. score, 3. logprobs and values, 4. KL-shaped reward, 5. GAE
-            try:
-                batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg,
-                                         kl_coef, reward_fn, torch.Generator(device=device).manual_seed(seed + it))
-            except FloatingPointError:  # NaN/inf logits in generate: the last update broke the policy
-                check_finite(float("nan"), it + 1, "a logit of the policy while sampling")
-            # 6. PPO epochs (7. with the ptx loss when ptx_coef > 0)
+            # 1.-4. rollout and score, logprobs and values, KL-shaped reward, GAE
+            batch, metrics = rollout(policy, ref_policy, critic, reward_model, queries, query_mask, cfg, kl_coef,
+                                     reward_fn, torch.Generator(device=device).manual_seed(seed + it), it + 1)
+            # 5. PPO epochs: pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss
             t1 = time.time()
             metrics.update(ppo_update(policy_ddp, critic_ddp, optimizer, batch, cfg, ptx_batches,
                                       torch.Generator().manual_seed(seed + it), iteration=it + 1))
         metrics.update(kl_coef=kl_coef, lr=lr, t_update=time.time() - t1, t_iter=time.time() - t0)
-        # 8. KL coefficient: fixed, or adapted to the KL of this batch
+        # 6. KL coefficient: fixed, or adapted to the KL of this batch (episodes of all ranks; kl is their mean)
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon,
-                                       cfg.batch_size * world_size)  # episodes of all ranks; kl is their mean
+                                       cfg.batch_size * world_size)
+
         step = it + 1
         if step % cfg.sample_every == 0 or step == 1:
             print_samples(enc, batch, cfg.n_samples)
-        if step % cfg.eval_interval == 0 or step == cfg.iters:
+        evaluating = step % cfg.eval_interval == 0 or step == cfg.iters
+        if evaluating:
             with ctx:
-                metrics.update(evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device,
-                                        judge, judge_baseline))
+                metrics.update(held_out())
         log.log(step, metrics, keys=["score", "kl", "kl_coef", "eval_score", "eval_kl", "eval_win_rate", "pg_loss",
                                      "vf_loss", "entropy", "resp_len", "t_generate", "t_update", "t_iter"])
-        if step % cfg.eval_interval == 0 or step == cfg.iters:
-            save_checkpoint(ckpt_path, policy, cfg, critic=critic.state_dict(),
-                            critic_config=dataclasses.asdict(critic.config), optimizer=optimizer.state_dict(),
-                            iteration=step, kl_coef=kl_coef)
-            if cfg.keep_checkpoints and is_main():  # rank 0 alone wrote ckpt.pt; a durable copy, like every write
-                kept = os.path.join(cfg.out_dir, f"ckpt_{step:04d}.pt")
-                shutil.copyfile(ckpt_path, kept + ".tmp")
-                fsync_replace(kept + ".tmp", kept)
+        if evaluating:
+            save_ppo_checkpoint(ckpt_path, policy, critic, optimizer, cfg, step, kl_coef)
             plot_metrics(log.path, png_path, panels, title=f"PPO ({cfg.preset or 'custom'}, {cfg.sft_ckpt})")
     print(f"done: score {metrics.get('score', float('nan')):.4f} | kl {metrics.get('kl', float('nan')):.4f} | "
           f"saved {ckpt_path} and {png_path} | {time.time() - t_start:.0f}s")

@@ -8,8 +8,8 @@ x with K ranked responses, all C(K, 2) pairs (y_w preferred to y_l) form ONE bat
 
     loss(theta) = -1/C(K,2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r(x, y_w) - r(x, y_l)) ]    (eq. 1)
 
-so the K responses of a prompt are scored in one forward pass and the correlated pairs of one ranking
-count as one example (the paper found that shuffling them as separate examples overfits in one epoch).
+so the K responses of a prompt are scored in one forward pass (lib/responses.py's score_sequences, the read-out
+ppo.py and the evaluations share) and the correlated pairs of one ranking count as one example (the paper found that shuffling them as separate examples overfits in one epoch).
 Since eq. (1) only sees differences of scores, after training the head's bias is set so that the
 labeler demonstrations score 0 on average ("we normalize the reward model using a bias so that the
 labeler demonstrations achieve a mean score of 0 before doing RL"); ppo.py uses that checkpoint as is.
@@ -37,10 +37,33 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (EOS, MODEL_PRESETS, MetricsLog, all_gather_cat, all_reduce_sum, autocast, check_finite,
-                    encode_prompt, encode_response, get_rank, get_tokenizer, get_world_size, init_distributed,
-                    load_model, lr_at, make_adamw, maybe_compile, no_sync, pad_right, plot_metrics, print_config,
-                    read_jsonl, rng_state, run, save_checkpoint, set_rng_state, setup_device, shard, wrap_ddp)
+from lib.checkpoints import load_model, save_checkpoint
+from lib.config import MODEL_PRESETS, print_config, run
+from lib.data import read_jsonl
+from lib.ddp import (
+    all_gather_cat,
+    all_reduce_sum,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    no_sync,
+    shard,
+    step_total,
+    wrap_ddp,
+)
+from lib.responses import rm_tokens, score_sequences, score_token_lists
+from lib.tokens import get_tokenizer, pad_right
+from lib.tracking import MetricsLog, plot_metrics
+from lib.training import (
+    autocast,
+    check_finite,
+    lr_at,
+    make_adamw,
+    maybe_compile,
+    rng_state,
+    set_rng_state,
+    setup_device,
+)
 
 
 @dataclass
@@ -71,7 +94,7 @@ class Config:
     epochs: int = 1  # paper: 1 ("multiple epochs quickly overfit")
     max_steps: int = 0  # stop after this many steps if > 0 (quick runs)
     batch_size: int = 8  # prompts per step, all ranks together, each with all its C(K,2) pairs (paper: 64)
-    micro_batch_size: int = 8  # prompts per forward pass (on each rank); gradients accumulate up to batch_size
+    grad_accum: int = 1  # a step runs in micro-batches of batch_size / grad_accum prompts (a memory knob)
     lr: float = 1e-4  # peak learning rate (paper: 9e-6 for the 6B RM)
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac (paper: 10%)
     warmup_steps: int = 10  # linear warmup (DEVIATION: C.2 mentions none; it guards the fresh head's first steps)
@@ -93,31 +116,16 @@ class Config:
 # scaled up for smaller models.
 _LONG = dict(max_prompt_tokens=640, max_response_tokens=256)
 CONFIGS = {
-    "tiny": dict(MODEL_PRESETS["tiny"], lr=1e-4, batch_size=8, micro_batch_size=8),
-    "small": dict(MODEL_PRESETS["small"], lr=1e-5, batch_size=32, micro_batch_size=8, **_LONG),
-    "medium": dict(MODEL_PRESETS["medium"], lr=1e-5, batch_size=32, micro_batch_size=4, **_LONG),
-    "large": dict(MODEL_PRESETS["large"], lr=9e-6, batch_size=64, micro_batch_size=2, **_LONG),
-    "xl": dict(MODEL_PRESETS["xl"], lr=9e-6, batch_size=64, micro_batch_size=1, **_LONG),
+    "tiny": dict(MODEL_PRESETS["tiny"], lr=1e-4, batch_size=8, grad_accum=1),
+    "small": dict(MODEL_PRESETS["small"], lr=1e-5, batch_size=32, grad_accum=4, **_LONG),
+    "medium": dict(MODEL_PRESETS["medium"], lr=1e-5, batch_size=32, grad_accum=8, **_LONG),
+    "large": dict(MODEL_PRESETS["large"], lr=9e-6, batch_size=64, grad_accum=32, **_LONG),
+    "xl": dict(MODEL_PRESETS["xl"], lr=9e-6, batch_size=64, grad_accum=64, **_LONG),
 }
 
 
 # ----------------------------------------------------------------------------------------------
 # The math
-
-def last_token_index(attention_mask):
-    """(B, T) mask, 1 on real tokens -> (B,) index of the last real token (any padding side)."""
-    T = attention_mask.size(-1)
-    positions = torch.arange(T, device=attention_mask.device)  # (T,)
-    return (attention_mask.long() * positions).max(dim=-1).values  # (B,)
-
-
-def score_sequences(reward_model, ids, attention_mask):
-    """Reward of each sequence: the head's output at its last real token, which must be the EOS that
-    ends the response (never a padding position, never a mean). ids, attention_mask (B, T) -> (B,)."""
-    scores = reward_model(ids, attention_mask)  # (B, T)
-    last = last_token_index(attention_mask)  # (B,)
-    return scores.gather(1, last[:, None]).squeeze(1).float()  # (B,)
-
 
 def preference_loss(r_chosen, r_rejected, prompt_index=None):
     """InstructGPT eq. (1): -1/C(K,2) sum_pairs log sigmoid(r_w - r_l) per prompt, averaged over prompts.
@@ -136,13 +144,6 @@ def preference_loss(r_chosen, r_rejected, prompt_index=None):
 
 # ----------------------------------------------------------------------------------------------
 # Data: rankings -> token sequences -> batches
-
-def rm_tokens(enc, prompt, response, max_prompt_tokens, max_response_tokens):
-    """prompt + response + EOS as token ids. EOS is appended even after a cut response, so the score is
-    always read at an EOS token (common.encode_response leaves a cut response open, for SFT)."""
-    return (encode_prompt(enc, prompt, max_prompt_tokens)
-            + encode_response(enc, response, max_response_tokens, eos=False) + [EOS])
-
 
 def data_paths(data_dir, names):
     """Comma-separated file names, relative to data_dir (an absolute name stays as it is)."""
@@ -213,26 +214,6 @@ def read_demonstrations(path):
 
 
 @torch.no_grad()
-def score_all(reward_model, seqs, device, batch_size, ctx):
-    """Scores (N,) of a list of token sequences, in batches."""
-    scores = []
-    for i in range(0, len(seqs), batch_size):
-        ids, attention_mask = pad_right(seqs[i:i + batch_size])
-        with ctx:
-            scores.append(score_sequences(reward_model, ids.to(device), attention_mask.to(device)).cpu())
-    return torch.cat(scores)
-
-
-@torch.no_grad()
-def score_text(reward_model, enc, prompt, response, max_prompt_tokens=Config.max_prompt_tokens,
-               max_response_tokens=Config.max_response_tokens):
-    """The reward of one prompt + response (pass the max_*_tokens of the RM's training config)."""
-    device = next(reward_model.parameters()).device
-    ids = torch.tensor([rm_tokens(enc, prompt, response, max_prompt_tokens, max_response_tokens)], device=device)
-    return score_sequences(reward_model, ids, torch.ones_like(ids)).item()
-
-
-@torch.no_grad()
 def evaluate(reward_model, examples, device, batch_size, ctx):
     """Validation metrics over all pairs: eq. (1) loss, accuracy (pairs ranked correctly), scores. Under
     torchrun each rank scores its share of `examples` and the scores are gathered: every rank reports the
@@ -261,14 +242,14 @@ def evaluate(reward_model, examples, device, batch_size, ctx):
 
 def train(cfg):
     # DDP (torchrun): the config's batch_size is GLOBAL: each step's prompts are split over the ranks, which
-    # run their share in micro-batches of up to micro_batch_size; only rank 0 prints, logs and writes files.
+    # run their share in micro-batches of batch_size / grad_accum; only rank 0 prints, logs and writes files.
     _, world_size = init_distributed(cfg.device)
     t_start = time.time()
     if not cfg.resume and cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
         sys.exit(f"error: SFT checkpoint {cfg.init_from} not found. Run sft.py first "
                  f"(python sft.py --config {cfg.preset or 'tiny'}), or pass --init_from scratch or a GPT-2 name.")
-    assert cfg.batch_size % cfg.micro_batch_size == 0, "batch_size must be a multiple of micro_batch_size"
-    grad_accum = cfg.batch_size // cfg.micro_batch_size
+    assert cfg.batch_size % cfg.grad_accum == 0, "batch_size must be a multiple of grad_accum"
+    micro_batch_size = cfg.batch_size // cfg.grad_accum  # prompts per forward pass
     os.makedirs(cfg.out_dir, exist_ok=True)
     print_config(cfg, cfg.out_dir)
     device = setup_device(cfg.device, cfg.seed)
@@ -304,7 +285,7 @@ def train(cfg):
     assert longest <= reward_model.config.block_size, \
         f"max_prompt_tokens + max_response_tokens + 1 = {longest} exceeds block_size {reward_model.config.block_size}"
     print(f"reward model: {sum(p.numel() for p in reward_model.parameters()) / 1e6:.1f}M parameters "
-          f"from {cfg.init_from}; {total_steps} steps of {cfg.batch_size} prompts in {grad_accum} micro-batches")
+          f"from {cfg.init_from}; {total_steps} steps of {cfg.batch_size} prompts in {cfg.grad_accum} micro-batches")
     model = wrap_ddp(maybe_compile(reward_model, cfg.compile), device)  # DDP: gradients averaged over ranks
 
     # optimizer: weight decay on matrices only (never on the head's bias, which eq. (1) cannot see)
@@ -321,7 +302,7 @@ def train(cfg):
                      run_config=cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     if not resume_ckpt:
-        log.log(0, evaluate(model, val_set, device, cfg.micro_batch_size, ctx), keys=["val/loss", "val/acc"])
+        log.log(0, evaluate(model, val_set, device, micro_batch_size, ctx), keys=["val/loss", "val/acc"])
     step, window = start, []  # window: (loss, accuracy) of the steps since the last validation
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train_set), generator=gen).tolist()  # drawn in every epoch, even a skipped one
@@ -337,18 +318,17 @@ def train(cfg):
                 group["lr"] = lr
             batch = [train_set[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
             mine = shard(batch)  # DDP: this rank's prompts of the step
+            total = step_total(len(mine))  # eq. (1) is a mean over the step's prompts (lib/ddp.py)
             loss_sum, correct, n_pairs = 0.0, 0, 0
-            for m in range(0, len(mine), cfg.micro_batch_size):
-                micro = mine[m:m + cfg.micro_batch_size]
+            for m in range(0, len(mine), micro_batch_size):
+                micro = mine[m:m + micro_batch_size]
                 ids, attention_mask, winner, loser, prompt_index = [t.to(device) for t in collate(micro)]
-                with no_sync(model, enabled=m + cfg.micro_batch_size < len(mine)):  # DDP: all-reduce after the last
+                with no_sync(model, enabled=m + micro_batch_size < len(mine)):  # DDP: all-reduce after the last
                     with ctx:
                         scores = score_sequences(model, ids, attention_mask)  # (N,) all K responses of each prompt
-                    # the mean over prompts of the whole batch: weight each micro-batch by its share of prompts,
-                    # times world_size because DDP averages the ranks' gradients (their sum / world_size)
-                    loss = preference_loss(scores[winner], scores[loser], prompt_index) * len(micro) / len(batch)
-                    (loss * world_size).backward()
-                loss_sum += loss.item()
+                    loss = preference_loss(scores[winner], scores[loser], prompt_index) * len(micro) / total
+                    loss.backward()
+                loss_sum += loss.item() / world_size
                 correct += (scores[winner] > scores[loser]).sum().item()
                 n_pairs += len(winner)
             loss_sum, correct, n_pairs = all_reduce_sum([loss_sum, float(correct), float(n_pairs)])  # all ranks
@@ -366,7 +346,7 @@ def train(cfg):
                 # a batch holds only batch_size rankings: average the train metrics over the window
                 metrics["train/loss_avg"] = sum(w[0] for w in window) / len(window)
                 metrics["train/acc_avg"] = sum(w[1] for w in window) / len(window)
-                metrics.update(evaluate(model, val_set, device, cfg.micro_batch_size, ctx))
+                metrics.update(evaluate(model, val_set, device, micro_batch_size, ctx))
                 window = []
             if step % cfg.log_interval == 0 or "val/acc" in metrics:
                 log.log(step, metrics, keys=["train/loss", "train/acc", "val/loss", "val/acc", "ms_per_step"])
@@ -376,12 +356,12 @@ def train(cfg):
 
     # normalise: shift the head's bias so the demonstrations score 0 on average (InstructGPT end of 3.5)
     reward_model.eval()
-    demo_mean = all_gather_cat([score_all(reward_model, shard(demos), device, cfg.micro_batch_size, ctx)]).mean().item()
+    demo_mean = all_gather_cat([score_token_lists(reward_model, shard(demos), micro_batch_size, ctx)]).mean().item()
     with torch.no_grad():
         reward_model.score_head.bias -= demo_mean
     reward_shift = -demo_mean
     print(f"normalised: demonstrations scored {demo_mean:+.4f} on average; head bias shifted by {reward_shift:+.4f}")
-    final = evaluate(reward_model, val_set, device, cfg.micro_batch_size, ctx)  # same accuracy, shifted scores
+    final = evaluate(reward_model, val_set, device, micro_batch_size, ctx)  # same accuracy, shifted scores
     ckpt_path = save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), reward_model, cfg,
                                 reward_shift=reward_shift, val_metrics=final)
     png_path = plot_metrics(log.path, os.path.join(cfg.out_dir, "reward.png"),

@@ -25,7 +25,11 @@ from typing import Optional
 
 import torch
 
-from common import EOS, autocast, decode_response, encode_prompt, get_tokenizer, load_model, pad_left, run, setup_device
+from lib.checkpoints import load_model
+from lib.config import run
+from lib.responses import score_texts as rm_score_texts
+from lib.tokens import EOS, decode_response, encode_prompt, get_tokenizer, pad_left
+from lib.training import autocast, setup_device
 
 
 @dataclass
@@ -62,12 +66,11 @@ def read_prompts(cfg):
     return lines[:cfg.max_prompts]
 
 
-def score_texts(reward_model, rm_config, enc, prompts, responses):
+def score_texts(reward_model, rm_config, enc, prompts, responses, device=None, dtype="bfloat16"):
     """Reward-model scores of prompt + response (+ EOS), read at the EOS token (InstructGPT 3.5), with the
     token budgets the reward model was trained with."""
-    from reward import score_text  # the reward model's own scoring, so sample.py and reward.py agree
-    budgets = {k: rm_config[k] for k in ("max_prompt_tokens", "max_response_tokens") if k in rm_config}
-    return [score_text(reward_model, enc, p, r, **budgets) for p, r in zip(prompts, responses)]
+    device = device or next(reward_model.parameters()).device
+    return rm_score_texts(reward_model, rm_config, enc, prompts, responses, autocast(device, dtype))
 
 
 def chat_prompt(enc, turns, message, budget):

@@ -26,11 +26,23 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EOS, GPT2_NAMES, MODEL_PRESETS, MetricsLog, all_reduce_sum, autocast, check_finite,
-                    decode_response, encode_prompt, encode_response, get_tokenizer, get_world_size, init_distributed,
-                    load_model, lr_at, make_adamw, maybe_compile, no_sync, pad_left, pad_right, plot_metrics,
-                    print_config, read_jsonl, rng_state, run, save_checkpoint, set_rng_state, setup_device, shard,
-                    wrap_ddp)
+from lib.checkpoints import load_model, save_checkpoint
+from lib.config import GPT2_NAMES, MODEL_PRESETS, print_config, run
+from lib.data import index_batches, read_jsonl
+from lib.ddp import all_reduce_sum, get_world_size, init_distributed, no_sync, shard, step_total, wrap_ddp
+from lib.responses import decode_responses, sample_responses
+from lib.tokens import EOS, encode_prompt, encode_response, get_tokenizer, pad_left, pad_right
+from lib.tracking import MetricsLog, plot_metrics
+from lib.training import (
+    autocast,
+    check_finite,
+    lr_at,
+    make_adamw,
+    maybe_compile,
+    rng_state,
+    set_rng_state,
+    setup_device,
+)
 from model import token_logprobs
 
 
@@ -76,7 +88,7 @@ class Config:
     seed: int = 1337
 
 
-# The model part comes from common.MODEL_PRESETS; `tiny` trains from scratch, the others start from GPT-2.
+# The model part comes from lib/config.py's MODEL_PRESETS; `tiny` trains from scratch, the others start from GPT-2.
 CONFIGS = {
     # A few minutes on 2 CPU cores: shows the val loss falling from ~10.8 (uniform over 50257 tokens).
     "tiny": {**MODEL_PRESETS["tiny"], "init_from": GPT2_NAMES["tiny"], "dropout": 0.0,
@@ -126,21 +138,15 @@ def batch_loss(trunk, lm_head, x, y, loss_mask):
 def accumulate_gradients(trunk, lm_head, micro, ctx):
     """Backpropagate the SFT loss of one optimizer step made of micro-batches [(x, y, loss_mask)]; return it.
 
-    Each micro-batch's mean is weighted by its share of the step's response tokens, so the loss (and the
-    gradient) is the mean over all of them, exactly as if the micro-batches were one batch.
-
-    Under torchrun `micro` is this rank's share of the step and `trunk` is wrapped in DDP, which AVERAGES the
-    ranks' gradients (their sum / world_size). So the share is of the tokens on all ranks, times world_size:
-    rank r contributes world_size * sum_r(NLL) / N_all, and the average over ranks is sum(NLL) / N_all, the
-    token mean of the global step, equal to one process running the whole step.
+    The loss is the mean over all the step's response tokens, on every rank, exactly as if the micro-batches
+    were one batch: each micro-batch's mean is weighted by its share of them (lib/ddp.py's step_total says why).
     """
-    n_local = sum(int(loss_mask.sum()) for _, _, loss_mask in micro)  # response tokens of this rank's share
-    n_step = all_reduce_sum(float(n_local)) / get_world_size()  # the step's tokens / world_size (n_local alone)
+    total = step_total(sum(int(loss_mask.sum()) for _, _, loss_mask in micro))  # the step's tokens / world_size
     loss = 0.0
     for i, (x, y, loss_mask) in enumerate(micro):
         with no_sync(trunk, enabled=i < len(micro) - 1):  # DDP: all-reduce once, after the last micro-batch
             with ctx:
-                mb_loss = batch_loss(trunk, lm_head, x, y, loss_mask) * int(loss_mask.sum()) / max(n_step, 1)
+                mb_loss = batch_loss(trunk, lm_head, x, y, loss_mask) * int(loss_mask.sum()) / total
             mb_loss.backward()
         loss += mb_loss.item()
     return all_reduce_sum(loss) / get_world_size()  # the step's loss over all ranks
@@ -172,22 +178,6 @@ def collate(examples):
     n_prompt = torch.tensor([n for _, n in examples])[:, None]  # (B, 1)
     loss_mask = (target_pos >= n_prompt) & attention_mask[:, 1:].bool()  # (B, T-1)
     return x, y, loss_mask.long()
-
-
-def index_batches(n, batch_size, seed, start=0):
-    """Endless batches of indices into range(n): each epoch is a fresh shuffle, every example once.
-
-    start: skip the first `start` indices of the stream (a resumed run passes the number of examples
-    already trained on), so the batches that follow are exactly those of an uninterrupted run."""
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(start // n):
-        torch.randperm(n, generator=g)  # a finished epoch: drawn only to advance the generator
-    pending = torch.randperm(n, generator=g).tolist()[start % n:]
-    while True:
-        pending += torch.randperm(n, generator=g).tolist()
-        while len(pending) >= batch_size:
-            yield pending[:batch_size]
-            pending = pending[batch_size:]
 
 
 def load_demos(path, enc, cfg, split):
@@ -227,10 +217,8 @@ def greedy_responses(model, enc, prompts, max_new_tokens, ctx, device):
         return []
     ids, attention_mask = pad_left(prompts)  # (B, T)
     with ctx:
-        out = model.generate(ids.to(device), max_new_tokens, temperature=0, eos_token_id=EOS,
-                             attention_mask=attention_mask.to(device))
-    rows = out[:, ids.size(1):].tolist()
-    return [decode_response(enc, row) for row in rows]
+        batch = sample_responses(model, ids.to(device), attention_mask.to(device), max_new_tokens, temperature=0)
+    return decode_responses(enc, batch)
 
 
 # ----------------------------------------------------------------------------------------------

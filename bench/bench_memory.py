@@ -20,7 +20,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from common import MODEL_PRESETS, make_adamw  # noqa: E402
+from lib.config import MODEL_PRESETS  # noqa: E402
+from lib.training import make_adamw  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 GB = 1024 ** 3

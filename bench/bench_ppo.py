@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import ppo  # noqa: E402
-from common import EOS  # noqa: E402
+from lib.tokens import EOS  # noqa: E402
 from model import GPT, GPTConfig, ScalarGPT  # noqa: E402
 
 

@@ -14,13 +14,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import lib.config  # noqa: E402
+import lib.ddp  # noqa: E402
 
 
 def whiten_check(out_dir):
     """Each rank whitens its own part (3 and 5 rows of ragged masks) with the all-reduce helper."""
     import ppo
-    rank, _ = common.init_distributed("cpu")
+    rank, _ = lib.ddp.init_distributed("cpu")
     g = torch.Generator().manual_seed(rank)
     rows = 3 + 2 * rank
     x = torch.randn(rows, 6, generator=g) * (1 + rank) + rank  # (rows, 6): a different mean and scale per rank
@@ -28,8 +29,8 @@ def whiten_check(out_dir):
     values = torch.randn(rows, 6, generator=g)
     torch.save({"x": x, "mask": mask, "values": values, "whitened": ppo.whiten(x, mask),
                 "explained_var": ppo.explained_variance(values, x, mask),
-                "var": common.global_masked_var(x, mask)}, os.path.join(out_dir, f"whiten.rank{rank}"))
-    common.close_distributed()
+                "var": lib.ddp.global_masked_var(x, mask)}, os.path.join(out_dir, f"whiten.rank{rank}"))
+    lib.ddp.close_distributed()
 
 
 def run_stage(name, argv):
@@ -48,7 +49,7 @@ def run_stage(name, argv):
             raise AssertionError(f"injected failure on rank {rank}")
         stage.collate = failing_collate
     sys.argv = [f"{name}.py"] + argv
-    common.run(stage.train, stage.Config, stage.CONFIGS)
+    lib.config.run(stage.train, stage.Config, stage.CONFIGS)
 
 
 if __name__ == "__main__":

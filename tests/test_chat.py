@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from common import get_tokenizer, save_checkpoint
 from conftest import REPO
+from lib.checkpoints import save_checkpoint
+from lib.tokens import get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
 from sample import chat_prompt
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 import pytest
 
-from common import MODEL_PRESETS, parse_config
 from conftest import REPO
+from lib.config import MODEL_PRESETS, parse_config
 
 
 @dataclass

@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
+from test_reward import synthetic_preferences, write_jsonl
 
 import ppo
 import reward
 import sft
-from common import load_checkpoint
 from conftest import REPO
-from test_reward import synthetic_preferences, write_jsonl
+from lib.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.distributed
 DIST_RUN = os.path.join(REPO, "tests", "dist_run.py")
@@ -95,7 +95,7 @@ def test_reward_two_processes_match_one_process_on_the_same_global_batch(tmp_pat
     # batches of 4 prompts: one process runs 2 micro-batches of 2, each of two ranks one micro-batch of 2;
     # the 4th and last batch holds 2 prompts: one micro-batch of 2, or one prompt on each rank
     cfg = dict(SHAPE, data_dir=str(tmp_path), max_prompt_tokens=16, max_response_tokens=16, batch_size=4,
-               micro_batch_size=2, lr=1e-3, warmup_steps=1, eval_interval=2)
+               grad_accum=2, lr=1e-3, warmup_steps=1, eval_interval=2)
     copies = tmp_path / "copies"
     copies.mkdir()
     check(torchrun(["reward", *flags(dict(cfg, out_dir=tmp_path / "ddp"))], env={"RANK_COPIES": str(copies)}))
@@ -120,7 +120,7 @@ def test_whitening_over_two_processes_equals_whitening_the_concatenated_batch(tm
 def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path):
     cfg = dict({k: v for k, v in SHAPE.items() if k not in ("init_from", "dropout")}, data_dir=PPO_FIXTURES, sft_ckpt="scratch", reward_ckpt="scratch", out_dir=tmp_path / "out",
                max_prompt_tokens=48, max_new_tokens=6, iters=2, batch_size=4, minibatch_size=4,
-               gradient_accumulation_steps=2, noptepochs=1, lr=1e-3, warmup_iters=1, eval_interval=2,
+               grad_accum=2, noptepochs=1, lr=1e-3, warmup_iters=1, eval_interval=2,
                eval_prompts=4, sample_every=1, n_samples=1, ptx_coef=0.5, ptx_batch_size=2, adaptive_kl=True)
     copies = tmp_path / "copies"
     copies.mkdir()

@@ -9,8 +9,9 @@ import torch
 
 import evaluate
 import ppo
-from common import save_checkpoint
 from conftest import REPO
+from lib import winrate
+from lib.checkpoints import save_checkpoint
 from model import GPT, GPTConfig, ScalarGPT
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "ppo")
@@ -20,11 +21,11 @@ SHAPE = dict(block_size=96, n_layer=1, n_head=2, n_embd=32)
 # ---------------------------------------------------------------------------------------------- statistics
 
 def test_win_rate_counts_ties_half():
-    result = evaluate.win_rate([1.0, 2.0, 3.0, 4.0, 0.5], [0.0, 2.0, 5.0, 1.0, 0.5])
+    result = winrate.win_rate([1.0, 2.0, 3.0, 4.0, 0.5], [0.0, 2.0, 5.0, 1.0, 0.5])
     assert result == {"win_rate": (2 + 2 / 2) / 5, "wins": 2, "ties": 2, "losses": 1, "n": 5}
-    assert evaluate.win_rate([1.0] * 7, [1.0] * 7)["win_rate"] == 0.5  # all ties
-    assert evaluate.win_rate([2.0] * 7, [1.0] * 7)["win_rate"] == 1.0  # all wins
-    assert evaluate.win_rate([0.0] * 7, [1.0] * 7)["win_rate"] == 0.0  # all losses
+    assert winrate.win_rate([1.0] * 7, [1.0] * 7)["win_rate"] == 0.5  # all ties
+    assert winrate.win_rate([2.0] * 7, [1.0] * 7)["win_rate"] == 1.0  # all wins
+    assert winrate.win_rate([0.0] * 7, [1.0] * 7)["win_rate"] == 0.0  # all losses
 
 
 def wilson_by_quadratic(successes, n, z):
@@ -38,20 +39,20 @@ def wilson_by_quadratic(successes, n, z):
 
 @pytest.mark.parametrize("successes, n", [(7, 10), (10, 10), (0, 10), (5, 10), (28.5, 57), (1, 1), (513, 1000)])
 def test_wilson_interval_matches_the_quadratic(successes, n):
-    ours = evaluate.wilson_interval(successes, n)
+    ours = winrate.wilson_interval(successes, n)
     hand = wilson_by_quadratic(successes, n, 1.96)
     print(f"{successes}/{n}: ours {ours} quadratic {hand}")
     assert ours == pytest.approx(hand, abs=1e-12)
 
 
 def test_wilson_interval_known_values_and_edge_cases():
-    assert evaluate.wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)  # textbook 7/10
-    lo, hi = evaluate.wilson_interval(10, 10)  # all wins: the upper end is 1, the lower well below it
+    assert winrate.wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)  # textbook 7/10
+    lo, hi = winrate.wilson_interval(10, 10)  # all wins: the upper end is 1, the lower well below it
     assert hi == pytest.approx(1.0) and lo == pytest.approx(1 / (1 + 1.96 ** 2 / 10))
-    lo, hi = evaluate.wilson_interval(5, 10)  # all ties counted half: symmetric about 1/2
+    lo, hi = winrate.wilson_interval(5, 10)  # all ties counted half: symmetric about 1/2
     assert lo + hi == pytest.approx(1.0) and lo == pytest.approx(0.2366, abs=1e-4)
-    assert evaluate.wilson_interval(0, 0) == (0.0, 1.0)  # no data: anything is possible
-    wide, narrow = evaluate.wilson_interval(30, 60), evaluate.wilson_interval(300, 600)
+    assert winrate.wilson_interval(0, 0) == (0.0, 1.0)  # no data: anything is possible
+    wide, narrow = winrate.wilson_interval(30, 60), winrate.wilson_interval(300, 600)
     assert narrow[1] - narrow[0] < wide[1] - wide[0]
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import export
-from common import get_tokenizer, load_model, save_checkpoint
+from lib.checkpoints import load_model, save_checkpoint
+from lib.tokens import get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
 
 transformers = pytest.importorskip("transformers")

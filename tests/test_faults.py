@@ -2,7 +2,6 @@
 kind, config values out of range, impossible generate() arguments, a diverging run, corrupt data files, and
 durable (fsync'd) atomic writes."""
 import dataclasses
-import gzip
 import hashlib
 import os
 import typing
@@ -10,18 +9,23 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_ppo import tiny_config as ppo_config
+from test_prepare import FIXTURES as HH_FIXTURES
+from test_prepare import gzip_fixtures, prepare
+from test_reward import synthetic_preferences, write_jsonl
+from test_reward import tiny_config as reward_config
+from test_sft import DEMOS, write_data
+from test_sft import tiny_config as sft_config
 
-import common
+import lib.checkpoints
+import lib.config
 import ppo
 import reward
 import sample
 import sft
-from common import FIELD_RANGES, load_model, parse_config, save_checkpoint
+from lib.checkpoints import load_model, save_checkpoint
+from lib.config import FIELD_RANGES, parse_config
 from model import GPT, GPTConfig, ScalarGPT
-from test_ppo import tiny_config as ppo_config
-from test_reward import synthetic_preferences, tiny_config as reward_config, write_jsonl
-from test_sft import DEMOS, tiny_config as sft_config, write_data
-from test_prepare import FIXTURES as HH_FIXTURES, gzip_fixtures, prepare
 
 SHAPE = dict(n_layer=1, n_head=2, n_embd=32, block_size=128)
 
@@ -92,7 +96,7 @@ def test_sample_refuses_a_reward_model_as_policy_and_a_language_model_as_reward_
 
 SCRIPTS = {"sft.py": sft, "reward.py": reward, "ppo.py": ppo, "sample.py": sample}
 # For each rule: values that must be refused and one on the boundary that must be accepted, as typed on the
-# command line (written here independently of common.in_range).
+# command line (written here independently of lib.config.in_range).
 EDGES = {">= 1": (["0", "-2"], "1"), ">= 0": (["-1"], "0"), ">= 2": (["1"], "2"),
          "> 0": (["0", "-0.5", "nan", "inf"], "1e-9"), "(0, 1]": (["0", "1.01", "nan"], "1"),
          "[0, 1)": (["1", "-0.01"], "0"), "[0, 1]": (["-0.01", "1.01"], "1")}
@@ -114,14 +118,14 @@ CASES = [(script, f.name, bad, good)
 def test_every_numeric_field_has_a_range_that_is_enforced(script, field, bad, good):
     """check_ranges is what parse_config runs on every parsed config (the next test goes through the flags)."""
     module = SCRIPTS[script]
-    assert good is not None, f"{script} --{field} has no range rule (add it to common.FIELD_RANGES)"
+    assert good is not None, f"{script} --{field} has no range rule (add it to lib.config.FIELD_RANGES)"
     typ = field_type(module.Config, field)
     for value in bad:
         with pytest.raises(SystemExit) as e:
-            common.check_ranges(dataclasses.replace(module.Config(), **{field: typ(float(value))
+            lib.config.check_ranges(dataclasses.replace(module.Config(), **{field: typ(float(value))
                                                                         if typ is float else typ(value)}))
         assert f"--{field} " in str(e.value.code) and "out of range" in str(e.value.code), (value, e.value.code)
-    common.check_ranges(dataclasses.replace(module.Config(), **{field: typ(good)}))
+    lib.config.check_ranges(dataclasses.replace(module.Config(), **{field: typ(good)}))
 
 
 @pytest.mark.parametrize("script, argv", [
@@ -193,7 +197,7 @@ def test_diverging_reward_model_stops_at_the_step_and_writes_nothing(tmp_path):
     write_jsonl(tmp_path / "comparisons_train.jsonl", rows)
     write_jsonl(tmp_path / "comparisons_val.jsonl", rows[:4])
     write_jsonl(tmp_path / "sft_val.jsonl", [{"prompt": r["prompt"], "response": r["chosen"]} for r in rows[:4]])
-    cfg = reward_config(tmp_path, lr=1e30, warmup_steps=0, grad_clip=0.0, batch_size=4, micro_batch_size=4,
+    cfg = reward_config(tmp_path, lr=1e30, warmup_steps=0, grad_clip=0.0, batch_size=4, grad_accum=1,
                         max_steps=4)
     with pytest.raises(FloatingPointError) as e:
         reward.train(cfg)
@@ -259,7 +263,7 @@ def test_atomic_writers_fsync_the_file_before_and_the_directory_after_the_rename
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b))[1])
     d = str(tmp_path)
     writers = [(os.path.join(d, "ckpt.pt"), lambda p: save_checkpoint(p, GPT(GPTConfig(**SHAPE)), RunConfig())),
-               (os.path.join(d, "config.json"), lambda p: common.atomic_write_text(p, "{}\n")),
+               (os.path.join(d, "config.json"), lambda p: lib.checkpoints.atomic_write_text(p, "{}\n")),
                (os.path.join(d, "sft_train.jsonl"), lambda p: prepare.write_jsonl(p, [{"prompt": "a"}]))]
     for path, write in writers:
         events.clear()

@@ -210,7 +210,7 @@ def test_pipeline_commands_use_only_existing_flags(task, quick):
     """Every stage call pipeline.py makes parses with that stage's own Config and presets (a mistyped flag
     fails here, not an hour into a run)."""
     import pipeline
-    from common import parse_config
+    from lib.config import parse_config
     a = pipeline.parse_args(["--task", task] + (["--quick"] if quick else []))
     steps = pipeline.lab_steps(a) if task == "lab" else pipeline.hh_steps(a)
     checked = 0

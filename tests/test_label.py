@@ -1,6 +1,7 @@
 """label.py: the human terminal labeler driven by scripted input (bad input, skip, quit, resume, crash), the
 Bradley-Terry programmatic labeler against its probabilities, and reward-labeler rankings that reward.py trains on."""
 import collections
+import contextlib
 import itertools
 import json
 import math
@@ -12,8 +13,12 @@ import torch
 
 import label
 import reward
-from common import get_tokenizer, save_checkpoint
 from conftest import REPO
+from lib.checkpoints import save_checkpoint
+from lib.config import load_function
+from lib.data import read_prompts
+from lib.responses import score_texts
+from lib.tokens import get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
 
 PROMPTS = os.path.join(REPO, "tests", "fixtures", "ppo", "prompts_train.jsonl")
@@ -57,7 +62,7 @@ def samples_of(cfg, prompts):
     policy = GPT(GPTConfig(**SHAPE))
     policy.load_state_dict(torch.load(cfg.policy, weights_only=True)["model"])
     generator = torch.Generator().manual_seed(cfg.seed)
-    return label.sample_responses(policy.eval(), get_tokenizer(), prompts, cfg.k, cfg, generator, torch.device("cpu"))
+    return label.sample_responses_text(policy.eval(), get_tokenizer(), prompts, cfg.k, cfg, generator, torch.device("cpu"))
 
 
 def read_lines(path):
@@ -115,7 +120,7 @@ def test_identical_responses_are_shown_once_and_ranked_together(capsys):
 
 def test_human_session_writes_exactly_the_rankings_given_and_resumes(ckpts, tmp_path, capsys):
     cfg = config(ckpts, tmp_path)
-    prompts = label.read_prompts(PROMPTS, cfg.max_prompts)
+    prompts = read_prompts(PROMPTS, cfg.max_prompts)
     samples = samples_of(cfg, prompts)
     assert all(len(set(s)) == cfg.k for s in samples[:4]), "fixture assumption: distinct samples"
     # prompt 1 ranked after a bad answer, prompt 2 skipped, prompt 3 ranked, then quit at prompt 4
@@ -162,7 +167,7 @@ def test_k_samples_are_shared_out_over_several_policies(ckpts, tmp_path):
     greedy = {}
     for name, path in (("a", ckpts["policy"]), ("b", other)):
         model = label.load_model(path, kind="gpt", device="cpu")[0].eval()
-        greedy[name] = [r[0] for r in label.sample_responses(model, enc, prompts, 1, cfg, None, device)]
+        greedy[name] = [r[0] for r in label.sample_responses_text(model, enc, prompts, 1, cfg, None, device)]
     assert greedy["a"] != greedy["b"], "fixture assumption: the two policies answer differently"
     cfg = config(ckpts, tmp_path, temperature=0.0, k=5, policy=f"{ckpts['policy']},{other}", labeler="fn",
                  labeler_fn=f"{__file__}:length_score", max_prompts=3)
@@ -250,11 +255,11 @@ def test_fn_labeler_from_a_file_with_factory_and_noise(ckpts, tmp_path):
 def test_bad_labeler_fn_gives_a_clear_message(tmp_path):
     (tmp_path / "f.py").write_text("x = 3\n")
     with pytest.raises(SystemExit, match="expected path/to/file.py:NAME"):
-        label.load_function("nocolon")
+        load_function("nocolon")
     with pytest.raises(SystemExit, match="defines no 'score'"):
-        label.load_function(f"{tmp_path / 'f.py'}:score")
+        load_function(f"{tmp_path / 'f.py'}:score")
     with pytest.raises(SystemExit, match="is not callable"):
-        label.load_function(f"{tmp_path / 'f.py'}:x")
+        load_function(f"{tmp_path / 'f.py'}:x")
 
 
 def test_reward_labeler_rankings_train_reward_py(ckpts, tmp_path):
@@ -265,12 +270,13 @@ def test_reward_labeler_rankings_train_reward_py(ckpts, tmp_path):
     rm.load_state_dict(torch.load(ckpts["reward"], weights_only=True)["model"])
     enc = get_tokenizer()
     for row in read_lines(cfg.out):  # best first by the reward model's own scoring
-        scores = [reward.score_text(rm.eval(), enc, row["prompt"], r, 48, 16) for r in row["ranked"]]
+        scores = [score_texts(rm.eval(), {"max_prompt_tokens": 48, "max_response_tokens": 16}, enc, [row["prompt"]], [r],
+                              contextlib.nullcontext())[0] for r in row["ranked"]]
         assert scores == sorted(scores, reverse=True)
     result = reward.train(reward.Config(**SHAPE, max_prompt_tokens=48, max_response_tokens=16, init_from="scratch",
                                         data_dir=str(tmp_path), train_files="rankings.jsonl",
                                         val_files="rankings.jsonl", demo_file="rankings.jsonl",
-                                        out_dir=str(tmp_path / "rm_out"), batch_size=4, micro_batch_size=4,
+                                        out_dir=str(tmp_path / "rm_out"), batch_size=4, grad_accum=1,
                                         max_steps=2, warmup_steps=1, eval_interval=2, device="cpu"))
     assert result["train_counts"]["rankings"] == 8 and result["train_counts"]["pairs"] == 8 * 6
     assert os.path.isfile(result["ckpt_path"]) and math.isfinite(result["val/loss"])

@@ -165,8 +165,8 @@ def hub_cache_with(folder, cache, repo="gpt2", revision="0123456789abcdef0123456
 
 
 def load_offline(name, cache):
-    """common.load_model(name) in a fresh process with HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache."""
-    code = (f"from common import load_model; m, _ = load_model({name!r}); "
+    """lib.checkpoints.load_model(name) in a fresh process with HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache."""
+    code = (f"from lib.checkpoints import load_model; m, _ = load_model({name!r}); "
             "print(m.config.n_layer, m.config.n_embd, float(m.transformer.wte.weight.sum()))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
@@ -194,13 +194,14 @@ def test_offline_without_cached_copy_says_what_to_do(tmp_path):
 def test_folder_without_weights_is_refused_clearly(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="could not load GPT-2 weights"):
-        from common import load_model
+        from lib.checkpoints import load_model
         load_model(str(tmp_path))
 
 
 def test_scalar_model_loads_trunk_from_a_gpt_checkpoint(tmp_path):
-    from common import load_model, save_checkpoint
     from dataclasses import dataclass
+
+    from lib.checkpoints import load_model, save_checkpoint
 
     @dataclass
     class Cfg:

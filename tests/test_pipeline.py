@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import torch
+from test_tracking import metrics_by_name, tensorboard_scalars
 
 import ppo
 import reward
 import sft
-from common import load_checkpoint
 from conftest import REPO, SHARED_HH
-from test_tracking import metrics_by_name, tensorboard_scalars
+from lib.checkpoints import load_checkpoint
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=256)
 BUDGET = dict(max_prompt_tokens=96, max_response_tokens=32)
@@ -42,7 +42,7 @@ def test_sft_reward_ppo_sample_chain(tmp_path):
                                       warmup_steps=2, eval_interval=3, eval_examples=8, max_new_tokens=8,
                                       device="cpu", log_to="tensorboard"))
     rm_result = reward.train(reward.Config(**BUDGET, init_from=sft_result["ckpt_path"], data_dir=data,
-                                           out_dir=str(out / "reward"), max_steps=4, batch_size=4, micro_batch_size=4,
+                                           out_dir=str(out / "reward"), max_steps=4, batch_size=4, grad_accum=1,
                                            lr=1e-4, warmup_steps=1, eval_interval=2, device="cpu", log_to="tensorboard"))
     ppo_result = ppo.train(ppo.Config(sft_ckpt=sft_result["ckpt_path"], reward_ckpt=rm_result["ckpt_path"],
                                       data_dir=data, out_dir=str(out / "ppo"), max_prompt_tokens=96,

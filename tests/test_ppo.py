@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import ppo
-from common import EOS, get_tokenizer, load_model, pad_left, pad_right, save_checkpoint
+from lib.checkpoints import load_model, save_checkpoint
+from lib.responses import response_mask_from_eos, score_sequences
+from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
-from reward import score_sequences
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "ppo")
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=128, max_prompt_tokens=48, max_new_tokens=8)
@@ -119,7 +120,7 @@ def test_adaptive_kl_controller_proportional_and_clipped():
 def test_response_mask_keeps_first_eos_and_nothing_after():
     responses = torch.tensor([[5, 6, EOS, EOS, EOS], [EOS, EOS, EOS, EOS, EOS], [1, 2, 3, 4, 5]])
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
-    assert torch.equal(ppo.response_mask_from_eos(responses), expected)
+    assert torch.equal(response_mask_from_eos(responses), expected)
 
 
 def test_entropy_sample_estimate_matches_exact_entropy():
@@ -265,7 +266,7 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters
     for accumulation in (1, 2, 4):
         p, c = copy.deepcopy(policy), copy.deepcopy(critic)
         recorder = GradRecorder(list(p.parameters()) + list(c.parameters()))
-        stats = ppo.ppo_update(p, c, recorder, batch, dataclasses.replace(cfg, gradient_accumulation_steps=accumulation),
+        stats = ppo.ppo_update(p, c, recorder, batch, dataclasses.replace(cfg, grad_accum=accumulation),
                                iter([ptx]), torch.Generator().manual_seed(0))
         assert len(recorder.grads) == 1
         results[accumulation] = recorder.grads[0], stats
@@ -336,7 +337,7 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
     corpus = tmp_path / "corpus.jsonl"  # --ptx_file: pretraining text without prompts
     corpus.write_text("".join(json.dumps({"prompt": "", "response": f"Text number {i} says{' more' * i}."}) + "\n"
                               for i in range(7)))
-    kw = dict(iters=4, eval_interval=2, batch_size=4, minibatch_size=2, noptepochs=1, gradient_accumulation_steps=2,
+    kw = dict(iters=4, eval_interval=2, batch_size=4, minibatch_size=2, noptepochs=1, grad_accum=2,
               ptx_coef=0.5, ptx_batch_size=4, ptx_file=str(corpus), adaptive_kl=True, kl_target=0.01, kl_horizon=100)
     full = ppo.train(tiny_config(tmp_path / "full", **kw))
 

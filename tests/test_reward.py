@@ -1,4 +1,5 @@
 """Reward model (reward.py): eq. (1) against references, score read at EOS, learning, normalisation, data paths."""
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -11,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import reward
-from common import EOS, get_tokenizer, load_model, lr_at, pad_left, pad_right
+from lib import responses
+from lib.checkpoints import load_model
+from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
+from lib.training import lr_at
 from model import GPTConfig, ScalarGPT
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, max_prompt_tokens=16, max_response_tokens=24)
@@ -42,7 +46,7 @@ def synthetic_preferences(n, seed, marker="banana"):
 def tiny_config(tmp_path, **kw):
     return reward.Config(**{**TINY, "out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path),
                             "init_from": "scratch", "device": "cpu", "eval_interval": 10, "log_interval": 10,
-                            "batch_size": 8, "micro_batch_size": 8, "lr": 1e-3, "warmup_steps": 5, **kw})
+                            "batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 5, **kw})
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -93,7 +97,7 @@ def test_ties_are_dropped_and_counted():
 
 def test_last_token_index_any_padding_side():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    assert reward.last_token_index(mask).tolist() == [2, 4, 2, 4]
+    assert responses.last_token_index(mask).tolist() == [2, 4, 2, 4]
 
 
 def test_score_read_at_eos_whatever_the_padding():
@@ -101,20 +105,20 @@ def test_score_read_at_eos_whatever_the_padding():
     model = ScalarGPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
     torch.nn.init.normal_(model.score_head.weight, std=1.0)  # scores of order 1, so differences show
     enc = get_tokenizer()
-    seq = reward.rm_tokens(enc, "\n\nHuman: hi there\n\nAssistant:", " Hello, how can I help?", 16, 24)
+    seq = responses.rm_tokens(enc, "\n\nHuman: hi there\n\nAssistant:", " Hello, how can I help?", 16, 24)
     assert seq[-1] == EOS
     with torch.no_grad():
         alone = model(torch.tensor([seq]))[0, -1]
         for left, right in [(0, 0), (3, 0), (0, 5), (7, 2), (1, 11)]:
             ids = torch.tensor([[EOS] * left + seq + [EOS] * right])
             attention_mask = torch.tensor([[0] * left + [1] * len(seq) + [0] * right])
-            score = reward.score_sequences(model, ids, attention_mask)
+            score = responses.score_sequences(model, ids, attention_mask)
             torch.testing.assert_close(score, alone[None], atol=1e-5, rtol=1e-5)
         # and in a mixed batch with a shorter sequence, both padding sides
         short = seq[:5] + [EOS]
         for pad in (pad_left, pad_right):
             ids, attention_mask = pad([seq, short])
-            scores = reward.score_sequences(model, ids, attention_mask)
+            scores = responses.score_sequences(model, ids, attention_mask)
             torch.testing.assert_close(scores[0], alone, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(scores[1], model(torch.tensor([short]))[0, -1], atol=1e-5, rtol=1e-5)
         # not vacuous: another position (or the mean) gives a different number
@@ -124,7 +128,7 @@ def test_score_read_at_eos_whatever_the_padding():
 
 def test_cut_response_still_ends_with_eos():
     enc = get_tokenizer()
-    seq = reward.rm_tokens(enc, "prompt", " one two three four five six seven eight", 16, 3)
+    seq = responses.rm_tokens(enc, "prompt", " one two three four five six seven eight", 16, 3)
     assert len(seq) == len(enc.encode_ordinary("prompt")) + 3 + 1 and seq[-1] == EOS
 
 
@@ -160,7 +164,8 @@ def test_normalised_demonstrations_score_mean_zero(trained_on_marker):
     assert ckpt["kind"] == "scalar" and abs(ckpt["reward_shift"] - result["reward_shift"]) < 1e-9
     enc = get_tokenizer()
     demos = reward.read_demonstrations(os.path.join(cfg.data_dir, cfg.demo_file))
-    scores = [reward.score_text(reward_model.eval(), enc, p, r, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    budgets = {"max_prompt_tokens": cfg.max_prompt_tokens, "max_response_tokens": cfg.max_response_tokens}
+    scores = [responses.score_texts(reward_model.eval(), budgets, enc, [p], [r], contextlib.nullcontext())[0]
               for p, r in demos]
     print(f"mean demo score after normalisation {sum(scores) / len(scores):+.2e} (shift {result['reward_shift']:+.3f})")
     assert abs(sum(scores) / len(scores)) < 1e-4
@@ -178,7 +183,7 @@ def test_k_way_rankings_train_through_the_same_path(tmp_path):
     write_jsonl(tmp_path / "pairs_train.jsonl", synthetic_preferences(8, seed=3))
     write_jsonl(tmp_path / "comparisons_val.jsonl", ranked[1:5] + synthetic_preferences(4, seed=4))
     cfg = tiny_config(tmp_path, train_files="ranked_train.jsonl, pairs_train.jsonl", demo_file="comparisons_val.jsonl",
-                      batch_size=4, micro_batch_size=2)
+                      batch_size=4, grad_accum=2)
     result = reward.train(cfg)
     counts = result["train_counts"]
     assert counts["rankings"] == 32 and counts["ties"] == 1
@@ -190,7 +195,7 @@ def test_k_way_rankings_train_through_the_same_path(tmp_path):
 def test_train_on_shared_hh_few_steps(hh_prepared, tmp_path):
     cfg = reward.Config(**{**TINY, "block_size": 128, "max_prompt_tokens": 64, "max_response_tokens": 32},
                         out_dir=str(tmp_path / "out"), data_dir=hh_prepared, init_from="scratch", device="cpu",
-                        max_steps=3, eval_interval=3, batch_size=4, micro_batch_size=4)
+                        max_steps=3, eval_interval=3, batch_size=4, grad_accum=1)
     result = reward.train(cfg)
     assert result["steps"] == 3 and result["train_counts"]["pairs"] > 1000
     assert math.isfinite(result["val/loss"]) and 0.0 <= result["val/acc"] <= 1.0
@@ -210,7 +215,7 @@ def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path
     write_jsonl(tmp_path / "comparisons_train.jsonl", synthetic_preferences(24, seed=5))
     write_jsonl(tmp_path / "comparisons_val.jsonl", synthetic_preferences(8, seed=6))
     write_jsonl(tmp_path / "sft_val.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " banana"}])
-    kw = dict(epochs=2, batch_size=8, micro_batch_size=4, eval_interval=3, log_interval=1, dropout=0.1)
+    kw = dict(epochs=2, batch_size=8, grad_accum=2, eval_interval=3, log_interval=1, dropout=0.1)
     full = reward.train(tiny_config(tmp_path, out_dir=str(tmp_path / "full"), **kw))
 
     def crash_at_step_5(step, *args):  # train() asks lr_at(step) (0-based) at the start of each step

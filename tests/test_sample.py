@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from common import save_checkpoint
 from conftest import REPO
+from lib.checkpoints import save_checkpoint
 from model import GPT, GPTConfig
 
 

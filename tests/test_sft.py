@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from common import EOS, get_tokenizer, load_model, lr_at
+from lib.checkpoints import load_model
+from lib.tokens import EOS, get_tokenizer
+from lib.training import lr_at
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from common import MetricsLog, read_metrics
+from lib.tracking import MetricsLog, read_metrics
 
 
 @dataclass

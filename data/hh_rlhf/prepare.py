@@ -20,7 +20,7 @@ they are applied when batching. Re-running gives byte-identical files.
 
     python data/hh_rlhf/prepare.py                                         # download helpful-base once
     python data/hh_rlhf/prepare.py --subsets helpful-base,harmless-base
-    python data/hh_rlhf/prepare.py --source ../shared/data/hh-rlhf --subsets harmless-base   # offline
+    python data/hh_rlhf/prepare.py --source path/to/hh-rlhf --subsets harmless-base   # offline, from a local copy
 """
 import argparse
 import gzip
@@ -32,7 +32,7 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # repo root, for common.py and model.py
-from common import fsync_replace  # noqa: E402
+from lib.checkpoints import fsync_replace  # noqa: E402
 
 HUB_REPO = "Anthropic/hh-rlhf"  # dataset repository on the Hugging Face hub
 SUBSETS = ("helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled")

@@ -40,10 +40,12 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from common import EOS, atomic_write_text, get_tokenizer, load_model, pad_left, read_jsonl  # noqa: E402
-from evaluate import wilson_interval, win_rate  # noqa: E402
-from ppo import policy_logprobs, response_mask_from_eos, score_responses  # noqa: E402
-from sft import encode_demo, evaluate as lm_eval  # noqa: E402
+from lib.checkpoints import atomic_write_text, load_model  # noqa: E402
+from lib.data import read_jsonl  # noqa: E402
+from lib.responses import decode_responses, sample_and_score, sequence_kl  # noqa: E402
+from lib.tokens import EOS, get_tokenizer, pad_left, pad_right  # noqa: E402
+from lib.winrate import wilson_interval, win_rate  # noqa: E402
+from model import token_logprobs  # noqa: E402
 
 sys.path.insert(0, HERE)
 from gold import gold_score, load_world, verdict  # noqa: E402
@@ -61,30 +63,30 @@ def sample(policy, ref_policy, reward_model, enc, prompts, n_samples, max_new_to
         chunk = jobs[b:b + batch_size]
         queries, query_mask = pad_left([tokens[i] for i, _ in chunk])  # (B, P)
         generator = torch.Generator().manual_seed(seed * 7919 + b)
-        ids = policy.generate(queries, max_new_tokens, temperature=1.0, eos_token_id=EOS, attention_mask=query_mask,
-                              generator=generator)  # (B, P + R)
-        responses = ids[:, queries.size(1):]  # (B, R)
-        response_mask = response_mask_from_eos(responses)  # (B, R)
-        has_eos = (responses == EOS).any(1)  # (B,)
-        attention_mask = torch.cat([query_mask, response_mask.long()], 1)  # (B, P + R)
-        P = queries.size(1)
-        logprobs = policy_logprobs(policy, ids, attention_mask, P, 1.0)  # (B, R)
-        ref_logprobs = policy_logprobs(ref_policy, ids, attention_mask, P, 1.0)  # (B, R)
-        kl = ((logprobs - ref_logprobs) * response_mask).sum(1)  # (B,)
-        rm = score_responses(reward_model, ids, attention_mask, has_eos) if reward_model is not None else kl * 0
-        for k, (i, j) in enumerate(chunk):
-            r = responses[k][response_mask[k]].tolist()
-            text = enc.decode([t for t in r if t != EOS])
-            rows.append((i, j, text, kl[k].item(), rm[k].item()))
+        batch = sample_and_score(policy, queries, query_mask, max_new_tokens, 1.0, generator, reward_model)
+        kl = sequence_kl(policy, ref_policy, batch)  # (B,)
+        for k, ((i, j), text) in enumerate(zip(chunk, decode_responses(enc, batch))):
+            rows.append((i, j, text, kl[k].item(), batch["scores"][k].item()))
     rows.sort(key=lambda r: (r[0], r[1]))
     return rows
 
 
+@torch.no_grad()
 def corpus_loss(policy, enc, docs, max_tokens=80, batch_size=32):
-    """Mean next-token loss over every token of held-out corpus documents (sft.py's loss, prompt "")."""
-    demos = [encode_demo(enc, "", d, 1, max_tokens)[:2] for d in docs]
+    """Mean next-token loss over every token of held-out corpus documents (their first max_tokens, then EOS
+    if it fits; sft.py's loss with prompt ""), over all their tokens together."""
+    seqs = [(enc.encode_ordinary(d) + [EOS])[:max_tokens] for d in docs]
     policy.eval()
-    return lm_eval(policy.transformer, policy.lm_head, demos, batch_size, torch.no_grad(), torch.device("cpu"))
+    total, count = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_right(seqs[i:i + batch_size])  # (B, T)
+        keep = mask[:, 1:].bool()  # (B, T-1): predicted tokens
+        logits = policy.lm_head(policy.transformer(ids[:, :-1])[keep])  # (N, V): the output layer where counted
+        nll = -token_logprobs(logits, ids[:, 1:][keep])  # (N,)
+        n = int(keep.sum())
+        total += (nll.sum() / n).item() * n  # (as sft.py's validation loss sums it)
+        count += n
+    return total / max(count, 1)
 
 
 def judge(world, prompts, rows):

@@ -1,0 +1,212 @@
+"""
+Command-line configuration, shared by every script: `python ppo.py --config small --lr 1e-5` builds the
+stage's Config dataclass from its defaults < a named preset < the flags, refuses values out of range with one
+message, prints and saves the result; `run` is every script's entry point. Also the model-size presets and
+`load_function` for "file.py:NAME" arguments. Plumbing: a reader of the algorithm may skip this file.
+"""
+import argparse
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import typing
+
+from lib.checkpoints import atomic_write_text
+from lib.ddp import close_distributed, is_main, rank_tag
+
+# Model-size part of the presets, defined once for every script. `tiny` trains from scratch on a CPU;
+# the others are OpenAI's GPT-2 sizes (124M, 355M, 774M, 1.5B) loaded from pretrained weights.
+MODEL_PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=256, block_size=512),
+    "small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    "xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+}
+GPT2_NAMES = {"tiny": "scratch", "small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large", "xl": "gpt2-xl"}
+
+# The range of every numeric (and choice) config field, by name, for all scripts: parse_config refuses a value
+# outside it with one message. A stage's Config may override a rule with a class attribute
+# `RANGES = {field: rule}`. A rule is a bound (">= 1", "> 0"), an interval ("(0, 1]": round bracket = open
+# end), or a tuple of allowed values. Non-finite numbers (nan, inf) are never in range.
+FIELD_RANGES = {
+    # model shape
+    **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size"), ">= 1"),
+    "dropout": "[0, 1)",
+    # counts: tokens, batches, steps, intervals
+    **dict.fromkeys(("max_prompt_tokens", "max_response_tokens", "max_new_tokens", "max_prompts", "num_samples",
+                     "batch_size", "minibatch_size", "grad_accum",
+                     "max_steps", "epochs", "iters", "noptepochs", "ptx_batch_size", "eval_interval", "log_interval",
+                     "sample_every", "eval_examples", "eval_prompts", "kl_horizon"), ">= 1"),
+    **dict.fromkeys(("num_eval_samples", "n_samples", "warmup_steps", "warmup_iters", "seed"), ">= 0"),
+    "ptx_max_tokens": ">= 2",  # an input token and the token it predicts
+    # optimizer
+    "lr": "> 0", "min_lr": ">= 0", "min_lr_frac": "[0, 1]", "weight_decay": ">= 0", "beta1": "[0, 1)",
+    "beta2": "[0, 1)", "adam_eps": "> 0", "grad_clip": ">= 0",
+    # sampling
+    "temperature": ">= 0", "top_k": ">= 1", "top_p": "(0, 1]",
+    # rlhf
+    "cliprange": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "gamma": "[0, 1]", "lam": "[0, 1]",
+    "kl_coef": ">= 0", "kl_target": "> 0", "ptx_coef": ">= 0", "missing_eos_penalty": ">= 0",
+    # system
+    "dtype": ("bfloat16", "float32"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: defaults < preset < command-line flags
+
+
+def _field_type(cls, f):
+    """The Python type a flag parses to: the dataclass annotation, unwrapping Optional[X]."""
+    t = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+
+
+def _parse_optional(t):
+    def parse(s):
+        return None if s.lower() == "none" else t(s)
+    parse.__name__ = t.__name__  # argparse names the type in its error messages
+    return parse
+
+
+@functools.lru_cache(maxsize=None)
+def _field_comments(config_cls):
+    """{field: its trailing comment} from the dataclass source, so --help shows each field's meaning."""
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.M)}
+
+
+def parse_config(config_cls, presets, argv=None):
+    """Build a `config_cls` from `--config NAME` (a key of `presets`) and `--field value` overrides."""
+    fields = dataclasses.fields(config_cls)
+    names = ", ".join(f"--{f.name}" for f in fields)
+    parser = argparse.ArgumentParser(
+        description=sys.modules["__main__"].__doc__ if argv is None else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.error = lambda msg: (parser.print_usage(sys.stderr),
+                                sys.exit(f"error: {msg}\nvalid options: --config, {names}"))
+    parser.add_argument("--config", choices=sorted(presets), help="named preset (applied before the flags)")
+    defaults = config_cls()
+    docs = _field_comments(config_cls)
+    for f in fields:
+        t = _field_type(config_cls, f)
+        parse = _parse_bool if t is bool else _parse_optional(t) if getattr(defaults, f.name) is None else t
+        doc = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".lstrip()
+        flag = dict(nargs="?", const=True) if t is bool else {}  # a bare --chat means --chat true
+        parser.add_argument(f"--{f.name}", type=parse, default=None, metavar=t.__name__.upper(),
+                            help=doc.replace("%", "%%"), **flag)  # argparse %-formats help strings
+    args = parser.parse_args(argv)
+    values = dict(presets[args.config]) if args.config else {}
+    unknown = set(values) - {f.name for f in fields}
+    assert not unknown, f"preset {args.config} sets unknown fields {unknown}"
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    if args.config:
+        values["preset"] = args.config  # recorded for the run; ignored if the Config has no such field
+    values = {k: v for k, v in values.items() if k in {f.name for f in fields}}
+    cfg = config_cls(**values)
+    check_ranges(cfg)
+    return cfg
+
+
+def in_range(value, rule):
+    """Whether `value` satisfies a FIELD_RANGES rule: ">= 1", "> 0", "(0, 1]", or a tuple of choices."""
+    if isinstance(rule, tuple):
+        return value in rule
+    if not math.isfinite(value):
+        return False
+    if rule[0] in "([":
+        lo, hi = (float(b) for b in rule[1:-1].split(","))
+        return (lo < value if rule[0] == "(" else lo <= value) and (value < hi if rule[-1] == ")" else value <= hi)
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def check_ranges(cfg):
+    """Exit with one message naming the first field of `cfg` outside its range (FIELD_RANGES, then the
+    Config's own RANGES). None (an optional field left unset) is always allowed."""
+    rules = {**FIELD_RANGES, **getattr(cfg, "RANGES", {})}
+    for f in dataclasses.fields(cfg):
+        value, rule = getattr(cfg, f.name), rules.get(f.name)
+        if rule is None or value is None or isinstance(value, bool):
+            continue
+        if isinstance(rule, str) and not isinstance(value, (int, float)):
+            continue
+        if not in_range(value, rule):
+            want = f"one of {', '.join(rule)}" if isinstance(rule, tuple) else f"in {rule}" if rule[0] in "([" else rule
+            meaning = _field_comments(type(cfg)).get(f.name)
+            sys.exit(f"error: --{f.name} {value} is out of range: it must be {want}"
+                     + (f" ({f.name}: {meaning})" if meaning else ""))
+
+
+def run(train, config_cls, presets):
+    """A stage's command-line entry: parse the flags, then train(). A failed check of the settings (an
+    assert with a message, e.g. token budgets that do not fit block_size) ends with its message alone, and so
+    does a diverged run (a FloatingPointError from check_finite or GPT.generate)."""
+    cfg = parse_config(config_cls, presets)
+    try:
+        return train(cfg)
+    except AssertionError as e:
+        if not str(e):
+            raise  # an assert without a message is a bug, keep its traceback
+        sys.exit(f"error{rank_tag()}: {e}")
+    except FloatingPointError as e:  # check_finite: training diverged; or NaN/inf logits in GPT.generate
+        sys.exit(f"error{rank_tag()}: {e}")
+    finally:
+        close_distributed()
+
+
+def print_config(cfg, out_dir=None):
+    """Print the resolved config and save it as out_dir/config.json."""
+    d = dataclasses.asdict(cfg)
+    print("config: " + " ".join(f"{k}={v}" for k, v in d.items()))
+    if out_dir and is_main():
+        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(d, indent=2) + "\n")
+
+
+def load_function(spec, arg=None):
+    """"path/to/file.py:NAME" or "module:NAME" -> the object NAME; with `arg`, NAME(arg) (a factory's product)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        sys.exit(f"error: expected path/to/file.py:NAME (or module:NAME), got '{spec}'")
+    if path.endswith(".py"):
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path} not found (from '{spec}')")
+        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # the file may import its neighbours
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(path)
+        except ImportError as e:
+            sys.exit(f"error: could not import '{path}' (from '{spec}'): {e}")
+    if not hasattr(module, name):
+        sys.exit(f"error: {path} defines no '{name}'")
+    fn = getattr(module, name)
+    if arg is not None:
+        fn = fn(arg)
+    if not callable(fn):
+        sys.exit(f"error: '{spec}'{f'({arg!r})' if arg is not None else ''} is not callable")
+    return fn

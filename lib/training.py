@@ -1,0 +1,75 @@
+"""
+What every training loop shares: device and precision (the few GPU paths, each of which also runs on CPU),
+the random state saved for exact resumption, AdamW with decay on matrices only, the learning-rate schedule,
+and the divergence check. Plumbing: a reader of the algorithm may skip this file.
+"""
+import contextlib
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup_device(device="auto", seed=1337):
+    torch.manual_seed(seed)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and dist.is_initialized():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: each rank its own GPU of this machine
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(device)
+
+
+def rng_state():
+    """The global random state (CPU, and every CUDA device), saved in checkpoints so that a resumed run draws
+    the same dropout masks as an uninterrupted one."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(device, dtype="bfloat16"):
+    """bf16 autocast on CUDA when asked for; float32 (a no-op context) everywhere else."""
+    if device.type == "cuda" and dtype == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(model, enabled):
+    return torch.compile(model) if enabled else model
+
+
+def make_adamw(params, lr, weight_decay, betas, device, eps=1e-8):
+    """AdamW with weight decay on matrices (embeddings, Linear weights) only, never on biases and LayerNorm
+    gains. fused=True: one kernel for all parameters, ~5x faster than the default loop on CPU as well."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type in ("cpu", "cuda"))
+
+
+def lr_at(step, lr, min_lr, warmup_steps, total_steps):
+    """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then cosine decay to min_lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
+
+
+def check_finite(x, step, what="loss"):
+    """Stop the run if `x` (a number or a tensor) holds NaN or inf: training diverged at `step`. Every stage
+    calls it on each step's loss before the optimizer step, so non-finite gradients are never applied, and
+    save_checkpoint calls it on the weights, so a checkpoint with NaN weights is never written."""
+    finite = math.isfinite(x) if isinstance(x, (int, float)) else bool(torch.isfinite(x).all())
+    if not finite:
+        raise FloatingPointError(
+            f"{what} is NaN or inf at step {step}: training diverged. Likely cause: a learning rate too high for "
+            f"this model (lower --lr) or unclipped gradients (--grad_clip 1.0). Nothing was saved from this step "
+            f"on; the last checkpoint written before it is unchanged.")
