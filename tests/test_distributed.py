@@ -1,7 +1,8 @@
 """Several processes: `torchrun --standalone --nproc_per_node 2` with gloo on CPU, on tiny models and fixtures.
 
 SFT and reward: the two ranks end with identical weights, equal (to float tolerance) to one process running
-the same global batch. PPO: whitening over two ranks equals whitening the concatenated batch; a 2-process
+the same global batch. PPO: whitening over two ranks equals whitening the concatenated batch; one update on
+the two halves of a global batch (ragged responses, ptx) equals one process's update on all of it; a 2-process
 run writes one checkpoint and one metrics file, and resumes. A failure on one rank ends the job with its
 message. Each launch starts two Python processes (a few seconds each); marked `distributed`, run by default.
 """
@@ -13,6 +14,9 @@ import sys
 
 import pytest
 import torch
+from dist_run import ppo_sgd_step
+from test_ppo_wiring import SHAPE as PPO_SHAPE
+from test_ppo_wiring import rollout_case
 from test_reward import synthetic_preferences, write_jsonl
 
 import ppo
@@ -20,6 +24,7 @@ import reward
 import sft
 from conftest import REPO
 from lib.checkpoints import load_checkpoint
+from lib.tokens import EOS
 
 pytestmark = pytest.mark.distributed
 DIST_RUN = os.path.join(REPO, "tests", "dist_run.py")
@@ -115,6 +120,40 @@ def test_whitening_over_two_processes_equals_whitening_the_concatenated_batch(tm
     for p in parts:  # every rank got the statistics of the whole batch
         assert p["var"].item() == pytest.approx(real.var(unbiased=False).item(), rel=1e-5)
         assert p["explained_var"].item() == pytest.approx(ppo.explained_variance(values, x, mask).item(), abs=1e-6)
+
+
+def test_ppo_update_over_two_processes_equals_one_process_on_the_global_batch(tmp_path):
+    """One PPO optimizer step on a global rollout batch of 8 ragged responses and 4 ptx texts of unequal length:
+    two ranks, each with its contiguous 4 rows and 2 texts in 2 micro-batches under DDP, take the step of one
+    process running all 8 rows and 4 texts in one micro-batch (plain SGD, so the gradient's scale shows in the
+    weights), and report its statistics. Without the world_size factor in the response tokens' or the ptx
+    tokens' weights, DDP's average over ranks would halve that part of the gradient."""
+    case = rollout_case(prompt_lengths=(5, 2, 7, 1, 6, 3, 8, 4))  # the same models as test_ppo_wiring
+    batch = case["batch"]
+    lengths = batch["response_mask"].sum(1).tolist()  # (8,)
+    print(f"response lengths {lengths} of {batch['responses'].size(1)}")
+    assert len(set(lengths[:4])) > 1 and len(set(lengths[4:])) > 1 and sum(lengths[:4]) != sum(lengths[4:]), \
+        "the test needs ragged responses, and unequal token counts on the two ranks"
+    ptx = [list(range(100, 100 + n)) + [EOS] for n in (3, 17, 9, 30)]  # rank 0: 4 + 18 tokens, rank 1: 10 + 31
+    saved = dict(shape=PPO_SHAPE, policy=case["policy"].state_dict(), critic=case["critic"].state_dict(),
+                 batch=batch, ptx=ptx, lr=0.5, cfg=dict(temperature=case["cfg"].temperature, ptx_coef=0.5))
+    torch.save(saved, tmp_path / "case.pt")
+    check(torchrun(["ppo_update", str(tmp_path / "case.pt"), str(tmp_path)]))
+    ranks = [torch.load(tmp_path / f"ppo_update.rank{r}", weights_only=True) for r in (0, 1)]
+    policy, critic, stats = ppo_sgd_step(saved, rows=list(range(8)), ptx_rows=list(range(4)), accumulation=1)
+    for part, single in (("policy", policy), ("critic", critic)):
+        worst, step_sq, error_sq = 0.0, 0.0, 0.0
+        for k, v in single.items():
+            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), f"ranks differ in {part} {k}"
+            worst = max(worst, (ranks[0][part][k] - v).abs().max().item())
+            step_sq += ((v - saved[part][k]) ** 2).sum().item()
+            error_sq += ((ranks[0][part][k] - v) ** 2).sum().item()
+        relative = (error_sq / step_sq) ** 0.5  # |step of 2 processes - step of 1| / |step of 1|, whole model
+        print(f"{part}: max |2 processes - 1 process| = {worst:.1e}, relative error of the step {relative:.1e}")
+        assert worst < 1e-6 and relative < 1e-5, part
+    assert stats.keys() == ranks[0]["stats"].keys() and "ptx_loss" in stats
+    for k, v in stats.items():
+        assert ranks[0]["stats"][k] == ranks[1]["stats"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
 def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path):

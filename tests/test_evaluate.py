@@ -1,5 +1,6 @@
 """evaluate.py: win rate and Wilson interval against hand computations; the command end to end on tiny
-checkpoints; ppo.py's --judge_ckpt evaluation (win rate exactly 0.5 while the policy is still the SFT model)."""
+checkpoints; ppo.py's --judge_ckpt evaluation (win rate exactly 0.5 while the policy is still the SFT model, then
+recounted from the judge's scores after an update)."""
 import json
 import math
 import os
@@ -11,7 +12,9 @@ import evaluate
 import ppo
 from conftest import REPO
 from lib import winrate
-from lib.checkpoints import save_checkpoint
+from lib.checkpoints import load_model, save_checkpoint
+from lib.data import spread
+from lib.tokens import get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "ppo")
@@ -91,7 +94,9 @@ def test_evaluate_report_is_consistent_with_its_per_prompt_scores(ckpts, tmp_pat
     assert report["policy_a"]["mean_score"] == pytest.approx(sum(a) / 10)
     assert report["policy_b"]["kl_to_ref"] == 0.0  # B is the reference: log-ratio exactly 0
     assert report["policy_a"]["kl_to_ref"] != 0.0
-    assert 1 <= report["policy_a"]["resp_len"] <= 6 and 0 <= report["policy_a"]["eos_frac"] <= 1
+    # random GPTs spread their samples over 50257 tokens: no EOS in these 2 x 10 x 6 draws, every response full
+    for name in ("policy_a", "policy_b"):
+        assert report[name]["resp_len"] == 6.0 and report[name]["eos_frac"] == 0.0, report[name]
 
 
 def test_same_policy_same_seed_ties_everywhere(ckpts, tmp_path):
@@ -110,12 +115,25 @@ def test_evaluate_needs_exactly_one_judge(ckpts, tmp_path):
 
 
 def test_ppo_judge_win_rate_is_one_half_while_the_policy_is_sft(ckpts, tmp_path):
+    """eval_win_rate: 0.5 at step 0 (policy == SFT, same seed); after one update, a recount from the judge."""
     result = ppo.train(ppo.Config(sft_ckpt=ckpts["a"], reward_ckpt=ckpts["judge"], judge_ckpt=ckpts["judge"],
                                   data_dir=FIXTURES, out_dir=str(tmp_path / "ppo"), max_prompt_tokens=48,
                                   max_new_tokens=6, iters=1, batch_size=4, minibatch_size=2, noptepochs=1,
-                                  eval_interval=1, eval_prompts=6, sample_every=100, device="cpu"))
+                                  eval_interval=1, eval_prompts=6, sample_every=100, device="cpu", lr=0.1,
+                                  warmup_iters=1))
     with open(result["metrics_path"]) as f:
         rows = [json.loads(line) for line in f]
     # step 0: the policy is the SFT model, sampled with the same seed as the baseline: identical responses
     assert rows[0]["eval_win_rate"] == 0.5 and rows[0]["eval_judge_score"] == pytest.approx(rows[0]["eval_score"])
-    assert 0.0 <= rows[-1]["eval_win_rate"] <= 1.0 and "eval_judge_score" in rows[-1]
+    # after the update: the judge's scores of the trained policy's and the SFT policy's held-out responses (the
+    # same sampling), compared by hand, ties half
+    cfg = ppo.Config(max_prompt_tokens=48, max_new_tokens=6, batch_size=4, device="cpu")
+    prompts = spread(ppo.load_prompts(os.path.join(FIXTURES, "prompts_val.jsonl"), get_tokenizer(), 48), 6)
+    judge = load_model(ckpts["judge"], "scalar")[0].eval()
+    trained = ppo.judge_scores(load_model(result["ckpt_path"], "gpt")[0], judge, prompts, cfg, "cpu")
+    sft = ppo.judge_scores(load_model(ckpts["a"], "gpt")[0], judge, prompts, cfg, "cpu")
+    wins, ties = sum(a > b for a, b in zip(trained, sft)), sum(a == b for a, b in zip(trained, sft))
+    print(f"trained {trained}\nsft     {sft}\nwins {wins} ties {ties} of 6: eval_win_rate {rows[-1]['eval_win_rate']}")
+    assert ties < 6, "lr 0.1 (0.01 in the first iteration): the policy must have moved"
+    assert rows[-1]["eval_win_rate"] == pytest.approx((wins + ties / 2) / 6)
+    assert rows[-1]["eval_judge_score"] == pytest.approx(sum(trained) / 6)

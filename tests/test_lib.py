@@ -7,8 +7,16 @@ import torch
 import reward
 from lib.data import spread
 from lib.ddp import step_total
-from lib.responses import (RM_TOKEN_BUDGETS, decode_responses, rm_tokens, sample_and_score, sample_responses,
-                           score_sequences, score_texts, sequence_kl)
+from lib.responses import (
+    RM_TOKEN_BUDGETS,
+    decode_responses,
+    rm_tokens,
+    sample_and_score,
+    sample_responses,
+    score_sequences,
+    score_texts,
+    sequence_kl,
+)
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
 

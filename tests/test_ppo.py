@@ -373,3 +373,138 @@ def test_temperature_zero_and_missing_ptx_file_are_refused_with_a_message(tmp_pa
         ppo.train(tiny_config(tmp_path, temperature=0.0))
     with pytest.raises(SystemExit, match="ptx_file"):
         ppo.train(tiny_config(tmp_path, ptx_coef=1.0, ptx_file=str(tmp_path / "nowhere.jsonl")))
+
+
+# -------------------------------------------------------------------------------- values against references
+
+def test_missing_eos_penalty_lowers_exactly_the_scores_without_eos(letters_policy):
+    """Same generator seed with penalty 0 and 0.75: the same rollout responses; those without EOS score exactly
+    0.75 less, those with EOS the same (both through a reward model and through a reward_fn)."""
+    policy, _ = load_model(letters_policy, "gpt")
+    torch.manual_seed(0)
+    rm = ScalarGPT(policy.config).eval()
+    torch.nn.init.normal_(rm.score_head.weight, std=1.0)
+    enc = get_tokenizer()
+    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], TINY["max_prompt_tokens"])
+               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))][:8]
+    queries, query_mask = pad_left(prompts)
+    for reward_model, reward_fn in ((rm, None), (None, count_a)):
+        runs = {}
+        for penalty in (0.0, 0.75):
+            cfg = ppo.Config(**{**TINY, "max_new_tokens": 6, "missing_eos_penalty": penalty})
+            runs[penalty], _ = ppo.rollout(policy, policy, rm, reward_model, queries, query_mask, cfg, 0.1, reward_fn,
+                                           torch.Generator().manual_seed(3))
+        base, penalised = runs[0.0], runs[0.75]
+        assert torch.equal(base["ids"], penalised["ids"]), "the same seed must sample the same responses"
+        has_eos = base["has_eos"]
+        print(f"has_eos {has_eos.tolist()} scores {base['scores'].tolist()} -> {penalised['scores'].tolist()}")
+        assert has_eos.any() and not has_eos.all(), "the test needs responses with and without EOS"
+        expected = [s - (0.0 if e else 0.75) for s, e in zip(base["scores"].tolist(), has_eos.tolist())]
+        assert penalised["scores"].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lm_loss_is_the_token_mean_nll_of_each_text_alone():
+    """PPO-ptx loss on right-padded texts of unequal length == total next-token NLL over all real tokens / their
+    number, each text scored alone (no padding, no mask) with a per-token loop over log_softmax."""
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    texts = [[11, 12, 13, 14, 15, 16, 17, 18, 19, 20, EOS], [30, 31, 32, EOS], [40, 41, 42, 43, 44, 45]]
+    ids, attention_mask = pad_right(texts)  # padded with EOS: the pad token is a real token's id
+    with torch.no_grad():
+        ours = ppo.lm_loss(policy, ids, attention_mask).item()
+        total, count = 0.0, 0
+        for text in texts:
+            logp = torch.log_softmax(policy(torch.tensor([text]))[0].double(), -1)  # (T, V)
+            for t in range(len(text) - 1):
+                total -= logp[t, text[t + 1]].item()
+                count += 1
+        # and the same with F.cross_entropy over the padded batch, padding targets ignored
+        targets = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        ce = torch.nn.functional.cross_entropy(policy(ids)[:, :-1].flatten(0, 1), targets.flatten(),
+                                               ignore_index=-100).item()
+        per_text_mean = sum(torch.log_softmax(policy(torch.tensor([t]))[0], -1)[:-1].gather(
+            1, torch.tensor(t[1:])[:, None]).mean().item() for t in texts) / 3
+    print(f"lm_loss {ours:.6f} loop {total / count:.6f} cross_entropy {ce:.6f} ({count} tokens)")
+    assert count == 10 + 3 + 5
+    assert ours == pytest.approx(total / count, abs=1e-5) and ours == pytest.approx(ce, abs=1e-5)
+    assert abs(ours + per_text_mean) > 1e-3, "not vacuous: a mean of per-text means differs"
+
+
+def test_explained_variance_matches_numpy_on_the_masked_entries():
+    """1 - Var[returns - values] / Var[returns] over the real response tokens only (population variances)."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    mask = ragged_mask([6, 2, 4, 1], 6)
+    returns = torch.randn(4, 6) * 3 + 1
+    values = returns + torch.randn(4, 6)  # a critic with error of variance ~1
+    values[~mask.bool()], returns[~mask.bool()] = 50.0, -50.0  # garbage on padding must not count
+    ours = ppo.explained_variance(values, returns, mask).item()
+    v, r = values[mask.bool()].double().numpy(), returns[mask.bool()].double().numpy()
+    reference = 1 - np.var(r - v) / np.var(r)  # numpy's var: population variance (ddof 0)
+    print(f"explained variance ours {ours:.6f} numpy {reference:.6f}")
+    assert ours == pytest.approx(reference, abs=1e-5)
+    assert ppo.explained_variance(returns, returns, mask).item() == pytest.approx(1.0)  # a perfect critic
+
+
+def test_rollout_entropy_is_the_masked_mean_of_minus_logprobs_of_a_full_forward(letters_policy):
+    """stats["entropy"] == mean over response tokens (up to and including the first EOS) of -log pi(y_t), with
+    log pi from one full forward of the policy on the rollout's ids, logits divided by the temperature."""
+    cfg = ppo.Config(**{**TINY, "temperature": 0.7, "max_new_tokens": 8})
+    policy, _ = load_model(letters_policy, "gpt")
+    torch.manual_seed(0)
+    critic = ScalarGPT(policy.config)
+    enc = get_tokenizer()
+    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
+               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))][:8]
+    queries, query_mask = pad_left(prompts)
+    batch, stats = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask, cfg, 0.1,
+                               reward_fn=count_a, generator=torch.Generator().manual_seed(0))
+    ids, P = batch["ids"], queries.size(1)
+    assert not batch["response_mask"].all(), "the test needs padding after an early EOS"
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(ids.size(0)):
+            real = ids[i, :P][query_mask[i].bool()].tolist()  # the prompt without its left padding
+            response = ids[i, P:].tolist()
+            n = response.index(EOS) + 1 if EOS in response else len(response)  # up to and including the EOS
+            seq = torch.tensor([real + response[:n]])
+            logp = torch.log_softmax(policy(seq)[0].double() / cfg.temperature, -1)  # (T, V)
+            for t in range(len(real), len(real) + n):
+                total -= logp[t - 1, seq[0, t]].item()
+                count += 1
+    print(f"entropy logged {stats['entropy']:.6f} reference {total / count:.6f} over {count} tokens")
+    assert count == int(batch["response_mask"].sum())
+    assert stats["entropy"] == pytest.approx(total / count, abs=1e-5)
+
+
+def test_train_adaptive_kl_coef_follows_the_controller_each_iteration(tmp_path, monkeypatch):
+    """Inside train(): row k's kl_coef is the coefficient of iteration k, and the next row's (the checkpoint's
+    after the last) is adaptive_kl_coef(that coef, row k's kl, target, horizon, batch_size). A target far above
+    the measured KL lowers the coefficient every iteration; one far below raises it every iteration. For the
+    second, the rollouts measure the KL to a reference far from the policy (a GPT with large logits, patched
+    into rollout()): the KL of a policy that starts AS its reference is 0, then sampling noise of either sign."""
+    def run(name, target):
+        cfg = tiny_config(tmp_path / name, iters=3, adaptive_kl=True, kl_target=target, kl_horizon=40, kl_coef=0.05,
+                          eval_interval=3, sample_every=100)
+        result = ppo.train(cfg)
+        rows = [json.loads(line) for line in open(result["metrics_path"])][1:]  # step 0: the evaluation
+        assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["kl_coef"] == 0.05
+        coefs = [r["kl_coef"] for r in rows] + [torch.load(result["ckpt_path"], weights_only=True)["kl_coef"]]
+        for k, row in enumerate(rows):
+            expected = ppo.adaptive_kl_coef(row["kl_coef"], row["kl"], target, 40, cfg.batch_size)
+            assert coefs[k + 1] == pytest.approx(expected, rel=1e-12), (k, rows)
+        print(f"target {target}: kl_coef {coefs} kl {[r['kl'] for r in rows]}")
+        return coefs, [r["kl"] for r in rows]
+
+    coefs, kls = run("above", 1e3)  # the KL of a tiny scratch policy after 3 iterations: well below 1e3 / 1.2
+    assert all(kl < 1e3 / 1.2 for kl in kls)
+    assert coefs == pytest.approx([0.05 * (1 - 0.2 * 8 / 40) ** k for k in range(4)]), "clipped error -0.2, 8 / 40"
+
+    torch.manual_seed(0)
+    far = GPT(GPTConfig(**{k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "block_size")})).eval()
+    torch.nn.init.normal_(far.transformer.wte.weight, std=1.0)  # (tied lm_head) logits of std ~5: peaked
+    rollout = ppo.rollout
+    monkeypatch.setattr(ppo, "rollout", lambda policy, ref_policy, *a, **kw: rollout(policy, far, *a, **kw))
+    coefs, kls = run("below", 1e-3)
+    assert all(kl > 1.2e-3 for kl in kls), kls
+    assert coefs == pytest.approx([0.05 * (1 + 0.2 * 8 / 40) ** k for k in range(4)]), "clipped error +0.2, 8 / 40"
