@@ -101,7 +101,8 @@ def tokenizer_files(enc, block_size):
     special = "<|endoftext|>"
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
               "bos_token": special, "eos_token": special, "unk_token": special, "pad_token": special}
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
             "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 

@@ -319,7 +319,8 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
 
 
 # ----------------------------------------------------------------------------------------------
-# GPT-2 weights: a local Hugging Face folder -> our names (lib/checkpoints.py's fetch_gpt2 fetches the folder from the hub)
+# GPT-2 weights: a local Hugging Face folder -> our names (lib/checkpoints.py's fetch_gpt2 fetches the folder from
+# the hub)
 
 def load_hf_gpt2(folder, dropout=0.0):
     """Read a Hugging Face GPT-2 folder (config.json + model.safetensors): returns (GPTConfig, state dict in

@@ -240,7 +240,8 @@ def parse_args(argv=None):
     p.add_argument("--in_process", action="store_true",
                    help="run each step's script in this Python process (runpy) instead of a subprocess: saves each "
                         "step's start-up, a few seconds (the --quick test uses it)")
-    p.add_argument("--label_noise", type=float, default=LABEL_NOISE, help="lab: Bradley-Terry temperature of the labelers")
+    p.add_argument("--label_noise", type=float, default=LABEL_NOISE,
+                   help="lab: Bradley-Terry temperature of the labelers")
     p.add_argument("--config", default="tiny", help="hh: preset of every stage (tiny on a CPU, small on one GPU)")
     p.add_argument("--source", default="", help="hh: a local copy of HH-RLHF (its folder of *.jsonl.gz files)")
     p.add_argument("--subsets", default="helpful-base", help="hh: comma-separated HH-RLHF subsets")

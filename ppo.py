@@ -76,7 +76,7 @@ class Config:
     sft_ckpt: str = "out/sft/ckpt.pt"  # policy and ref_policy init: SFT checkpoint, GPT-2 name or "scratch"
     reward_ckpt: str = "out/reward/ckpt.pt"  # reward model and critic init (InstructGPT 3.5), or "scratch"
     resume: bool = False  # continue from out_dir/ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
-    keep_checkpoints: bool = False  # also keep each evaluation's checkpoint as ckpt_{iteration}.pt (curves over training)
+    keep_checkpoints: bool = False  # also keep each evaluation's checkpoint as ckpt_{iteration}.pt (curves)
     preset: str = ""  # name of the --config preset, recorded for the run
     eval_interval: int = 10  # iterations between evaluations on held-out prompts (also at the end)
     eval_prompts: int = 32  # held-out prompts per evaluation, spread evenly over prompts_val.jsonl
@@ -341,7 +341,7 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
                              ("pg_clipfrac", pg_clipfrac * w), ("vf_clipfrac", vf_clipfrac * w),
                              ("approx_kl", approx_kl * w)):
                     if k != "ptx_loss" or cfg.ptx_coef > 0:  # every rank reports the same keys
-                        step_stats[k] += v.item() if torch.is_tensor(v) else v
+                        step_stats[k] += v.detach().item() if torch.is_tensor(v) else v
             for k, v in step_stats.items():
                 stats[k].append(v)
             # Clipped separately: the critic's large early value gradients must not shrink the policy's step.

@@ -9,10 +9,15 @@ x with K ranked responses, all C(K, 2) pairs (y_w preferred to y_l) form ONE bat
     loss(theta) = -1/C(K,2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r(x, y_w) - r(x, y_l)) ]    (eq. 1)
 
 so the K responses of a prompt are scored in one forward pass (lib/responses.py's score_sequences, the read-out
-ppo.py and the evaluations share) and the correlated pairs of one ranking count as one example (the paper found that shuffling them as separate examples overfits in one epoch).
+ppo.py and the evaluations share) and the correlated pairs of one ranking count as one example (the paper
+found that shuffling them as separate examples overfits in one epoch).
 Since eq. (1) only sees differences of scores, after training the head's bias is set so that the
 labeler demonstrations score 0 on average ("we normalize the reward model using a bias so that the
 labeler demonstrations achieve a mean score of 0 before doing RL"); ppo.py uses that checkpoint as is.
+
+Each optimizer step, numbered as in train(): 1. eq. (1) on a batch of rankings (accumulate_gradients), 2. an
+AdamW step, 3. validation (loss, pairwise accuracy), progress and the --resume state; after the last step,
+4. the normalisation (normalise).
 
 Data: JSON lines, either {"prompt", "chosen", "rejected"} (HH-RLHF, K = 2, written by
 data/hh_rlhf/prepare.py) or {"prompt", "ranked": [best, ..., worst]} (K-way), mixed freely. Pairs of
@@ -238,6 +243,44 @@ def evaluate(reward_model, examples, device, batch_size, ctx):
 
 
 # ----------------------------------------------------------------------------------------------
+# One optimizer step's gradient, and the normalisation at the end
+
+def accumulate_gradients(model, prompts, micro_batch_size, ctx, device):
+    """Backpropagate eq. (1) over this rank's share `prompts` of a step's rankings, in micro-batches of
+    `micro_batch_size` prompts; return (loss, pairs ranked right, pairs) of the step on all ranks. Each
+    micro-batch's loss, a mean over its prompts, is weighted by its share of the step's prompts on every rank
+    (lib/ddp.py's step_total says why), so the gradient is that of the whole step however it is split."""
+    total = step_total(len(prompts))  # the step's prompts / world_size
+    loss_sum, correct, n_pairs = 0.0, 0, 0
+    for m in range(0, len(prompts), micro_batch_size):
+        micro = prompts[m:m + micro_batch_size]
+        ids, attention_mask, winner, loser, prompt_index = [t.to(device) for t in collate(micro)]
+        with no_sync(model, enabled=m + micro_batch_size < len(prompts)):  # DDP: all-reduce after the last one
+            with ctx:
+                scores = score_sequences(model, ids, attention_mask)  # (N,) all K responses of each prompt
+            loss = preference_loss(scores[winner], scores[loser], prompt_index) * len(micro) / total
+            loss.backward()
+        loss_sum += loss.item() / get_world_size()
+        correct += (scores[winner] > scores[loser]).sum().item()
+        n_pairs += len(winner)
+    loss_sum, correct, n_pairs = all_reduce_sum([loss_sum, float(correct), float(n_pairs)])  # all ranks
+    return loss_sum, correct, n_pairs
+
+
+@torch.no_grad()
+def normalise(reward_model, demos, batch_size, ctx):
+    """Shift the head's bias so the demonstrations (token lists; under torchrun this rank's share) score 0 on
+    average ("we normalize the reward model using a bias so that the labeler demonstrations achieve a mean
+    score of 0 before doing RL", InstructGPT end of 3.5). Eq. (1) sees only differences, so nothing else
+    changes. Returns the shift."""
+    reward_model.eval()
+    demo_mean = all_gather_cat([score_token_lists(reward_model, demos, batch_size, ctx)]).mean().item()
+    reward_model.score_head.bias -= demo_mean
+    print(f"normalised: demonstrations scored {demo_mean:+.4f} on average; head bias shifted by {-demo_mean:+.4f}")
+    return -demo_mean
+
+
+# ----------------------------------------------------------------------------------------------
 # Training
 
 def train(cfg):
@@ -317,21 +360,9 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = [train_set[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-            mine = shard(batch)  # DDP: this rank's prompts of the step
-            total = step_total(len(mine))  # eq. (1) is a mean over the step's prompts (lib/ddp.py)
-            loss_sum, correct, n_pairs = 0.0, 0, 0
-            for m in range(0, len(mine), micro_batch_size):
-                micro = mine[m:m + micro_batch_size]
-                ids, attention_mask, winner, loser, prompt_index = [t.to(device) for t in collate(micro)]
-                with no_sync(model, enabled=m + micro_batch_size < len(mine)):  # DDP: all-reduce after the last
-                    with ctx:
-                        scores = score_sequences(model, ids, attention_mask)  # (N,) all K responses of each prompt
-                    loss = preference_loss(scores[winner], scores[loser], prompt_index) * len(micro) / total
-                    loss.backward()
-                loss_sum += loss.item() / world_size
-                correct += (scores[winner] > scores[loser]).sum().item()
-                n_pairs += len(winner)
-            loss_sum, correct, n_pairs = all_reduce_sum([loss_sum, float(correct), float(n_pairs)])  # all ranks
+            # 1. eq. (1) on the step's rankings: every response of a prompt scored in one forward, all its pairs
+            loss_sum, correct, n_pairs = accumulate_gradients(model, shard(batch), micro_batch_size, ctx, device)
+            # 2. AdamW step
             check_finite(loss_sum, step + 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
@@ -342,6 +373,7 @@ def train(cfg):
                        "grad_norm": grad_norm.item(), "epoch": epoch + (b + 1) / steps_per_epoch,
                        "ms_per_step": 1000 * (time.time() - t0)}
             window.append((loss_sum, correct / n_pairs))
+            # 3. validation, progress line, the state --resume continues from
             if step % cfg.eval_interval == 0 or step == total_steps:
                 # a batch holds only batch_size rankings: average the train metrics over the window
                 metrics["train/loss_avg"] = sum(w[0] for w in window) / len(window)
@@ -354,13 +386,8 @@ def train(cfg):
                 save_checkpoint(last_path, reward_model, cfg, step=step, optimizer=optimizer.state_dict(),
                                 rng_state=rng_state())
 
-    # normalise: shift the head's bias so the demonstrations score 0 on average (InstructGPT end of 3.5)
-    reward_model.eval()
-    demo_mean = all_gather_cat([score_token_lists(reward_model, shard(demos), micro_batch_size, ctx)]).mean().item()
-    with torch.no_grad():
-        reward_model.score_head.bias -= demo_mean
-    reward_shift = -demo_mean
-    print(f"normalised: demonstrations scored {demo_mean:+.4f} on average; head bias shifted by {reward_shift:+.4f}")
+    # 4. normalise: the demonstrations score 0 on average (InstructGPT end of 3.5)
+    reward_shift = normalise(reward_model, shard(demos), micro_batch_size, ctx)
     final = evaluate(reward_model, val_set, device, micro_batch_size, ctx)  # same accuracy, shifted scores
     ckpt_path = save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), reward_model, cfg,
                                 reward_shift=reward_shift, val_metrics=final)

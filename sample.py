@@ -133,7 +133,8 @@ def chat(cfg, enc, reward_model, rm_config, device):
                 label = "Assistant" if len(models) == 1 else f"Assistant [{name}]"
                 reward = ""
                 if reward_model is not None:
-                    reward = f"   (reward {score_texts(reward_model, rm_config, enc, [enc.decode(ids)], [reply])[0]:.3f})"
+                    score = score_texts(reward_model, rm_config, enc, [enc.decode(ids)], [reply])[0]
+                    reward = f"   (reward {score:.3f})"
                 print(f"{label}:{reply if reply.strip() else ' (empty reply)'}{reward}", flush=True)
     except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C: end the conversation, not with a traceback
         print()

@@ -7,6 +7,10 @@ prompt + response + EOS; the loss is the mean negative log-likelihood of the res
 EOS that ends them (so the model learns to stop), averaged over all such tokens of a batch. Prompt
 tokens and padding carry no loss: the model conditions on the prompt, it is not asked to write it.
 
+Each optimizer step, numbered as in train(): 1. the step's demonstrations, 2. the loss on their response
+tokens in micro-batches (accumulate_gradients), 3. an AdamW step; 4. every eval_interval steps the validation
+loss, the best checkpoint, greedy samples and the state --resume continues from.
+
 The best checkpoint by validation loss, out_dir/ckpt.pt, is the starting point of reward.py (the
 reward model's trunk) and ppo.py (the policy, its frozen reference, and the critic's trunk).
 
@@ -292,7 +296,7 @@ def train(cfg):
     # `step` = optimizer updates done so far; step 0 evaluates the init
     for step in range(start + 1 if resume_ckpt else 0, cfg.max_steps + 1):
         if step > 0:
-            # one optimizer step over grad_accum micro-batches
+            # 1. the step's demonstrations (batch_size * grad_accum, the next of the shuffled stream)
             t0 = time.time()
             lr = lr_at(step - 1, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             # DEVIATION: InstructGPT (C.1) uses no warmup; a short one keeps a from-scratch `tiny` stable.
@@ -302,7 +306,9 @@ def train(cfg):
             micro = [[t.to(device) for t in collate([train_demos[i] for i in step_idx[j:j + cfg.batch_size]])]
                      for j in range(0, len(step_idx), cfg.batch_size)]
             data_position += demos_per_step
+            # 2. the loss on their response tokens, backpropagated micro-batch by micro-batch
             loss = accumulate_gradients(trunk, model.lm_head, micro, ctx)
+            # 3. AdamW step
             check_finite(loss, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
@@ -312,6 +318,7 @@ def train(cfg):
             metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tokens / dt,
                        "ms_per_step": 1000 * dt}
 
+        # 4. every eval_interval steps: validation loss, the best checkpoint, greedy samples, the --resume state
         evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
         if evaluating:
             model.eval()

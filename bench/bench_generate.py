@@ -2,8 +2,8 @@
 
 Prints one JSON line per measurement (generated tokens/s, median of --reps runs after a warm-up).
 Default shapes: the `tiny` preset (4 layers x 256 wide x 4 heads, vocab 50257) at batch 8, prompt 32,
-128 new tokens (the issue's cache-vs-recompute check), and batch 16, prompt 32, 64 new tokens (the shape
-of ../shared/bench/bench_hf_generate.py, for a side-by-side with Hugging Face's generate). Pure sampling
+128 new tokens (cache against recompute), and batch 16, prompt 32, 64 new tokens (the shape of a benchmark
+of Hugging Face's generate, for a side-by-side). Pure sampling
 at temperature 1 with no EOS, so every row generates exactly the requested tokens, as in the HF bench.
 With transformers installed, also checks that greedy outputs equal HF's on the same weights.
 

@@ -1,4 +1,4 @@
-"""Seconds per PPO iteration of ppo.py on CPU, on exactly the shape of ../shared/bench/bench_trl_ppo.py.
+"""Seconds per PPO iteration of ppo.py on CPU, on the shape of a TRL PPOTrainer benchmark (side by side with it).
 
 Random-init policy, ref_policy, critic and reward model of one GPT-2 shape (default 4 layers x 256 wide x 4
 heads, vocab 50257), 16 prompts of 32 random tokens (never the EOS id), 32 new tokens at temperature 1 (a
@@ -8,7 +8,7 @@ iteration = ppo.rollout (generate, reward, policy/ref/critic forwards, KL reward
 generation / rollout-forward / update split, and peak RSS.
 
     python bench/bench_ppo.py [--iters 6 --threads 2]
-    PYTHONPATH=$HOME/anchor-trl112 $HOME/anchor-venv/bin/python ../shared/bench/bench_trl_ppo.py --iters 6
+    (TRL's side: the same shapes through trl.PPOTrainer, a separate script not in this repository)
 """
 import argparse
 import copy

@@ -196,7 +196,8 @@ def fetch_gpt2(name):
             continue
         except Exception as e:  # repository or network errors of the hub client
             sys.exit(f"error: could not download GPT-2 weights '{name}' from the Hugging Face hub "
-                     f"({type(e).__name__}: {e}). A local folder holding {' and '.join(files)} also works as --init_from.")
+                     f"({type(e).__name__}: {e}). A local folder holding {' and '.join(files)} also works as "
+                     f"--init_from.")
     offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
     sys.exit(f"error: GPT-2 weights '{name}' are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
              f"and could not be downloaded{offline}. Either connect once to the internet (or a mirror set in "

@@ -17,7 +17,7 @@ def get_tokenizer():
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:
         sys.exit(f"error: could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). tiktoken downloads it "
-                 f"once; offline, point TIKTOKEN_CACHE_DIR at a folder holding it (a local copy of tiktoken's GPT-2 files).")
+                 f"once; offline, point TIKTOKEN_CACHE_DIR at a folder holding a local copy of its GPT-2 files.")
 
 
 def encode_prompt(enc, text, max_tokens):

@@ -185,7 +185,8 @@ def main(argv=None):
     p.add_argument("--subsets", default="helpful-base", help=f"comma-separated, from {', '.join(SUBSETS)}")
     p.add_argument("--source", default=None, help="local folder laid out as <subset>/<split>.jsonl[.gz]; no download")
     p.add_argument("--out_dir", default=HERE, help="where prepared files go")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="share of prompts carved out when a split is missing")
+    p.add_argument("--val_fraction", type=float, default=0.05,
+                   help="share of prompts carved out when a split is missing")
     p.add_argument("--seed", type=int, default=1337, help="seed for carving splits")
     p.add_argument("--strict", action="store_true", help="any dropped line is an error")
     args = p.parse_args(argv)
@@ -205,9 +206,11 @@ def main(argv=None):
         for s in subsets:
             folder = os.path.join(source, s)
             if s not in found:
-                raise SystemExit(f"error: --source {source} has no subset folder '{s}' (found: {', '.join(found) or 'nothing'})")
+                raise SystemExit(f"error: --source {source} has no subset folder '{s}' "
+                                 f"(found: {', '.join(found) or 'nothing'})")
             if not any(find_file(folder, sp) for sp in SPLITS):
-                raise SystemExit(f"error: {folder} has no train/test .jsonl(.gz) (found: {', '.join(sorted(os.listdir(folder))) or 'nothing'})")
+                raise SystemExit(f"error: {folder} has no train/test .jsonl(.gz) "
+                                 f"(found: {', '.join(sorted(os.listdir(folder))) or 'nothing'})")
 
     # 2. parse, filter, and carve a missing split from the other one
     stats = {"subsets": {}, "notes": []}

@@ -284,7 +284,8 @@ def main(argv=None):
         examples[stage] = [(prompts[i], text, s) for (i, _, text, _, _), s in zip(sampled[:6], scores)]
         results["policies"][stage] = {
             "gold_score": sum(scores) / len(scores), **categories,
-            "kl_to_sft": sum(r[3] for r in sampled) / len(sampled), "rm_score": sum(r[4] for r in sampled) / len(sampled),
+            "kl_to_sft": sum(r[3] for r in sampled) / len(sampled),
+            "rm_score": sum(r[4] for r in sampled) / len(sampled),
             "corpus_loss": corpus_loss(policy, enc, docs)}
         print(f"{stage}: {results['policies'][stage]}", flush=True)
     # the room SFT leaves: the win rate over SFT of a policy whose every response scores the maximum, 3
