@@ -146,7 +146,6 @@ CONFIGS = {
 }
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The math. Masks are 1/True on response tokens that count; everything is (B, T) over response positions.
 
@@ -229,13 +228,10 @@ def adaptive_kl_coef(kl_coef, kl, kl_target, horizon, n_steps):
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
-
-
 def lm_loss(policy, ids, attention_mask):
     """PPO-ptx term of eq. (2), -log pi_RL(x): mean next-token NLL over the real tokens of right-padded text."""
     logits = policy(ids[:, :-1], attention_mask[:, :-1])  # (B, T-1, V)
     return -masked_mean(token_logprobs(logits, ids[:, 1:]), attention_mask[:, 1:])
-
 
 
 # ----------------------------------------------------------------------------------------------
