@@ -81,7 +81,8 @@ def test_two_models_answer_side_by_side_with_rewards(ckpts):
     assert len(lines) == 4 and all("(reward " in line for line in lines)
     assert lines[0].startswith(f"Assistant [{a}]") and lines[1].startswith(f"Assistant [{b}]")
     # the same weights with the same seed say the same: each model samples with its own generator
-    assert lines[0].split("]", 1)[1] == lines[1].split("]", 1)[1] and lines[2].split("]", 1)[1] == lines[3].split("]", 1)[1]
+    reply = lambda line: line.split("]", 1)[1]
+    assert reply(lines[0]) == reply(lines[1]) and reply(lines[2]) == reply(lines[3])
 
 
 def test_ctrl_c_ends_cleanly(ckpts):

@@ -6,7 +6,6 @@ the two halves of a global batch (ragged responses, ptx) equals one process's up
 run writes one checkpoint and one metrics file, and resumes. A failure on one rank ends the job with its
 message. Each launch starts two Python processes (a few seconds each); marked `distributed`, run by default.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,20 +14,25 @@ import sys
 import pytest
 import torch
 from dist_run import ppo_sgd_step
-from test_ppo_wiring import SHAPE as PPO_SHAPE
-from test_ppo_wiring import rollout_case
-from test_reward import synthetic_preferences, write_jsonl
 
 import ppo
 import reward
 import sft
-from conftest import REPO
+from conftest import (
+    HH_FIXTURES,
+    PPO_FIXTURES,
+    REPO,
+    ROLLOUT_SHAPE,
+    prepare,
+    rollout_case,
+    synthetic_preferences,
+    write_jsonl,
+)
 from lib.checkpoints import load_checkpoint
 from lib.tokens import EOS
 
 pytestmark = pytest.mark.distributed
 DIST_RUN = os.path.join(REPO, "tests", "dist_run.py")
-PPO_FIXTURES = os.path.join(REPO, "tests", "fixtures", "ppo")
 SHAPE = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=32, block_size=128, dropout=0.0, device="cpu")
 
 
@@ -51,12 +55,8 @@ def check(out):
 @pytest.fixture(scope="module")
 def hh_data(tmp_path_factory):
     """The HH fixture through data/hh_rlhf/prepare.py: sft_*, comparisons_* and prompts_* files."""
-    spec = importlib.util.spec_from_file_location("prepare", os.path.join(REPO, "data", "hh_rlhf", "prepare.py"))
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
     out = tmp_path_factory.mktemp("hh")
-    prepare.main(["--source", os.path.join(REPO, "tests", "fixtures", "hh"), "--subsets", "helpful-base",
-                  "--out_dir", str(out)])
+    prepare.main(["--source", str(HH_FIXTURES), "--subsets", "helpful-base", "--out_dir", str(out)])
     return str(out)
 
 
@@ -128,14 +128,14 @@ def test_ppo_update_over_two_processes_equals_one_process_on_the_global_batch(tm
     process running all 8 rows and 4 texts in one micro-batch (plain SGD, so the gradient's scale shows in the
     weights), and report its statistics. Without the world_size factor in the response tokens' or the ptx
     tokens' weights, DDP's average over ranks would halve that part of the gradient."""
-    case = rollout_case(prompt_lengths=(5, 2, 7, 1, 6, 3, 8, 4))  # the same models as test_ppo_wiring
+    case = rollout_case(prompt_lengths=(5, 2, 7, 1, 6, 3, 8, 4))  # the models of test_ppo_wiring (conftest.py)
     batch = case["batch"]
     lengths = batch["response_mask"].sum(1).tolist()  # (8,)
     print(f"response lengths {lengths} of {batch['responses'].size(1)}")
     assert len(set(lengths[:4])) > 1 and len(set(lengths[4:])) > 1 and sum(lengths[:4]) != sum(lengths[4:]), \
         "the test needs ragged responses, and unequal token counts on the two ranks"
     ptx = [list(range(100, 100 + n)) + [EOS] for n in (3, 17, 9, 30)]  # rank 0: 4 + 18 tokens, rank 1: 10 + 31
-    saved = dict(shape=PPO_SHAPE, policy=case["policy"].state_dict(), critic=case["critic"].state_dict(),
+    saved = dict(shape=ROLLOUT_SHAPE, policy=case["policy"].state_dict(), critic=case["critic"].state_dict(),
                  batch=batch, ptx=ptx, lr=0.5, cfg=dict(temperature=case["cfg"].temperature, ptx_coef=0.5))
     torch.save(saved, tmp_path / "case.pt")
     check(torchrun(["ppo_update", str(tmp_path / "case.pt"), str(tmp_path)]))
@@ -157,10 +157,11 @@ def test_ppo_update_over_two_processes_equals_one_process_on_the_global_batch(tm
 
 
 def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path):
-    cfg = dict({k: v for k, v in SHAPE.items() if k not in ("init_from", "dropout")}, data_dir=PPO_FIXTURES, sft_ckpt="scratch", reward_ckpt="scratch", out_dir=tmp_path / "out",
-               max_prompt_tokens=48, max_new_tokens=6, iters=2, batch_size=4, minibatch_size=4,
-               grad_accum=2, noptepochs=1, lr=1e-3, warmup_iters=1, eval_interval=2,
-               eval_prompts=4, sample_every=1, n_samples=1, ptx_coef=0.5, ptx_batch_size=2, adaptive_kl=True)
+    cfg = dict({k: v for k, v in SHAPE.items() if k not in ("init_from", "dropout")}, data_dir=PPO_FIXTURES,
+               sft_ckpt="scratch", reward_ckpt="scratch", out_dir=tmp_path / "out", max_prompt_tokens=48,
+               max_new_tokens=6, iters=2, batch_size=4, minibatch_size=4, grad_accum=2, noptepochs=1, lr=1e-3,
+               warmup_iters=1, eval_interval=2, eval_prompts=4, sample_every=1, n_samples=1, ptx_coef=0.5,
+               ptx_batch_size=2, adaptive_kl=True)
     copies = tmp_path / "copies"
     copies.mkdir()
     check(torchrun(["ppo", *flags(cfg)], env={"RANK_COPIES": str(copies)}))

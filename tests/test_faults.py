@@ -9,13 +9,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_ppo import tiny_config as ppo_config
-from test_prepare import FIXTURES as HH_FIXTURES
-from test_prepare import gzip_fixtures, prepare
-from test_reward import synthetic_preferences, write_jsonl
-from test_reward import tiny_config as reward_config
-from test_sft import DEMOS, write_data
-from test_sft import tiny_config as sft_config
 
 import lib.checkpoints
 import lib.config
@@ -23,6 +16,18 @@ import ppo
 import reward
 import sample
 import sft
+from conftest import (
+    DEMOS,
+    HH_FIXTURES,
+    gzip_fixtures,
+    ppo_tiny_config,
+    prepare,
+    reward_tiny_config,
+    sft_tiny_config,
+    synthetic_preferences,
+    write_data,
+    write_jsonl,
+)
 from lib.checkpoints import load_model, save_checkpoint
 from lib.config import FIELD_RANGES, parse_config
 from model import GPT, GPTConfig, ScalarGPT
@@ -75,10 +80,10 @@ def test_transplant_only_where_a_stage_initialises_a_new_model(ckpts):
 
 def test_ppo_refuses_an_sft_checkpoint_as_reward_model_and_a_reward_model_as_policy(ckpts, tmp_path):
     with pytest.raises(SystemExit) as e:
-        ppo.train(ppo_config(tmp_path, sft_ckpt=ckpts["lm"], reward_ckpt=ckpts["lm"]))
+        ppo.train(ppo_tiny_config(tmp_path, sft_ckpt=ckpts["lm"], reward_ckpt=ckpts["lm"]))
     assert "holds a language model" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
-        ppo.train(ppo_config(tmp_path, sft_ckpt=ckpts["rm"], reward_ckpt=ckpts["rm"]))
+        ppo.train(ppo_tiny_config(tmp_path, sft_ckpt=ckpts["rm"], reward_ckpt=ckpts["rm"]))
     assert "holds a reward model" in str(e.value.code)
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
@@ -170,7 +175,7 @@ def test_generate_stops_on_non_finite_logits():
 def test_diverging_ppo_stops_naming_step_and_cause_and_keeps_the_last_checkpoint(tmp_path):
     small = dict(iters=1, batch_size=4, minibatch_size=2, noptepochs=1, eval_prompts=2, max_new_tokens=4,
                  sample_every=100)
-    cfg = ppo_config(tmp_path, **small)
+    cfg = ppo_tiny_config(tmp_path, **small)
     good = ppo.train(cfg)["ckpt_path"]
     before = sha256(good)
     with pytest.raises(FloatingPointError) as e:  # an absurd learning rate: the first update blows up the policy
@@ -181,8 +186,8 @@ def test_diverging_ppo_stops_naming_step_and_cause_and_keeps_the_last_checkpoint
 
 
 def test_diverging_sft_stops_at_the_step_and_keeps_the_best_checkpoint(tmp_path):
-    cfg = sft_config(tmp_path, write_data(tmp_path / "data", DEMOS, DEMOS[:2]), max_steps=3, eval_interval=1,
-                     lr=1e30, min_lr=1e30, warmup_steps=0, grad_clip=0.0, num_eval_samples=0)
+    cfg = sft_tiny_config(tmp_path, write_data(tmp_path / "data", DEMOS, DEMOS[:2]), max_steps=3, eval_interval=1,
+                          lr=1e30, min_lr=1e30, warmup_steps=0, grad_clip=0.0, num_eval_samples=0)
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     with pytest.raises(FloatingPointError) as e:
         sft.train(cfg)  # step 0 evaluates the init and saves it; the first update blows up the weights
@@ -197,8 +202,8 @@ def test_diverging_reward_model_stops_at_the_step_and_writes_nothing(tmp_path):
     write_jsonl(tmp_path / "comparisons_train.jsonl", rows)
     write_jsonl(tmp_path / "comparisons_val.jsonl", rows[:4])
     write_jsonl(tmp_path / "sft_val.jsonl", [{"prompt": r["prompt"], "response": r["chosen"]} for r in rows[:4]])
-    cfg = reward_config(tmp_path, lr=1e30, warmup_steps=0, grad_clip=0.0, batch_size=4, grad_accum=1,
-                        max_steps=4)
+    cfg = reward_tiny_config(tmp_path, lr=1e30, warmup_steps=0, grad_clip=0.0, batch_size=4, grad_accum=1,
+                             max_steps=4)
     with pytest.raises(FloatingPointError) as e:
         reward.train(cfg)
     assert "at step 2" in str(e.value) and "learning rate" in str(e.value)

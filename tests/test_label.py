@@ -62,7 +62,8 @@ def samples_of(cfg, prompts):
     policy = GPT(GPTConfig(**SHAPE))
     policy.load_state_dict(torch.load(cfg.policy, weights_only=True)["model"])
     generator = torch.Generator().manual_seed(cfg.seed)
-    return label.sample_responses_text(policy.eval(), get_tokenizer(), prompts, cfg.k, cfg, generator, torch.device("cpu"))
+    return label.sample_responses_text(policy.eval(), get_tokenizer(), prompts, cfg.k, cfg, generator,
+                                       torch.device("cpu"))
 
 
 def read_lines(path):
@@ -270,8 +271,9 @@ def test_reward_labeler_rankings_train_reward_py(ckpts, tmp_path):
     rm.load_state_dict(torch.load(ckpts["reward"], weights_only=True)["model"])
     enc = get_tokenizer()
     for row in read_lines(cfg.out):  # best first by the reward model's own scoring
-        scores = [score_texts(rm.eval(), {"max_prompt_tokens": 48, "max_response_tokens": 16}, enc, [row["prompt"]], [r],
-                              contextlib.nullcontext())[0] for r in row["ranked"]]
+        budgets = {"max_prompt_tokens": 48, "max_response_tokens": 16}
+        scores = [score_texts(rm.eval(), budgets, enc, [row["prompt"]], [r], contextlib.nullcontext())[0]
+                  for r in row["ranked"]]
         assert scores == sorted(scores, reverse=True)
     result = reward.train(reward.Config(**SHAPE, max_prompt_tokens=48, max_response_tokens=16, init_from="scratch",
                                         data_dir=str(tmp_path), train_files="rankings.jsonl",

@@ -1,6 +1,7 @@
 """The repository's shape: scripts (files that are run) import only library modules (lib/, model.py, a data
 folder's own helpers), never another script, and the import graph of the repository's files has no cycle.
-Imports inside functions count too (a deferred import is still an import)."""
+Imports inside functions count too (a deferred import is still an import). In tests/, no file imports a test
+module: what several test modules share lives in tests/conftest.py."""
 import ast
 import glob
 import os
@@ -68,3 +69,33 @@ def test_the_layout_test_sees_a_script_importing_a_script(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    import ppo\n    from reward import preference_loss\n")
     assert imported_files(str(bad)) >= {os.path.join(REPO, "ppo.py"), os.path.join(REPO, "reward.py")}
+
+
+def imported_test_modules(path):
+    """The test modules (`test_*`) `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module] if node.module else [a.name for a in node.names]
+        else:
+            continue
+        found.update(name.split(".")[0] for name in names if name.split(".")[0].startswith("test_"))
+    return found
+
+
+def test_no_test_module_imports_another_test_module():
+    """Shared test set-up lives in tests/conftest.py: no file of tests/ imports a test module."""
+    files = sorted(glob.glob(os.path.join(REPO, "tests", "*.py")))
+    assert len([f for f in files if os.path.basename(f).startswith("test_")]) >= 15
+    wrong = {os.path.basename(f): sorted(imported_test_modules(f)) for f in files}
+    wrong = {f: names for f, names in wrong.items() if names}
+    assert not wrong, f"these test files import a test module (move what they share into tests/conftest.py): {wrong}"
+
+
+def test_the_layout_test_sees_a_test_module_importing_a_test_module(tmp_path):
+    bad = tmp_path / "test_bad.py"
+    bad.write_text("import os\nimport test_ppo as t\n\n\ndef f():\n    from test_reward import write_jsonl\n"
+                   "    from conftest import REPO\n")
+    assert imported_test_modules(str(bad)) == {"test_ppo", "test_reward"}

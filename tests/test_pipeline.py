@@ -3,18 +3,16 @@
 Tiny models and a handful of steps on the shared HH-RLHF copy (or the test fixtures when it is absent):
 checks that every stage hands its checkpoint to the next and that sample.py reads them all.
 """
-import importlib.util
 import os
 import subprocess
 import sys
 
 import torch
-from test_tracking import metrics_by_name, tensorboard_scalars
 
 import ppo
 import reward
 import sft
-from conftest import REPO, SHARED_HH
+from conftest import HH_FIXTURES, REPO, SHARED_HH, metrics_by_name, prepare, tensorboard_scalars
 from lib.checkpoints import load_checkpoint
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=256)
@@ -22,13 +20,10 @@ BUDGET = dict(max_prompt_tokens=96, max_response_tokens=32)
 
 
 def prepared_data(tmp_path):
-    spec = importlib.util.spec_from_file_location("hh_rlhf_prepare", os.path.join(REPO, "data", "hh_rlhf", "prepare.py"))
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
     if os.path.isdir(SHARED_HH):
         source, subsets = SHARED_HH, "harmless-base"
     else:
-        source, subsets = os.path.join(REPO, "tests", "fixtures", "hh"), "helpful-base"
+        source, subsets = str(HH_FIXTURES), "helpful-base"
     out = tmp_path / "data"
     prepare.main(["--source", source, "--subsets", subsets, "--out_dir", str(out)])
     return str(out)
@@ -43,7 +38,8 @@ def test_sft_reward_ppo_sample_chain(tmp_path):
                                       device="cpu", log_to="tensorboard"))
     rm_result = reward.train(reward.Config(**BUDGET, init_from=sft_result["ckpt_path"], data_dir=data,
                                            out_dir=str(out / "reward"), max_steps=4, batch_size=4, grad_accum=1,
-                                           lr=1e-4, warmup_steps=1, eval_interval=2, device="cpu", log_to="tensorboard"))
+                                           lr=1e-4, warmup_steps=1, eval_interval=2, device="cpu",
+                                           log_to="tensorboard"))
     ppo_result = ppo.train(ppo.Config(sft_ckpt=sft_result["ckpt_path"], reward_ckpt=rm_result["ckpt_path"],
                                       data_dir=data, out_dir=str(out / "ppo"), max_prompt_tokens=96,
                                       max_new_tokens=12, iters=2, batch_size=4, minibatch_size=2, noptepochs=1,
@@ -60,10 +56,13 @@ def test_sft_reward_ppo_sample_chain(tmp_path):
     for path in ("metrics.jsonl", "ppo.png"):
         assert os.path.isfile(out / "ppo" / path)
     for stage in ("sft", "reward", "ppo"):  # --log_to tensorboard: the metrics.jsonl names, in every stage
-        assert set(tensorboard_scalars(out / stage / "tensorboard")) == set(metrics_by_name(out / stage / "metrics.jsonl"))
+        names = set(metrics_by_name(out / stage / "metrics.jsonl"))
+        assert set(tensorboard_scalars(out / stage / "tensorboard")) == names, stage
     # sample.py compares the SFT and PPO policies on the same prompts and scores them with the reward model
-    run = subprocess.run([sys.executable, "sample.py", "--init_from", f"{sft_result['ckpt_path']},{ppo_result['ckpt_path']}",
-                          "--reward_ckpt", rm_result["ckpt_path"], "--prompt_file", os.path.join(data, "prompts_val.jsonl"),
+    run = subprocess.run([sys.executable, "sample.py",
+                          "--init_from", f"{sft_result['ckpt_path']},{ppo_result['ckpt_path']}",
+                          "--reward_ckpt", rm_result["ckpt_path"],
+                          "--prompt_file", os.path.join(data, "prompts_val.jsonl"),
                           "--max_prompts", "2", "--max_new_tokens", "8", "--device", "cpu"],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -9,21 +9,11 @@ import pytest
 import torch
 
 import ppo
+from conftest import PPO_FIXTURES, PPO_TINY, ppo_tiny_config
 from lib.checkpoints import load_model, save_checkpoint
 from lib.responses import response_mask_from_eos, score_sequences
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
-
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "ppo")
-TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=128, max_prompt_tokens=48, max_new_tokens=8)
-
-
-def tiny_config(tmp_path, **kw):
-    return ppo.Config(**{**TINY, "out_dir": str(tmp_path / "out"), "data_dir": FIXTURES, "sft_ckpt": "scratch",
-                         "reward_ckpt": "scratch", "device": "cpu", "iters": 2, "batch_size": 8,
-                         "minibatch_size": 4, "noptepochs": 2, "eval_interval": 1, "eval_prompts": 4,
-                         "sample_every": 1, "n_samples": 1, "lr": 1e-3, "warmup_iters": 1, **kw})
-
 
 # ---------------------------------------------------------------------------------------------- math
 
@@ -170,11 +160,11 @@ def letters_policy(tmp_path_factory):
     EOS. Trained here in a few seconds so a programmatic reward has signal at initialisation (a random
     GPT spreads its samples over all 50257 tokens), and so rollouts mix early EOS with none."""
     enc = get_tokenizer()
-    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], TINY["max_prompt_tokens"])
-               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))]
+    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], PPO_TINY["max_prompt_tokens"])
+               for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))]
     torch.manual_seed(0)
-    policy = GPT(GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
-                           block_size=TINY["block_size"]))
+    policy = GPT(GPTConfig(n_layer=PPO_TINY["n_layer"], n_head=PPO_TINY["n_head"], n_embd=PPO_TINY["n_embd"],
+                           block_size=PPO_TINY["block_size"]))
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     ids_letters = torch.tensor(letters())
     R = 11  # a response is at most 10 letters + EOS; left padding puts every response at the end of its row
@@ -204,14 +194,14 @@ def count_a(queries, query_mask, responses, response_mask):
 
 def test_rollout_logprobs_are_what_the_update_recomputes(letters_policy):
     """ratio == 1 on the first minibatch: left-padded prompts, temperature != 1, early EOS in the batch."""
-    cfg = ppo.Config(**{**TINY, "temperature": 0.7, "max_new_tokens": 8, "minibatch_size": 4})
+    cfg = ppo.Config(**{**PPO_TINY, "temperature": 0.7, "max_new_tokens": 8, "minibatch_size": 4})
     policy, _ = load_model(letters_policy, "gpt")
     ref_policy = copy.deepcopy(policy)
     torch.manual_seed(0)
     critic = ScalarGPT(policy.config)
     enc = get_tokenizer()
     prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
-               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))][:8]
+               for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
     assert len({len(p) for p in prompts}) > 1, "need left padding"
     batch, _ = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, 0.1, reward_fn=count_a,
@@ -247,14 +237,14 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters
     """One minibatch of 8 ragged responses (and a ptx batch of 4 texts of unequal length) in 1, 2 or 4
     micro-batches: the same gradient for policy and critic. Averaging the micro-batches' own token means
     would weigh the tokens of short responses more (it did before: relative error 0.49 here with 2)."""
-    cfg = ppo.Config(**{**TINY, "max_new_tokens": 8, "batch_size": 8, "minibatch_size": 8, "noptepochs": 1,
+    cfg = ppo.Config(**{**PPO_TINY, "max_new_tokens": 8, "batch_size": 8, "minibatch_size": 8, "noptepochs": 1,
                         "grad_clip": 0.0, "ptx_coef": ptx_coef})
     policy, _ = load_model(letters_policy, "gpt")
     torch.manual_seed(0)
     critic = ScalarGPT(policy.config)
     enc = get_tokenizer()
     prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
-               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))][:8]
+               for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
     batch, _ = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask, cfg, 0.1,
                            reward_fn=count_a, generator=torch.Generator().manual_seed(0))
@@ -284,9 +274,9 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters
 
 
 def run_letters(tmp_path, letters_policy, kl_coef, iters):
-    cfg = tiny_config(tmp_path, sft_ckpt=letters_policy, iters=iters, batch_size=16, minibatch_size=8,
-                      noptepochs=4, lr=3e-3, kl_coef=kl_coef, eval_interval=iters, sample_every=iters,
-                      warmup_iters=1)
+    cfg = ppo_tiny_config(tmp_path, sft_ckpt=letters_policy, iters=iters, batch_size=16, minibatch_size=8,
+                          noptepochs=4, lr=3e-3, kl_coef=kl_coef, eval_interval=iters, sample_every=iters,
+                          warmup_iters=1)
     result = ppo.train(cfg, reward_fn=count_a)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
     return [r for r in rows if r["step"] > 0], result  # step 0 is the evaluation before training
@@ -307,7 +297,7 @@ def test_ppo_raises_a_programmatic_reward_and_kl_coef_holds_it_back(tmp_path, le
 # ---------------------------------------------------------------------------------------------- train()
 
 def test_train_writes_metrics_plot_and_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path, ptx_coef=0.5, ptx_batch_size=4, missing_eos_penalty=1.0)
+    cfg = ppo_tiny_config(tmp_path, ptx_coef=0.5, ptx_batch_size=4, missing_eos_penalty=1.0)
     result = ppo.train(cfg)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -322,7 +312,7 @@ def test_train_writes_metrics_plot_and_checkpoint(tmp_path):
 
 
 def test_train_adaptive_kl_on_shared_hh(tmp_path, hh_prepared):
-    cfg = tiny_config(tmp_path, data_dir=hh_prepared, iters=2, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+    cfg = ppo_tiny_config(tmp_path, data_dir=hh_prepared, iters=2, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
     result = ppo.train(cfg)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
     assert len(rows) == 3 and os.path.exists(result["ckpt_path"]) and os.path.exists(result["png_path"])
@@ -339,7 +329,7 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
                               for i in range(7)))
     kw = dict(iters=4, eval_interval=2, batch_size=4, minibatch_size=2, noptepochs=1, grad_accum=2,
               ptx_coef=0.5, ptx_batch_size=4, ptx_file=str(corpus), adaptive_kl=True, kl_target=0.01, kl_horizon=100)
-    full = ppo.train(tiny_config(tmp_path / "full", **kw))
+    full = ppo.train(ppo_tiny_config(tmp_path / "full", **kw))
 
     prompt_batch = ppo.prompt_batch
 
@@ -347,7 +337,7 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
         if iteration == 3:
             raise RuntimeError("simulated crash")
         return prompt_batch(prompts, batch_size, iteration, *args)
-    cfg = tiny_config(tmp_path / "resumed", **kw)
+    cfg = ppo_tiny_config(tmp_path / "resumed", **kw)
     with monkeypatch.context() as m:
         m.setattr(ppo, "prompt_batch", crash_in_iteration_4)
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -355,7 +345,8 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
     assert [json.loads(line)["step"] for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))] == [0, 1, 2, 3]
     resumed = ppo.train(dataclasses.replace(cfg, resume=True))
 
-    untimed = lambda path: [{k: v for k, v in json.loads(line).items() if not k.startswith("t_")} for line in open(path)]
+    untimed = lambda path: [{k: v for k, v in json.loads(line).items() if not k.startswith("t_")}
+                            for line in open(path)]
     rows = untimed(resumed["metrics_path"])
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and "ptx_loss" in rows[-1]
     assert rows == untimed(full["metrics_path"])  # scores, losses, ptx_loss, kl_coef: equal floats
@@ -370,9 +361,9 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
 
 def test_temperature_zero_and_missing_ptx_file_are_refused_with_a_message(tmp_path):
     with pytest.raises(AssertionError, match="temperature must be > 0"):
-        ppo.train(tiny_config(tmp_path, temperature=0.0))
+        ppo.train(ppo_tiny_config(tmp_path, temperature=0.0))
     with pytest.raises(SystemExit, match="ptx_file"):
-        ppo.train(tiny_config(tmp_path, ptx_coef=1.0, ptx_file=str(tmp_path / "nowhere.jsonl")))
+        ppo.train(ppo_tiny_config(tmp_path, ptx_coef=1.0, ptx_file=str(tmp_path / "nowhere.jsonl")))
 
 
 # -------------------------------------------------------------------------------- values against references
@@ -385,13 +376,13 @@ def test_missing_eos_penalty_lowers_exactly_the_scores_without_eos(letters_polic
     rm = ScalarGPT(policy.config).eval()
     torch.nn.init.normal_(rm.score_head.weight, std=1.0)
     enc = get_tokenizer()
-    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], TINY["max_prompt_tokens"])
-               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))][:8]
+    prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], PPO_TINY["max_prompt_tokens"])
+               for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
     for reward_model, reward_fn in ((rm, None), (None, count_a)):
         runs = {}
         for penalty in (0.0, 0.75):
-            cfg = ppo.Config(**{**TINY, "max_new_tokens": 6, "missing_eos_penalty": penalty})
+            cfg = ppo.Config(**{**PPO_TINY, "max_new_tokens": 6, "missing_eos_penalty": penalty})
             runs[penalty], _ = ppo.rollout(policy, policy, rm, reward_model, queries, query_mask, cfg, 0.1, reward_fn,
                                            torch.Generator().manual_seed(3))
         base, penalised = runs[0.0], runs[0.75]
@@ -449,13 +440,13 @@ def test_explained_variance_matches_numpy_on_the_masked_entries():
 def test_rollout_entropy_is_the_masked_mean_of_minus_logprobs_of_a_full_forward(letters_policy):
     """stats["entropy"] == mean over response tokens (up to and including the first EOS) of -log pi(y_t), with
     log pi from one full forward of the policy on the rollout's ids, logits divided by the temperature."""
-    cfg = ppo.Config(**{**TINY, "temperature": 0.7, "max_new_tokens": 8})
+    cfg = ppo.Config(**{**PPO_TINY, "temperature": 0.7, "max_new_tokens": 8})
     policy, _ = load_model(letters_policy, "gpt")
     torch.manual_seed(0)
     critic = ScalarGPT(policy.config)
     enc = get_tokenizer()
     prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
-               for line in open(os.path.join(FIXTURES, "prompts_train.jsonl"))][:8]
+               for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
     batch, stats = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask, cfg, 0.1,
                                reward_fn=count_a, generator=torch.Generator().manual_seed(0))
@@ -484,8 +475,8 @@ def test_train_adaptive_kl_coef_follows_the_controller_each_iteration(tmp_path, 
     second, the rollouts measure the KL to a reference far from the policy (a GPT with large logits, patched
     into rollout()): the KL of a policy that starts AS its reference is 0, then sampling noise of either sign."""
     def run(name, target):
-        cfg = tiny_config(tmp_path / name, iters=3, adaptive_kl=True, kl_target=target, kl_horizon=40, kl_coef=0.05,
-                          eval_interval=3, sample_every=100)
+        cfg = ppo_tiny_config(tmp_path / name, iters=3, adaptive_kl=True, kl_target=target, kl_horizon=40,
+                              kl_coef=0.05, eval_interval=3, sample_every=100)
         result = ppo.train(cfg)
         rows = [json.loads(line) for line in open(result["metrics_path"])][1:]  # step 0: the evaluation
         assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["kl_coef"] == 0.05
@@ -501,7 +492,7 @@ def test_train_adaptive_kl_coef_follows_the_controller_each_iteration(tmp_path, 
     assert coefs == pytest.approx([0.05 * (1 - 0.2 * 8 / 40) ** k for k in range(4)]), "clipped error -0.2, 8 / 40"
 
     torch.manual_seed(0)
-    far = GPT(GPTConfig(**{k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "block_size")})).eval()
+    far = GPT(GPTConfig(**{k: PPO_TINY[k] for k in ("n_layer", "n_head", "n_embd", "block_size")})).eval()
     torch.nn.init.normal_(far.transformer.wte.weight, std=1.0)  # (tied lm_head) logits of std ~5: peaked
     rollout = ppo.rollout
     monkeypatch.setattr(ppo, "rollout", lambda policy, ref_policy, *a, **kw: rollout(policy, far, *a, **kw))

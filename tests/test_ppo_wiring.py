@@ -6,73 +6,25 @@ in test_ppo.py, are still right."""
 import copy
 import dataclasses
 import math
-import os
 
 import pytest
 import torch
 
 import ppo
+from conftest import GAMMA, KL_COEF, LAM, PPO_FIXTURES, ROLLOUT_SHAPE, TEMPERATURE, rollout_case
 from lib.checkpoints import load_checkpoint, save_checkpoint
 from lib.tokens import EOS, pad_left
-from model import GPT, GPTConfig, ScalarGPT
-
-SHAPE = dict(n_layer=1, n_head=2, n_embd=32, block_size=64)
-GAMMA, LAM, KL_COEF, TEMPERATURE = 0.9, 0.7, 0.3, 0.8  # none of them 1 (or 0): a swapped pair shows
-PROMPT_LENGTHS = (3, 7, 1, 5, 6, 2)  # left padding of up to 6 columns
-
-
-def eos_prone_policy(seed, strength=3.5):
-    """A random tiny GPT whose responses end early, at random lengths. A random GPT samples EOS once in ~50k
-    tokens; here EOS's embedding (tied to the output layer) points along the final LayerNorm's bias, so its
-    logit is ~strength * (1 + noise) against ~0 for every other token."""
-    torch.manual_seed(seed)
-    policy = GPT(GPTConfig(**SHAPE))
-    with torch.no_grad():
-        u = torch.randn(SHAPE["n_embd"])
-        u /= u.norm()
-        policy.transformer.ln_f.bias.copy_(u)
-        policy.transformer.wte.weight[EOS] = strength * u
-    return policy
-
-
-def perturbed(policy, seed, scale=0.2):
-    """A copy of `policy` with noise on its transformer blocks: the reference policy, so the KL is not 0."""
-    torch.manual_seed(seed)
-    ref = copy.deepcopy(policy)
-    with torch.no_grad():
-        for p in ref.transformer.h.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return ref
-
-
-def score_fn(queries, query_mask, responses, response_mask):
-    """Programmatic reward: sum of (token id mod 7) over the response / 10 - 1, a different score per row."""
-    return (responses % 7 * response_mask).sum(1).float() / 10 - 1
+from model import GPTConfig, ScalarGPT
 
 
 def hand_score(response):
+    """score_fn (conftest.py) of one response, by hand."""
     return sum(t % 7 for t in response) / 10 - 1
 
 
 def hand_length(response):
     """Tokens up to and including the first EOS (all of them without one)."""
     return response.index(EOS) + 1 if EOS in response else len(response)
-
-
-def rollout_case(prompt_lengths=PROMPT_LENGTHS):
-    """Models, left-padded prompts and one deterministic rollout of up to 8 tokens at temperature 0.8."""
-    policy = eos_prone_policy(seed=0)
-    ref_policy = perturbed(policy, seed=1)
-    torch.manual_seed(2)
-    critic = ScalarGPT(GPTConfig(**SHAPE))
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, EOS, (n,), generator=g).tolist() for n in prompt_lengths]
-    queries, query_mask = pad_left(prompts)  # (B, P)
-    cfg = ppo.Config(**SHAPE, max_new_tokens=8, temperature=TEMPERATURE, gamma=GAMMA, lam=LAM)
-    batch, stats = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, KL_COEF,
-                               reward_fn=score_fn, generator=torch.Generator().manual_seed(0))
-    return dict(policy=policy, ref_policy=ref_policy, critic=critic, prompts=prompts, cfg=cfg, batch=batch,
-                stats=stats)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +118,7 @@ def test_critic_value_of_a_response_token_is_read_where_the_state_before_it_ends
     (the last prompt token for t = 0), here on left-padded prompts and ragged responses, against unpadded
     forwards. Reading one position later ([:, n_query:]) or earlier ([:, n_query - 2:-2]) fails."""
     torch.manual_seed(0)
-    critic = ScalarGPT(GPTConfig(**SHAPE))
+    critic = ScalarGPT(GPTConfig(**ROLLOUT_SHAPE))
     prompts = [[11, 12, 13], [21, 22, 23, 24, 25], [31, 32]]
     responses = [[41, 42, 43, 44], [51, EOS], [61, 62, 63]]
     queries, query_mask = pad_left(prompts)  # (3, 5)
@@ -229,12 +181,9 @@ def test_update_recomputes_the_rollout_values_and_logprobs_before_its_first_step
 
 # ---------------------------------------------------------------------------------------------- critic init
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "ppo")
-
-
 def train_config(tmp_path, **kw):
     """The smallest train() run: 1 iteration of 4 prompts, 4 new tokens, evaluation on 2 prompts."""
-    return ppo.Config(**{**SHAPE, "out_dir": str(tmp_path / "out"), "data_dir": FIXTURES,
+    return ppo.Config(**{**ROLLOUT_SHAPE, "out_dir": str(tmp_path / "out"), "data_dir": PPO_FIXTURES,
                          "sft_ckpt": "scratch", "device": "cpu", "max_prompt_tokens": 32, "max_new_tokens": 4,
                          "iters": 1, "batch_size": 4, "minibatch_size": 4, "noptepochs": 1, "eval_interval": 1,
                          "eval_prompts": 2, "sample_every": 1, "n_samples": 0, "lr": 1e-2, "warmup_iters": 1,
@@ -255,7 +204,7 @@ def test_critic_starts_as_a_copy_of_the_reward_model_and_trains_apart_from_it(tm
     run scores with; it is another object, and training it leaves the reward model as it was."""
     if source == "checkpoint":
         torch.manual_seed(7)
-        rm = ScalarGPT(GPTConfig(**SHAPE))
+        rm = ScalarGPT(GPTConfig(**ROLLOUT_SHAPE))
         with torch.no_grad():
             rm.score_head.bias.fill_(0.5)  # unlike a fresh head's 0
         reward_ckpt = save_checkpoint(str(tmp_path / "rm.pt"), rm, ppo.Config(), reward_shift=0.0)

@@ -1,6 +1,6 @@
-"""Tests for data/hh_rlhf/prepare.py: splitting, drop reasons, strictness, determinism, carving, fetching through the hub cache."""
+"""Tests for data/hh_rlhf/prepare.py: splitting, drop reasons, strictness, determinism, carving, fetching through the
+hub cache."""
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HH_FIXTURES, A, H, gzip_fixtures, prepare
+
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures" / "hh"
 SHARED = REPO.parent / "shared" / "data" / "hh-rlhf"
 
-_spec = importlib.util.spec_from_file_location("hh_rlhf_prepare", REPO / "data" / "hh_rlhf" / "prepare.py")
-prepare = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare)
-
-H, A = "\n\nHuman: ", "\n\nAssistant:"
 FRANCE = H + "What is the capital of France?" + A
 BREAD = H + "Can you help me bake bread?" + A + " Sure! What kind of bread?" + H + "Sourdough." + A
 OUTPUTS = [f"{kind}_{split}.jsonl" for kind in ("comparisons", "sft", "prompts") for split in ("train", "val")]
@@ -31,14 +27,6 @@ def output_bytes(out_dir):
     return {name: (Path(out_dir) / name).read_bytes() for name in OUTPUTS + ["stats.json"]}
 
 
-def gzip_fixtures(dest):
-    """Copy the plain fixture folder to dest as <subset>/<split>.jsonl.gz, like the hub layout."""
-    for src in FIXTURES.glob("*/*.jsonl"):
-        (dest / src.parent.name).mkdir(parents=True, exist_ok=True)
-        (dest / src.parent.name / (src.name + ".gz")).write_bytes(gzip.compress(src.read_bytes()))
-    return dest
-
-
 def write_synthetic(path, n_prompts=20, pairs_per_prompt=2):
     """A gzipped split with several comparisons per prompt, to exercise carving by prompt."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +34,8 @@ def write_synthetic(path, n_prompts=20, pairs_per_prompt=2):
         for i in range(n_prompts):
             for j in range(pairs_per_prompt):
                 prompt = H + f"Question number {i}?" + A
-                f.write(json.dumps({"chosen": prompt + f" Good answer {j}.", "rejected": prompt + f" Bad answer {j}."}) + "\n")
+                row = {"chosen": prompt + f" Good answer {j}.", "rejected": prompt + f" Bad answer {j}."}
+                f.write(json.dumps(row) + "\n")
 
 
 def test_split_dialogue_splits_at_last_assistant_turn():
@@ -60,11 +49,12 @@ def test_split_dialogue_splits_at_last_assistant_turn():
 
 def test_parse_pair_keeps_exact_texts():
     line = json.dumps({"chosen": BREAD + " Flour and water.", "rejected": BREAD + " An oven.\n"})
-    assert prepare.parse_pair(line) == ({"prompt": BREAD, "chosen": " Flour and water.", "rejected": " An oven.\n"}, None)
+    assert prepare.parse_pair(line) == ({"prompt": BREAD, "chosen": " Flour and water.", "rejected": " An oven.\n"},
+                                        None)
 
 
 def test_every_drop_reason_is_counted_on_fixture(tmp_path):
-    stats = prepare.main(["--source", str(FIXTURES), "--out_dir", str(tmp_path)])
+    stats = prepare.main(["--source", str(HH_FIXTURES), "--out_dir", str(tmp_path)])
     train, test = stats["subsets"]["helpful-base"]["train"], stats["subsets"]["helpful-base"]["test"]
     assert train == {"read": 12, "kept": 3, "malformed_json": 2, "missing_keys": 1, "no_shared_prompt": 3,
                      "empty_response": 2, "identical_responses": 1}
@@ -75,17 +65,19 @@ def test_every_drop_reason_is_counted_on_fixture(tmp_path):
     assert stats["notes"] == []  # both splits present: nothing carved
     assert read_jsonl(tmp_path / "comparisons_train.jsonl") == [
         {"prompt": FRANCE, "chosen": " The capital of France is Paris.", "rejected": " I don't know."},
-        {"prompt": BREAD, "chosen": " You need a starter, flour, water and salt.", "rejected": " Bread is baked in an oven."},
+        {"prompt": BREAD, "chosen": " You need a starter, flour, water and salt.",
+         "rejected": " Bread is baked in an oven."},
         {"prompt": FRANCE, "chosen": " Paris.", "rejected": " Lyon."},
     ]
-    assert read_jsonl(tmp_path / "sft_train.jsonl")[1] == {"prompt": BREAD, "response": " You need a starter, flour, water and salt."}
+    assert read_jsonl(tmp_path / "sft_train.jsonl")[1] == {"prompt": BREAD,
+                                                           "response": " You need a starter, flour, water and salt."}
     assert read_jsonl(tmp_path / "prompts_train.jsonl") == [{"prompt": FRANCE}, {"prompt": BREAD}]
     assert json.loads((tmp_path / "stats.json").read_text()) == stats
 
 
 def test_strict_fails_naming_file_and_line(tmp_path):
     with pytest.raises(SystemExit) as e:
-        prepare.main(["--source", str(FIXTURES), "--out_dir", str(tmp_path), "--strict"])
+        prepare.main(["--source", str(HH_FIXTURES), "--out_dir", str(tmp_path), "--strict"])
     assert "train.jsonl:3: malformed_json" in str(e.value.code)
     assert not (tmp_path / "comparisons_train.jsonl").exists()
 
@@ -115,7 +107,7 @@ def test_test_only_source_is_carved_into_both_splits(tmp_path, capsys):
 
 def test_missing_subset_folder_names_what_was_found(tmp_path):
     with pytest.raises(SystemExit) as e:
-        prepare.main(["--source", str(FIXTURES), "--subsets", "harmless-base", "--out_dir", str(tmp_path)])
+        prepare.main(["--source", str(HH_FIXTURES), "--subsets", "harmless-base", "--out_dir", str(tmp_path)])
     assert "no subset folder 'harmless-base'" in str(e.value.code) and "found: helpful-base" in str(e.value.code)
 
 
@@ -134,7 +126,7 @@ def test_download_reads_the_hub_cache_like_a_local_source(tmp_path):
     (repo / "refs" / "main").write_text("abc123")
     run = run_prepare_offline(tmp_path / "hub", tmp_path / "out")
     assert run.returncode == 0, run.stderr
-    local = prepare.main(["--source", str(FIXTURES), "--out_dir", str(tmp_path / "local")])
+    local = prepare.main(["--source", str(HH_FIXTURES), "--out_dir", str(tmp_path / "local")])
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["total"] == local["total"]
     assert {k: v for k, v in output_bytes(tmp_path / "out").items() if k != "stats.json"} == \
         {k: v for k, v in output_bytes(tmp_path / "local").items() if k != "stats.json"}

@@ -5,49 +5,18 @@ import itertools
 import json
 import math
 import os
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import reward
+from conftest import REWARD_TINY, reward_tiny_config, synthetic_preferences, write_jsonl
 from lib import responses
 from lib.checkpoints import load_model
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from lib.training import lr_at
 from model import GPTConfig, ScalarGPT
-
-TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, max_prompt_tokens=16, max_response_tokens=24)
-WORDS = ("apple river stone cloud green table music paper light window garden yellow horse street "
-         "summer silver bread candle forest letter").split()
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return str(path)
-
-
-def synthetic_preferences(n, seed, marker="banana"):
-    """The chosen response contains `marker` somewhere, the rejected one never; both random words."""
-    rng = random.Random(seed)
-    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
-    rows = []
-    for _ in range(n):
-        chosen = words(rng.randint(3, 8)).split()
-        chosen.insert(rng.randint(0, len(chosen)), marker)
-        rows.append({"prompt": f"\n\nHuman: say {words(2)}\n\nAssistant:", "chosen": " " + " ".join(chosen),
-                     "rejected": " " + words(rng.randint(3, 9))})
-    return rows
-
-
-def tiny_config(tmp_path, **kw):
-    return reward.Config(**{**TINY, "out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path),
-                            "init_from": "scratch", "device": "cpu", "eval_interval": 10, "log_interval": 10,
-                            "batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 5, **kw})
-
 
 # ---------------------------------------------------------------------------------------------- loss
 
@@ -67,7 +36,7 @@ def test_preference_loss_matches_bce_and_hand_computation():
 def test_k4_ranking_gives_6_pairs_scaled_by_1_over_c_k_2_once():
     # two prompts: K = 4 (6 pairs) and K = 2 (1 pair); each prompt's pairs are averaged, then the prompts
     rankings = [("p", ["a", "b", "c", "d"]), ("q", ["e", "f"])]
-    examples, counts = reward.tokenize_rankings(rankings, get_tokenizer(), reward.Config(**TINY))
+    examples, counts = reward.tokenize_rankings(rankings, get_tokenizer(), reward.Config(**REWARD_TINY))
     assert [len(ex["pairs"]) for ex in examples] == [6, 1] and counts["pairs"] == 7
     assert examples[0]["pairs"] == list(itertools.combinations(range(4), 2))
     ids, attention_mask, winner, loser, prompt_index = reward.collate(examples)
@@ -88,7 +57,7 @@ def test_k4_ranking_gives_6_pairs_scaled_by_1_over_c_k_2_once():
 
 def test_ties_are_dropped_and_counted():
     rankings = [("p", ["a", "b", "a", "c"]), ("q", ["same", "same"])]
-    examples, counts = reward.tokenize_rankings(rankings, get_tokenizer(), reward.Config(**TINY))
+    examples, counts = reward.tokenize_rankings(rankings, get_tokenizer(), reward.Config(**REWARD_TINY))
     assert counts["ties"] == 2 and counts["pairs"] == 5 and counts["prompts"] == 1
     assert (0, 2) not in examples[0]["pairs"]
 
@@ -142,7 +111,7 @@ def trained_on_marker(tmp_path_factory):
     val = synthetic_preferences(64, seed=1)
     write_jsonl(tmp / "comparisons_val.jsonl", val)
     write_jsonl(tmp / "sft_val.jsonl", [{"prompt": r["prompt"], "response": r["chosen"]} for r in val])
-    cfg = tiny_config(tmp)
+    cfg = reward_tiny_config(tmp)
     return cfg, reward.train(cfg)
 
 
@@ -182,8 +151,8 @@ def test_k_way_rankings_train_through_the_same_path(tmp_path):
     write_jsonl(tmp_path / "ranked_train.jsonl", ranked)
     write_jsonl(tmp_path / "pairs_train.jsonl", synthetic_preferences(8, seed=3))
     write_jsonl(tmp_path / "comparisons_val.jsonl", ranked[1:5] + synthetic_preferences(4, seed=4))
-    cfg = tiny_config(tmp_path, train_files="ranked_train.jsonl, pairs_train.jsonl", demo_file="comparisons_val.jsonl",
-                      batch_size=4, grad_accum=2)
+    cfg = reward_tiny_config(tmp_path, train_files="ranked_train.jsonl, pairs_train.jsonl",
+                             demo_file="comparisons_val.jsonl", batch_size=4, grad_accum=2)
     result = reward.train(cfg)
     counts = result["train_counts"]
     assert counts["rankings"] == 32 and counts["ties"] == 1
@@ -194,7 +163,7 @@ def test_k_way_rankings_train_through_the_same_path(tmp_path):
 
 def test_train_on_shared_hh_few_steps(hh_prepared, tmp_path):
     """3 steps on the shared HH data: the reported val/acc, val/loss and val/margin are those of a recount."""
-    cfg = reward.Config(**{**TINY, "block_size": 128, "max_prompt_tokens": 64, "max_response_tokens": 32},
+    cfg = reward.Config(**{**REWARD_TINY, "block_size": 128, "max_prompt_tokens": 64, "max_response_tokens": 32},
                         out_dir=str(tmp_path / "out"), data_dir=hh_prepared, init_from="scratch", device="cpu",
                         max_steps=3, eval_interval=3, batch_size=4, grad_accum=1)
     result = reward.train(cfg)
@@ -236,13 +205,13 @@ def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path
     write_jsonl(tmp_path / "comparisons_val.jsonl", synthetic_preferences(8, seed=6))
     write_jsonl(tmp_path / "sft_val.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " banana"}])
     kw = dict(epochs=2, batch_size=8, grad_accum=2, eval_interval=3, log_interval=1, dropout=0.1)
-    full = reward.train(tiny_config(tmp_path, out_dir=str(tmp_path / "full"), **kw))
+    full = reward.train(reward_tiny_config(tmp_path, out_dir=str(tmp_path / "full"), **kw))
 
     def crash_at_step_5(step, *args):  # train() asks lr_at(step) (0-based) at the start of each step
         if step == 4:
             raise RuntimeError("simulated crash")
         return lr_at(step, *args)
-    cfg = tiny_config(tmp_path, out_dir=str(tmp_path / "resumed"), **kw)
+    cfg = reward_tiny_config(tmp_path, out_dir=str(tmp_path / "resumed"), **kw)
     with monkeypatch.context() as m:
         m.setattr(reward, "lr_at", crash_at_step_5)
         with pytest.raises(RuntimeError, match="simulated crash"):

@@ -11,38 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import sft
+from conftest import DEMOS, REPO, A, H, sft_tiny_config, write_data
 from lib.checkpoints import load_model
 from lib.tokens import EOS, get_tokenizer
 from lib.training import lr_at
 from model import GPT, GPTConfig
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-H, A = "\n\nHuman: ", "\n\nAssistant:"
-DEMOS = [
-    {"prompt": H + "What is the capital of France?" + A, "response": " Paris is the capital of France."},
-    {"prompt": H + "Can you help me bake bread?" + A + " Sure! What kind?" + H + "Sourdough." + A,
-     "response": " You need a starter, flour, water and salt."},
-    {"prompt": H + "Say hi." + A, "response": " Hi!"},
-    {"prompt": H + "Name a colour." + A, "response": " Blue, like the sea on a clear day."},
-]
-
-
-def write_data(data_dir, train_rows, val_rows):
-    os.makedirs(data_dir, exist_ok=True)
-    for split, rows in (("train", train_rows), ("val", val_rows)):
-        with open(os.path.join(data_dir, f"sft_{split}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(data_dir)
-
-
-def tiny_config(tmp_path, data_dir, **overrides):
-    """A 2-layer, 64-wide model from scratch: a few ms per step on CPU."""
-    cfg = dict(out_dir=str(tmp_path / "out"), data_dir=data_dir, init_from="scratch", n_layer=2, n_head=2,
-               n_embd=64, block_size=128, dropout=0.0, max_prompt_tokens=48, max_response_tokens=24,
-               batch_size=4, grad_accum=1, max_steps=20, lr=3e-3, min_lr=3e-4, warmup_steps=5,
-               eval_interval=10, eval_examples=8, num_eval_samples=1, max_new_tokens=4, device="cpu")
-    cfg.update(overrides)
-    return sft.Config(**cfg)
 
 
 def test_sft_loss_matches_hand_computation():
@@ -123,7 +96,7 @@ def test_lr_warms_up_then_decays_to_min_lr():
 
 def test_tiny_model_overfits_a_few_demonstrations(tmp_path):
     data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
-    cfg = tiny_config(tmp_path, data_dir, max_steps=40, lr=1e-2, min_lr=1e-3, warmup_steps=10, eval_interval=40)
+    cfg = sft_tiny_config(tmp_path, data_dir, max_steps=40, lr=1e-2, min_lr=1e-3, warmup_steps=10, eval_interval=40)
     result = sft.train(cfg)
     print(f"train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
     assert result["train_loss"] < 0.05 and result["val_loss"] < 0.05  # val = train here: memorised
@@ -131,7 +104,7 @@ def test_tiny_model_overfits_a_few_demonstrations(tmp_path):
 
 def test_train_writes_checkpoints_plot_and_metrics(tmp_path):
     data_dir = write_data(tmp_path / "data", DEMOS * 3, DEMOS[:2])
-    result = sft.train(tiny_config(tmp_path, data_dir, max_steps=10, eval_interval=5, grad_accum=2))
+    result = sft.train(sft_tiny_config(tmp_path, data_dir, max_steps=10, eval_interval=5, grad_accum=2))
     for key in ("ckpt_path", "last_path", "metrics_path", "plot_path"):
         assert os.path.isfile(result[key]), key
     rows = [json.loads(line) for line in open(result["metrics_path"])]
@@ -149,8 +122,8 @@ def test_train_writes_checkpoints_plot_and_metrics(tmp_path):
 
 
 def test_train_on_shared_hh_data(hh_prepared, tmp_path):
-    cfg = tiny_config(tmp_path, hh_prepared, max_prompt_tokens=96, max_response_tokens=32, batch_size=8,
-                      max_steps=8, eval_interval=8, eval_examples=16)
+    cfg = sft_tiny_config(tmp_path, hh_prepared, max_prompt_tokens=96, max_response_tokens=32, batch_size=8,
+                          max_steps=8, eval_interval=8, eval_examples=16)
     result = sft.train(cfg)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
@@ -158,10 +131,10 @@ def test_train_on_shared_hh_data(hh_prepared, tmp_path):
 
 def test_clear_errors_for_missing_data_and_small_block_size(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
-        sft.train(tiny_config(tmp_path, str(tmp_path / "nowhere")))
+        sft.train(sft_tiny_config(tmp_path, str(tmp_path / "nowhere")))
     data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
     with pytest.raises(AssertionError, match="block_size"):
-        sft.train(tiny_config(tmp_path, data_dir, block_size=64, max_prompt_tokens=48, max_response_tokens=24))
+        sft.train(sft_tiny_config(tmp_path, data_dir, block_size=64, max_prompt_tokens=48, max_response_tokens=24))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -186,13 +159,13 @@ def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path
     # batches of 3 x 2 over 8 demonstrations cross epochs inside a step (data position).
     data_dir = write_data(tmp_path / "data", DEMOS * 2, DEMOS[:2])
     kw = dict(max_steps=4, eval_interval=2, batch_size=3, grad_accum=2, dropout=0.1)
-    full = sft.train(tiny_config(tmp_path / "full", data_dir, **kw))
+    full = sft.train(sft_tiny_config(tmp_path / "full", data_dir, **kw))
 
     def crash_at_step_4(step, *args):  # train() asks lr_at(step - 1) at the start of each step
         if step == 3:
             raise RuntimeError("simulated crash")
         return lr_at(step, *args)
-    cfg = tiny_config(tmp_path / "resumed", data_dir, **kw)
+    cfg = sft_tiny_config(tmp_path / "resumed", data_dir, **kw)
     with monkeypatch.context() as m:
         m.setattr(sft, "lr_at", crash_at_step_4)
         with pytest.raises(RuntimeError, match="simulated crash"):

@@ -5,30 +5,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from lib.tracking import MetricsLog, read_metrics
+from conftest import metrics_by_name, tensorboard_scalars
+from lib.tracking import MetricsLog
 
 
 @dataclass
 class RunConfig:
     lr: float = 1e-4
-
-
-def tensorboard_scalars(log_dir):
-    """{tag: [(step, value), ...]} read back from the event files with TensorBoard's own reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def metrics_by_name(path):
-    """The numeric columns of metrics.jsonl as {name: [(step, value), ...]}."""
-    out = {}
-    for row in read_metrics(path):
-        for k, v in row.items():
-            if k != "step" and isinstance(v, float):
-                out.setdefault(k, []).append((row["step"], v))
-    return out
 
 
 def test_tensorboard_events_hold_the_metrics_jsonl_values(tmp_path):
