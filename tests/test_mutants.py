@@ -14,6 +14,7 @@ import lib.ddp
 import lib.responses
 import ppo
 import sft
+from conftest import eos_prone_policy as shared_eos_prone_policy
 from lib.tokens import EOS, pad_left, pad_right
 from model import GPT, GPTConfig, ScalarGPT
 
@@ -22,16 +23,8 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18], [19, 20], 
 
 
 def eos_prone_policy(seed=0, strength=4.0):
-    """A random tiny GPT that samples EOS often but not always (its EOS logit is ~strength against ~0 for the
-    other tokens): responses of mixed lengths, some without EOS, and other tokens after an EOS if not forced."""
-    torch.manual_seed(seed)
-    policy = GPT(GPTConfig(**SHAPE))
-    with torch.no_grad():
-        u = torch.randn(SHAPE["n_embd"])
-        u /= u.norm()
-        policy.transformer.ln_f.bias.copy_(u)
-        policy.transformer.wte.weight[EOS] = strength * u
-    return policy.eval()
+    """conftest's EOS-prone tiny GPT (responses of mixed lengths, some without EOS), in eval mode."""
+    return shared_eos_prone_policy(seed, strength).eval()
 
 
 def scalar_model(seed, **kw):
