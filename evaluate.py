@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from lib.checkpoints import atomic_write_text, load_model
-from lib.config import load_function, run
+from lib.config import load_function, require, run
 from lib.data import read_prompts
 from lib.responses import decode_responses, sample_and_score, sequence_kl
 from lib.tokens import decode_response, encode_prompt, get_tokenizer, pad_left
@@ -56,10 +56,12 @@ class Config:
     n_show: int = 3  # side-by-side samples printed
     # system
     device: str = "auto"  # auto, cpu, cuda, ...
-    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
+    dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 or float32 on any device
     seed: int = 1337
 
     RANGES = {"max_prompts": ">= 0", "n_show": ">= 0", "temperature": "> 0"}  # the KL divides the logits by it
+    PATHS = {"policy_a": "model", "policy_b": "model", "prompts": "file", "out": "out_file", "judge_ckpt": "model",
+             "ref_ckpt": "model"}  # checked where the flags are parsed
 
 
 CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # ppo.py's tiny rollout settings
@@ -118,22 +120,20 @@ def print_side_by_side(prompts, a, b, n):
 
 def main(cfg):
     """Win rate of policy A over policy B on held-out prompts; returns (and writes to cfg.out) the report."""
-    assert bool(cfg.judge_ckpt) != bool(cfg.judge_fn), "give exactly one judge: --judge_ckpt or --judge_fn"
+    require(bool(cfg.judge_ckpt) != bool(cfg.judge_fn), "give exactly one judge: --judge_ckpt or --judge_fn")
     t_start = time.time()
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
     enc = get_tokenizer()
-    prompts = read_prompts(cfg.prompts, cfg.max_prompts)
-    assert prompts, f"no prompts in {cfg.prompts}"
+    prompts = read_prompts(cfg.prompts, cfg.max_prompts, strict=True)  # a skipped prompt would change the win rate
 
     judge_model, judge_fn = None, None
     if cfg.judge_ckpt:
         judge_model, _ = load_model(cfg.judge_ckpt, kind="scalar", device=device)
         judge_model.eval()
         longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS the judge reads its score at
-        assert longest <= judge_model.config.block_size, \
-            f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the judge's block_size " \
-            f"{judge_model.config.block_size}"
+        require(longest <= judge_model.config.block_size, f"max_prompt_tokens + max_new_tokens + 1 = {longest} "
+                f"exceeds the judge's block_size {judge_model.config.block_size}")
     else:
         judge_fn = load_function(cfg.judge_fn, cfg.judge_arg)
     ref_policy = None
@@ -145,8 +145,8 @@ def main(cfg):
     for name, ckpt in (("a", cfg.policy_a), ("b", cfg.policy_b)):
         policy, _ = load_model(ckpt, kind="gpt", device=device)
         policy.eval()
-        assert cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size, \
-            f"max_prompt_tokens + max_new_tokens exceeds the block_size {policy.config.block_size} of {ckpt}"
+        require(cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size,
+                f"max_prompt_tokens + max_new_tokens exceeds the block_size {policy.config.block_size} of {ckpt}")
         t0 = time.time()
         with ctx:
             results[name] = sample_and_judge(policy, judge_model, judge_fn, enc, prompts, cfg, device, ref_policy)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from safetensors.torch import save_file
 
 from lib.checkpoints import atomic_write_text, load_checkpoint, load_state
-from lib.config import parse_config
+from lib.config import require, run
 from lib.tokens import EOS, get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
 
@@ -32,6 +32,8 @@ from model import GPT, GPTConfig, ScalarGPT
 class Config:
     init_from: str = "out/ppo/ckpt.pt"  # checkpoint of this project (policy or reward model)
     out_dir: str = "out/ppo/hf"  # folder to write (created; files in it are replaced)
+
+    PATHS = {"init_from": "model", "out_dir": "out_dir"}  # checked where the flags are parsed
 
 
 CONFIGS = {}
@@ -51,7 +53,7 @@ def hf_state_dict(model):
 
 def hf_config(config, kind, extra):
     """config.json of a GPT-2 (transformers.GPT2Config fields) with this project's metadata under "instructgpt"."""
-    assert config.bias, "Hugging Face GPT-2 has biases in every Linear and LayerNorm: cannot export bias=False"
+    require(config.bias, "Hugging Face GPT-2 has biases in every Linear and LayerNorm: cannot export bias=False")
     return {"architectures": ["GPT2LMHeadModel" if kind == "gpt" else "GPT2Model"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
             "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
@@ -96,7 +98,8 @@ def tokenizer_files(enc, block_size):
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) > 1:
             parts = bpe_parts(ranks, token, rank)
-            assert len(parts) == 2, f"token {token!r} is not a single merge of two earlier tokens"
+            if len(parts) != 2:  # never for GPT-2's own merges
+                raise ValueError(f"token {token!r} is not a single merge of two earlier tokens")
             merges.append(f"{text(parts[0])} {text(parts[1])}")
     special = "<|endoftext|>"
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
@@ -135,4 +138,4 @@ def export(cfg):
 
 
 if __name__ == "__main__":
-    export(parse_config(Config, CONFIGS))
+    run(export, Config, CONFIGS)

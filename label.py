@@ -8,7 +8,9 @@ be repeated with the improved policy. This script does the sampling and the aski
 
 per ranked prompt to --out, which reward.py trains on as it is (--train_files rankings.jsonl, mixable with
 HH comparison files). Each line is flushed to disk as soon as it is given: a crash or Ctrl-C loses nothing
-already ranked, and a rerun with the same --out skips the rankings already there (resumable).
+already ranked, and a rerun with the same --out skips the rankings already there (resumable); a last line cut
+short by a kill is moved to --out.torn first. One label.py at a time writes a file: a second one on the same
+--out stops (a lock on --out.lock, released whenever the first ends, even by kill -9).
 
 Labelers, behind one interface: a callable (prompt, responses) -> ranking (indices into responses, best
 first) or None (skip this prompt).
@@ -30,6 +32,8 @@ j with probability sigmoid((s_i - s_j) / T), the preference model eq. (1) fits; 
 """
 
 import collections
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -42,8 +46,8 @@ from typing import Optional
 import torch
 
 from lib.checkpoints import load_model
-from lib.config import load_function, run
-from lib.data import read_prompts
+from lib.config import load_function, require, run
+from lib.data import read_jsonl, read_prompts, set_aside_torn_tail
 from lib.responses import decode_responses, sample_responses, score_texts
 from lib.tokens import encode_prompt, get_tokenizer, pad_left
 from lib.tracking import format_time
@@ -66,17 +70,20 @@ class Config:
     batch_size: int = 8  # prompts per generation call (each gives k rows)
     # labeler
     labeler: str = "human"  # human, reward or fn
-    reward_ckpt: str = "out/reward/ckpt.pt"  # reward model of --labeler reward
+    reward_ckpt: str = ""  # reward model of --labeler reward (e.g. out/reward/ckpt.pt)
     labeler_fn: str = ""  # --labeler fn: "path/to/file.py:NAME" (or "module:NAME")
     labeler_arg: Optional[str] = None  # if given, NAME(labeler_arg) returns the scoring function
     label_noise: float = 0.0  # Bradley-Terry temperature of the reward/fn labelers (0 = exact ranking)
     # system
+    strict: bool = False  # refuse an input file with a malformed line (default: skip it, naming file:line)
     device: str = "auto"  # auto, cpu, cuda, ...
-    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
+    dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 or float32 on any device
     seed: int = 1337
 
     RANGES = {"max_prompts": ">= 0", "k": ">= 1", "rankings_per_prompt": ">= 1", "label_noise": ">= 0",
               "labeler": ("human", "reward", "fn")}
+    PATHS = {"policy": "model", "prompts": "file", "out": "out_file",
+             "reward_ckpt": "model"}  # checked where the flags are parsed
 
 
 CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # matches ppo.py's tiny rollouts
@@ -232,22 +239,27 @@ class HumanLabeler:
 # ----------------------------------------------------------------------------------------------
 # Sampling, resuming, writing
 
-def already_ranked(path):
-    """How many lines `path` already has for each prompt (a missing file has none). A broken line stops the run:
-    better than appending after it, since reward.py could not read the file either."""
-    done = collections.Counter()
+@contextlib.contextmanager
+def one_writer(path):
+    """Hold an exclusive lock on `path`.lock while labelling into `path`: a second label.py on the same file (two
+    terminals) stops with a message instead of ranking the same prompts again. The kernel drops a flock when
+    its process ends, however it ends (kill -9 too), so a killed labeler never leaves a stale lock."""
+    with open(path + ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"error: another label.py is writing {path} (it holds the lock {path}.lock). Let it finish, "
+                     f"or give this one another --out: two labelers on one file would rank the same prompts twice.")
+        yield  # the lock goes with the file when it is closed
+
+
+def already_ranked(path, strict=False):
+    """How many rankings `path` already holds for each prompt (a missing file has none). Read as reward.py
+    reads it; a torn last line (an interrupted write) was set aside before (set_aside_torn_tail)."""
     if not os.path.isfile(path):
-        return done
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                done[json.loads(line)["prompt"]] += 1
-            except (ValueError, KeyError, TypeError):
-                sys.exit(f"error: {path} line {n} is not a JSON object with a \"prompt\" (a crash while writing?). "
-                         f"Remove or fix that line, then rerun.")
-    return done
+        return collections.Counter()
+    rows = read_jsonl(path, "rankings", {"prompt": str, "ranked": list}, strict=strict, allow_empty=True, hint="")
+    return collections.Counter(row["prompt"] for row in rows)
 
 
 def sample_from_policies(policies, enc, prompts, k, cfg, generator, device, rng):
@@ -292,19 +304,29 @@ def progress_line(done, total, ranked, skipped, ties, elapsed):
 
 
 def main(cfg, input_fn=input):
-    """Sample K responses per prompt, rank them, append the rankings. Returns a summary dict."""
-    assert cfg.k >= 2, "k must be at least 2 (a ranking compares responses)"
-    assert cfg.labeler in ("human", "reward", "fn"), f"--labeler must be human, reward or fn, not '{cfg.labeler}'"
-    assert cfg.labeler != "fn" or cfg.labeler_fn, "--labeler fn needs --labeler_fn path/to/file.py:NAME"
-    assert cfg.label_noise >= 0, "--label_noise is a temperature: 0 (exact) or more"
+    """Sample K responses per prompt, rank them, append the rankings to cfg.out (its one writer). Returns a
+    summary dict."""
+    require(cfg.k >= 2, "k must be at least 2 (a ranking compares responses)")
+    require(cfg.labeler in ("human", "reward", "fn"), f"--labeler must be human, reward or fn, not '{cfg.labeler}'")
+    require(cfg.labeler != "fn" or cfg.labeler_fn, "--labeler fn needs --labeler_fn path/to/file.py:NAME")
+    require(cfg.labeler != "reward" or cfg.reward_ckpt,
+            "--labeler reward needs --reward_ckpt (e.g. out/reward/ckpt.pt)")
+    require(cfg.label_noise >= 0, "--label_noise is a temperature: 0 (exact) or more")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with one_writer(cfg.out):
+        return label(cfg, input_fn)
+
+
+def label(cfg, input_fn):
     t_start = time.time()
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
     enc = get_tokenizer()
 
     # prompts not yet ranked in --out
-    prompts = read_prompts(cfg.prompts, cfg.max_prompts)
-    done = already_ranked(cfg.out)
+    prompts = read_prompts(cfg.prompts, cfg.max_prompts, cfg.strict)
+    set_aside_torn_tail(cfg.out)  # a line cut short by a killed run: the next ranking starts on a line of its own
+    done = already_ranked(cfg.out, cfg.strict)
     todo = [p for r in range(cfg.rankings_per_prompt) for p in prompts if done[p] <= r]  # pass by pass
     wanted = len(prompts) * cfg.rankings_per_prompt
     print(f"{len(prompts)} prompts in {cfg.prompts}, {cfg.rankings_per_prompt} ranking(s) each; "
@@ -322,19 +344,18 @@ def main(cfg, input_fn=input):
         labeler = ScoreLabeler(score_fn, cfg.label_noise, cfg.seed)
 
     paths = [path for path in cfg.policy.split(",") if path]
-    assert 1 <= len(paths) <= cfg.k, f"--policy names {len(paths)} checkpoints; give 1 to k = {cfg.k}"
+    require(1 <= len(paths) <= cfg.k, f"--policy names {len(paths)} checkpoints; give 1 to k = {cfg.k}")
     policies = [load_model(path, kind="gpt", device=device)[0].eval() for path in paths]
     for path, policy in zip(paths, policies):
-        assert cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size, \
-            f"max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceeds the " \
-            f"block_size {policy.config.block_size} of {path}"
+        longest = cfg.max_prompt_tokens + cfg.max_new_tokens
+        require(longest <= policy.config.block_size, f"max_prompt_tokens + max_new_tokens = {longest} exceeds the "
+                f"block_size {policy.config.block_size} of {path}")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_rng = random.Random(cfg.seed)
 
     ranked = skipped = identical = human_ties = 0
     stopped = False
     t0 = time.time()
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out, "a") as f:
         try:
             for b in range(0, len(todo), cfg.batch_size):
@@ -352,7 +373,7 @@ def main(cfg, input_fn=input):
                     if ranking is None:
                         skipped += 1
                         continue
-                    assert sorted(ranking) == list(range(cfg.k)), f"labeler returned {ranking}, not a ranking"
+                    require(sorted(ranking) == list(range(cfg.k)), f"labeler returned {ranking}, not a ranking")
                     append_line(f, {"prompt": prompt, "ranked": [responses[i] for i in ranking]})
                     ranked += 1
                     human_ties += tied_pairs(responses)

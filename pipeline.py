@@ -179,7 +179,8 @@ def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
     """Print and run each step in order (from `from_step` on, if given); stop at the first failure.
     Returns {step: seconds}, also written to out_dir/times.json (kept from earlier runs for skipped steps)."""
     names = [name for name, _ in steps]
-    assert not from_step or from_step in names, f"--from_step must be one of {', '.join(names)}"
+    if from_step and from_step not in names:
+        sys.exit(f"error: --from_step {from_step} is not a step of this task; the steps are: {', '.join(names)}")
     times_path = os.path.join(out_dir, "times.json")
     times = {}
     if from_step and os.path.isfile(times_path):
@@ -247,6 +248,14 @@ def parse_args(argv=None):
     p.add_argument("--subsets", default="helpful-base", help="hh: comma-separated HH-RLHF subsets")
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or f"out/{a.task}"
+    if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
+        p.error(f"--out_dir {a.out_dir} is a file; it must be a folder to write to (it may not exist yet)")
+    if a.source and not os.path.isdir(a.source):
+        p.error(f"--source {a.source} is not a folder; it must be a local copy of HH-RLHF (its <subset>/ folders)")
+    # the steps run from the repository's folder: a relative path the user gave is made relative to it
+    here = os.path.dirname(os.path.abspath(__file__))
+    from_here = lambda path: path if not path or os.path.isabs(path) else os.path.relpath(os.path.abspath(path), here)
+    a.out_dir, a.source = from_here(a.out_dir), from_here(a.source)
     return a
 
 

@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import os
 import shutil
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from lib.checkpoints import fsync_replace, load_checkpoint, load_model, save_checkpoint
-from lib.config import MODEL_PRESETS, print_config, run
+from lib.config import MODEL_PRESETS, print_config, require, run
 from lib.data import index_batches, read_jsonl, spread
 from lib.ddp import (
     all_gather_cat,
@@ -122,11 +121,14 @@ class Config:
     ptx_max_tokens: int = 256  # pretraining sequences are cut to this many tokens
     ptx_file: str = ""  # PPO-ptx text: rows {"prompt", "response"}, prompt may be "" ("" = data_dir/sft_train.jsonl)
     # system
+    strict: bool = False  # refuse an input file with a malformed line (default: skip it, naming file:line)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
+    dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 or float32 on any device
     seed: int = 1337
 
     RANGES = {"temperature": "> 0"}  # stricter than lib/config.py's FIELD_RANGES: logprobs divide the logits by it
+    PATHS = {"out_dir": "out_dir", "data_dir": "dir", "sft_ckpt": "model", "reward_ckpt": "model",
+             "judge_ckpt": "model", "ptx_file": "file"}  # checked where the flags are parsed
 
 
 # DEVIATION: paper uses batches of 512 episodes, 64 per minibatch, one inner epoch, a 6B critic for every
@@ -374,8 +376,9 @@ def make_optimizer(policy, critic, cfg, device):
 # ----------------------------------------------------------------------------------------------
 # Data, evaluation, samples
 
-def load_prompts(path, enc, max_prompt_tokens):
-    return [encode_prompt(enc, row["prompt"], max_prompt_tokens) for row in read_jsonl(path, what="prompts")]
+def load_prompts(path, enc, max_prompt_tokens, strict=False):
+    rows = read_jsonl(path, "prompts", {"prompt": str}, strict=strict)
+    return [encode_prompt(enc, row["prompt"], max_prompt_tokens) for row in rows]
 
 
 def prompt_batch(prompts, batch_size, iteration, seed, device):
@@ -394,14 +397,10 @@ def load_ptx_text(cfg, enc):
     # default the "pretraining distribution" is the HH dialogues themselves (prompt + chosen response,
     # sft_train.jsonl); --ptx_file gives another corpus in the same format.
     path = cfg.ptx_file or os.path.join(cfg.data_dir, "sft_train.jsonl")
-    if cfg.ptx_file and not os.path.isfile(cfg.ptx_file):
-        sys.exit(f"error: --ptx_file {cfg.ptx_file} not found (JSON lines of {{'prompt': str, 'response': str}})")
-    texts = read_jsonl(path, what="pretraining text (ptx)")
-    for i, r in enumerate(texts):
-        ok = isinstance(r, dict) and isinstance(r.get("response"), str) and isinstance(r.get("prompt", ""), str)
-        assert ok, f"{path}: line {i + 1} is not a {{'prompt': str, 'response': str}} object (prompt may be '')"
+    prompt_is_text = lambda r: None if isinstance(r.get("prompt", ""), str) else '"prompt" must be a string if given'
+    texts = read_jsonl(path, "pretraining text (ptx)", {"response": str}, check=prompt_is_text, strict=cfg.strict)
     seqs = [(enc.encode_ordinary(r.get("prompt", "") + r["response"]) + [EOS])[:cfg.ptx_max_tokens] for r in texts]
-    assert any(len(s) > 1 for s in seqs), f"{path} holds no text for the ptx loss"
+    require(any(len(s) > 1 for s in seqs), f"{path} holds no text for the ptx loss")
     return seqs
 
 
@@ -503,8 +502,9 @@ def build_models(cfg, device, reward_fn=None, resume_ckpt=None):
                                seed=cfg.seed + 1)
     longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
     for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
-        assert m is None or longest <= m.config.block_size, \
-            f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the {name}'s block_size {m.config.block_size}"
+        block_size = m.config.block_size if m is not None else longest
+        require(longest <= block_size,
+                f"max_prompt_tokens + max_new_tokens + 1 = {longest} exceeds the {name}'s block_size {block_size}")
     return policy, ref_policy, reward_model, critic
 
 
@@ -514,7 +514,7 @@ def load_judge(cfg, device):
         return None
     judge, _ = load_model(cfg.judge_ckpt, "scalar", dropout=0.0, device=device)
     longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1
-    assert longest <= judge.config.block_size, f"{longest} tokens exceed the judge's block_size"
+    require(longest <= judge.config.block_size, f"{longest} tokens exceed the judge's block_size")
     return judge.eval().requires_grad_(False)
 
 
@@ -542,12 +542,12 @@ def train(cfg, reward_fn=None):
     rank, world_size = init_distributed(cfg.device)
     seed = cfg.seed + 1_000_000 * rank  # rank 0 keeps cfg.seed; ranks never share a sampling seed
     t_start = time.time()
-    assert cfg.temperature > 0, (
-        f"temperature must be > 0 for PPO (got {cfg.temperature}): rollouts are sampled and every logprob divides "
-        f"the logits by it, so 0 would give NaN losses; greedy decoding (temperature 0) is for sample.py")
-    assert cfg.batch_size % cfg.minibatch_size == 0, "batch_size must be a multiple of minibatch_size"
-    assert cfg.minibatch_size % cfg.grad_accum == 0, \
-        "minibatch_size must be a multiple of grad_accum (the micro-batch size)"
+    require(cfg.temperature > 0, f"temperature must be > 0 for PPO (got {cfg.temperature}): rollouts are sampled "
+            f"and every logprob divides the logits by it, so 0 would give NaN losses; greedy decoding (temperature 0) "
+            f"is for sample.py")
+    require(cfg.batch_size % cfg.minibatch_size == 0, "batch_size must be a multiple of minibatch_size")
+    require(cfg.minibatch_size % cfg.grad_accum == 0,
+            "minibatch_size must be a multiple of grad_accum (the micro-batch size)")
     updates_per_iter = cfg.noptepochs * cfg.batch_size // cfg.minibatch_size
     os.makedirs(cfg.out_dir, exist_ok=True)
     print_config(cfg, cfg.out_dir)
@@ -557,11 +557,12 @@ def train(cfg, reward_fn=None):
 
     # data, tokenized once; DDP: each rank evaluates its share of the held-out prompts
     enc = get_tokenizer()
-    train_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc, cfg.max_prompt_tokens)
-    val_prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"), enc, cfg.max_prompt_tokens)
+    prompts_file = lambda split: os.path.join(cfg.data_dir, f"prompts_{split}.jsonl")
+    train_prompts = load_prompts(prompts_file("train"), enc, cfg.max_prompt_tokens, cfg.strict)
+    val_prompts = load_prompts(prompts_file("val"), enc, cfg.max_prompt_tokens, cfg.strict)
     val_prompts = shard(spread(val_prompts, cfg.eval_prompts))
-    assert len(train_prompts) >= cfg.batch_size * world_size, (
-        f"{len(train_prompts)} prompts < batch_size {cfg.batch_size} x {world_size} processes")
+    require(len(train_prompts) >= cfg.batch_size * world_size,
+            f"{len(train_prompts)} prompts < batch_size {cfg.batch_size} x {world_size} processes")
     ptx_seqs = load_ptx_text(cfg, enc) if cfg.ptx_coef > 0 else None
 
     # models, optimizer; a resumed run continues from ckpt.pt (policy, critic, optimizer, kl_coef, iteration)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.checkpoints import load_model, save_checkpoint
-from lib.config import MODEL_PRESETS, print_config, run
+from lib.config import MODEL_PRESETS, print_config, require, run
 from lib.data import read_jsonl
 from lib.ddp import (
     all_gather_cat,
@@ -108,12 +108,15 @@ class Config:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     # system
+    strict: bool = False  # refuse an input file with a malformed line (default: skip it, naming file:line)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU always runs float32)
+    dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 or float32 on any device
     compile: bool = False  # torch.compile the model
     seed: int = 1337
 
-    RANGES = {"max_steps": ">= 0"}  # 0 = no limit (common.FIELD_RANGES asks >= 1)
+    RANGES = {"max_steps": ">= 0"}  # 0 = no limit (lib/config.py's FIELD_RANGES asks >= 1)
+    PATHS = {"out_dir": "out_dir", "data_dir": "dir", "train_files": "data_file", "val_files": "data_file",
+             "demo_file": "data_file", "init_from": "model"}  # checked where the flags are parsed
 
 
 # DEVIATION: paper trains one 6B RM for all policy sizes on 33k prompts with K = 4..9 rankings; we train
@@ -155,18 +158,24 @@ def data_paths(data_dir, names):
     return [os.path.join(data_dir, name.strip()) for name in names.split(",") if name.strip()]
 
 
-def read_rankings(paths):
+def ranking_problem(row):
+    """None for a comparison {prompt, chosen, rejected} or a ranking {prompt, ranked: [best, ..., worst]}, else
+    what is wrong with the row (the JSON-lines reader skips it, or refuses the file under --strict)."""
+    if "ranked" in row:
+        ranked = row["ranked"]
+        if not isinstance(ranked, list) or len(ranked) < 2 or not all(isinstance(r, str) for r in ranked):
+            return '"ranked" must be a list of at least two response strings, best first'
+    elif not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
+        return f'expected "chosen" and "rejected" strings or a "ranked" list, got keys {sorted(row)}'
+    return None
+
+
+def read_rankings(paths, strict=False):
     """JSON lines files -> [(prompt, [response, ...] best first)]."""
     rankings = []
     for path in paths:
-        for i, row in enumerate(read_jsonl(path, what="comparisons")):
-            if "ranked" in row:
-                rankings.append((row["prompt"], list(row["ranked"])))
-            elif "chosen" in row and "rejected" in row:
-                rankings.append((row["prompt"], [row["chosen"], row["rejected"]]))
-            else:
-                sys.exit(f"error: {path} line {i + 1}: expected keys prompt + chosen/rejected or prompt + ranked, "
-                         f"got {sorted(row)}")
+        for row in read_jsonl(path, "comparisons", {"prompt": str}, check=ranking_problem, strict=strict):
+            rankings.append((row["prompt"], row["ranked"] if "ranked" in row else [row["chosen"], row["rejected"]]))
     return rankings
 
 
@@ -209,10 +218,11 @@ def collate(examples):
     return ids, attention_mask, torch.tensor(winner), torch.tensor(loser), torch.tensor(prompt_index)
 
 
-def read_demonstrations(path):
+def read_demonstrations(path, strict=False):
     """(prompt, response) pairs from {prompt, response} rows, or the best response of comparison rows."""
+    check = lambda row: None if isinstance(row.get("response"), str) else ranking_problem(row)
     demos = []
-    for row in read_jsonl(path, what="demonstrations"):
+    for row in read_jsonl(path, "demonstrations", {"prompt": str}, check=check, strict=strict):
         best = row["response"] if "response" in row else row["ranked"][0] if "ranked" in row else row["chosen"]
         demos.append((row["prompt"], best))
     return demos
@@ -291,7 +301,7 @@ def train(cfg):
     if not cfg.resume and cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
         sys.exit(f"error: SFT checkpoint {cfg.init_from} not found. Run sft.py first "
                  f"(python sft.py --config {cfg.preset or 'tiny'}), or pass --init_from scratch or a GPT-2 name.")
-    assert cfg.batch_size % cfg.grad_accum == 0, "batch_size must be a multiple of grad_accum"
+    require(cfg.batch_size % cfg.grad_accum == 0, "batch_size must be a multiple of grad_accum")
     micro_batch_size = cfg.batch_size // cfg.grad_accum  # prompts per forward pass
     os.makedirs(cfg.out_dir, exist_ok=True)
     print_config(cfg, cfg.out_dir)
@@ -300,15 +310,17 @@ def train(cfg):
 
     # data, tokenized once
     enc = get_tokenizer()
-    train_set, train_counts = tokenize_rankings(read_rankings(data_paths(cfg.data_dir, cfg.train_files)), enc, cfg)
-    val_set, val_counts = tokenize_rankings(read_rankings(data_paths(cfg.data_dir, cfg.val_files)), enc, cfg)
+    train_rankings = read_rankings(data_paths(cfg.data_dir, cfg.train_files), cfg.strict)
+    val_rankings = read_rankings(data_paths(cfg.data_dir, cfg.val_files), cfg.strict)
+    train_set, train_counts = tokenize_rankings(train_rankings, enc, cfg)
+    val_set, val_counts = tokenize_rankings(val_rankings, enc, cfg)
     demos = [rm_tokens(enc, p, r, cfg.max_prompt_tokens, cfg.max_response_tokens)
-             for p, r in read_demonstrations(os.path.join(cfg.data_dir, cfg.demo_file))]
+             for p, r in read_demonstrations(os.path.join(cfg.data_dir, cfg.demo_file), cfg.strict)]
     print(f"train: {train_counts}\nval: {val_counts}\ndemonstrations: {len(demos)}")
-    assert train_set and val_set and demos, "need training pairs, validation pairs and demonstrations"
-    assert min(cfg.batch_size, len(val_set), len(demos)) >= world_size, (
-        f"{world_size} processes need at least as many prompts per batch ({cfg.batch_size}), validation prompts "
-        f"({len(val_set)}) and demonstrations ({len(demos)}); use fewer processes")
+    require(train_set and val_set and demos, "need training pairs, validation pairs and demonstrations")
+    require(min(cfg.batch_size, len(val_set), len(demos)) >= world_size,
+            f"{world_size} processes need at least as many prompts per batch ({cfg.batch_size}), validation "
+            f"prompts ({len(val_set)}) and demonstrations ({len(demos)}); use fewer processes")
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     if 0 < len(train_set) % cfg.batch_size < world_size:
         steps_per_epoch -= 1  # DDP: a last partial batch too small to give every rank a prompt is dropped
@@ -325,8 +337,8 @@ def train(cfg):
                                     dropout=cfg.dropout, device=device, transplant=True)
     resume_ckpt = ckpt if cfg.resume else None  # (an init_from checkpoint is only weights to start from)
     longest = cfg.max_prompt_tokens + cfg.max_response_tokens + 1
-    assert longest <= reward_model.config.block_size, \
-        f"max_prompt_tokens + max_response_tokens + 1 = {longest} exceeds block_size {reward_model.config.block_size}"
+    require(longest <= reward_model.config.block_size, f"max_prompt_tokens + max_response_tokens + 1 = {longest} "
+            f"exceeds block_size {reward_model.config.block_size}")
     print(f"reward model: {sum(p.numel() for p in reward_model.parameters()) / 1e6:.1f}M parameters "
           f"from {cfg.init_from}; {total_steps} steps of {cfg.batch_size} prompts in {cfg.grad_accum} micro-batches")
     model = wrap_ddp(maybe_compile(reward_model, cfg.compile), device)  # DDP: gradients averaged over ranks

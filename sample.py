@@ -16,8 +16,6 @@ Several checkpoints (comma-separated) get the same prompts and the same seed, on
 checkpoints each answers every message and keeps its own side of the conversation.
 """
 
-import json
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch
 
 from lib.checkpoints import load_model
 from lib.config import run
+from lib.data import read_jsonl
 from lib.responses import score_texts as rm_score_texts
 from lib.tokens import EOS, decode_response, encode_prompt, get_tokenizer, pad_left
 from lib.training import autocast, setup_device
@@ -47,8 +46,11 @@ class Config:
     top_k: Optional[int] = None  # keep only the k most likely tokens
     top_p: Optional[float] = None  # nucleus sampling: keep the most likely tokens up to this mass
     seed: int = 1337
+    strict: bool = False  # refuse an input file with a malformed line (default: skip it, naming file:line)
     device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "bfloat16"  # autocast dtype on CUDA (float32 on CPU)
+    dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 or float32 on any device
+
+    PATHS = {"init_from": "model", "prompt_file": "file", "reward_ckpt": "model"}  # checked where the flags are parsed
 
 
 CONFIGS = {"greedy": dict(temperature=0.0), "creative": dict(temperature=1.0, top_p=0.95)}
@@ -57,16 +59,15 @@ CONFIGS = {"greedy": dict(temperature=0.0), "creative": dict(temperature=1.0, to
 def read_prompts(cfg):
     if not cfg.prompt_file:
         return [cfg.prompt.replace("\\n", "\n")]
-    if not os.path.isfile(cfg.prompt_file):
-        sys.exit(f"error: prompt file {cfg.prompt_file} not found")
-    with open(cfg.prompt_file) as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
     if cfg.prompt_file.endswith(".jsonl"):
-        lines = [json.loads(line)["prompt"] for line in lines]
+        rows = read_jsonl(cfg.prompt_file, "prompts", {"prompt": str}, strict=cfg.strict, hint="")
+        return [row["prompt"] for row in rows][:cfg.max_prompts]
+    with open(cfg.prompt_file, encoding="utf-8", errors="replace") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
     return lines[:cfg.max_prompts]
 
 
-def score_texts(reward_model, rm_config, enc, prompts, responses, device=None, dtype="bfloat16"):
+def score_texts(reward_model, rm_config, enc, prompts, responses, device=None, dtype="auto"):
     """Reward-model scores of prompt + response (+ EOS), read at the EOS token (InstructGPT 3.5), with the
     token budgets the reward model was trained with."""
     device = device or next(reward_model.parameters()).device

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lib.checkpoints import load_model, save_checkpoint
-from lib.config import GPT2_NAMES, MODEL_PRESETS, print_config, run
+from lib.config import GPT2_NAMES, MODEL_PRESETS, print_config, require, run
 from lib.data import index_batches, read_jsonl
 from lib.ddp import all_reduce_sum, get_world_size, init_distributed, no_sync, shard, step_total, wrap_ddp
 from lib.responses import decode_responses, sample_responses
@@ -86,10 +86,14 @@ class Config:
     beta2: float = 0.95  # AdamW
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     # system
+    strict: bool = False  # refuse an input file with a malformed line (default: skip it, naming file:line)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "bfloat16"  # autocast dtype on CUDA ("float32" to disable); CPU always runs float32
-    compile: bool = False  # torch.compile the transformer (CUDA only)
+    dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 or float32 on any device
+    compile: bool = False  # torch.compile the transformer (inductor: CUDA, or the CPU with a C compiler)
     seed: int = 1337
+
+    PATHS = {"out_dir": "out_dir", "data_dir": "dir", "train_file": "data_file", "val_file": "data_file",
+             "init_from": "model"}  # checked where the flags are parsed
 
 
 # The model part comes from lib/config.py's MODEL_PRESETS; `tiny` trains from scratch, the others start from GPT-2.
@@ -186,11 +190,7 @@ def collate(examples):
 
 def load_demos(path, enc, cfg, split):
     """Read and tokenize a split once; print its size and how many prompts/responses were cut."""
-    rows = read_jsonl(path, f"SFT {split}")
-    assert rows, f"{path} is empty: no demonstrations to train on"
-    for i, r in enumerate(rows):
-        assert isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("prompt", "response")), (
-            f"{path}: line {i + 1} is not a {{'prompt': str, 'response': str}} object")
+    rows = read_jsonl(path, f"SFT {split}", {"prompt": str, "response": str}, strict=cfg.strict)
     encoded = [encode_demo(enc, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens)
                for r in rows]
     n_tokens = sum(len(t) for t, *_ in encoded)
@@ -233,11 +233,11 @@ def train(cfg):
     # micro-steps each, the same update); only rank 0 prints, logs and writes files.
     rank, world_size = init_distributed(cfg.device)
     print_config(cfg, cfg.out_dir)
-    assert min(cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.max_prompt_tokens, cfg.max_response_tokens) >= 1, (
-        "max_steps, batch_size, grad_accum, max_prompt_tokens and max_response_tokens must all be >= 1")
-    assert cfg.batch_size * cfg.grad_accum >= world_size, (
-        f"batch_size * grad_accum = {cfg.batch_size * cfg.grad_accum} demonstrations per step cannot be shared by "
-        f"{world_size} processes; raise grad_accum or use fewer processes")
+    require(min(cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.max_prompt_tokens, cfg.max_response_tokens) >= 1,
+            "max_steps, batch_size, grad_accum, max_prompt_tokens and max_response_tokens must all be >= 1")
+    require(cfg.batch_size * cfg.grad_accum >= world_size, f"batch_size * grad_accum = "
+            f"{cfg.batch_size * cfg.grad_accum} demonstrations per step cannot be shared by {world_size} processes; "
+            f"raise grad_accum or use fewer processes")
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
 
@@ -260,16 +260,14 @@ def train(cfg):
     model, ckpt = load_model(last_path if cfg.resume else cfg.init_from, "gpt", model_cfg, cfg.dropout, device)
     resume_ckpt = ckpt if cfg.resume else None  # (an init_from checkpoint is only weights to start from)
     block_size = model.config.block_size
-    assert cfg.max_prompt_tokens + cfg.max_response_tokens <= block_size, (
-        f"max_prompt_tokens {cfg.max_prompt_tokens} + max_response_tokens {cfg.max_response_tokens} > block_size "
-        f"{block_size}: a full demonstration would not fit in the model's context; lower the token budgets")
-    assert cfg.max_prompt_tokens + cfg.max_new_tokens <= block_size, (
-        f"max_prompt_tokens + max_new_tokens ({cfg.max_new_tokens}) > block_size {block_size}: lower max_new_tokens")
+    require(cfg.max_prompt_tokens + cfg.max_response_tokens <= block_size,
+            f"max_prompt_tokens {cfg.max_prompt_tokens} + max_response_tokens {cfg.max_response_tokens} > block_size "
+            f"{block_size}: a full demonstration would not fit in the model's context; lower the token budgets")
+    require(cfg.max_prompt_tokens + cfg.max_new_tokens <= block_size,
+            f"max_prompt_tokens + max_new_tokens ({cfg.max_new_tokens}) > block_size {block_size}: "
+            f"lower max_new_tokens")
     print(f"model: {model.num_params() / 1e6:.1f}M parameters from {cfg.init_from}, block_size {block_size}")
-    use_compile = cfg.compile and device.type == "cuda"
-    if cfg.compile and not use_compile:
-        print("note: --compile is used on CUDA only; running eagerly")
-    trunk = maybe_compile(model.transformer, use_compile)  # compiled view; `model` keeps the plain weights
+    trunk = maybe_compile(model.transformer, cfg.compile)  # compiled view; `model` keeps the plain weights
     trunk = wrap_ddp(trunk, device)  # DDP: the trunk holds every weight (lm_head is tied to wte)
     if world_size > 1:
         torch.manual_seed(cfg.seed + rank)  # DDP: same initial weights everywhere, but each rank its own dropout
@@ -284,7 +282,8 @@ def train(cfg):
         set_rng_state(resume_ckpt["rng_state"])  # the dropout masks of an uninterrupted run
         if rank > 0:  # DDP: last.pt holds rank 0's random state; the other ranks draw fresh dropout masks
             torch.manual_seed(cfg.seed + rank + 1_000_003 * start)
-        assert start < cfg.max_steps, f"{last_path} is at step {start} of max_steps {cfg.max_steps}: nothing left to do"
+        require(start < cfg.max_steps,
+                f"{last_path} is at step {start} of max_steps {cfg.max_steps}: nothing left to do")
         print(f"resumed from {last_path} at step {start} (best val loss {best_val:.4f} at step {best_step})")
 
     log = MetricsLog(cfg.out_dir, cfg.max_steps, resume_step=start if resume_ckpt else None, log_to=cfg.log_to,

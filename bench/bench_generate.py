@@ -31,7 +31,8 @@ def measure(model, batch, prompt, new, use_cache, reps, warmup=1):
         out = model.generate(idx, new, temperature=1.0, use_cache=use_cache)
         if r >= warmup:
             secs.append(time.perf_counter() - t0)
-    assert out.shape == (batch, prompt + new)
+    if out.shape != (batch, prompt + new):
+        raise RuntimeError(f"generate returned shape {tuple(out.shape)}")
     return batch * new / statistics.median(secs), statistics.median(secs)
 
 

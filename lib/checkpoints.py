@@ -169,7 +169,8 @@ def _transplant(state_dict, config, cls):
     model = cls(config)
     trunk = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
     missing, unexpected = model.load_state_dict(trunk, strict=False)
-    assert not unexpected and all(not k.startswith("transformer.") for k in missing), (missing, unexpected)
+    if unexpected or any(k.startswith("transformer.") for k in missing):
+        raise RuntimeError(f"transplant: trunk weights do not fit (missing {missing}, unexpected {unexpected})")
     return model
 
 

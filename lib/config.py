@@ -17,7 +17,8 @@ import re
 import sys
 import typing
 
-from lib.checkpoints import atomic_write_text
+from lib.checkpoints import GPT2_SIZES, atomic_write_text
+from lib.data import PREPARE_HINT
 from lib.ddp import close_distributed, is_main, rank_tag
 
 # Model-size part of the presets, defined once for every script. `tiny` trains from scratch on a CPU;
@@ -55,7 +56,7 @@ FIELD_RANGES = {
     "cliprange": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "gamma": "[0, 1]", "lam": "[0, 1]",
     "kl_coef": ">= 0", "kl_target": "> 0", "ptx_coef": ">= 0", "missing_eos_penalty": ">= 0",
     # system
-    "dtype": ("bfloat16", "float32"),
+    "dtype": ("auto", "bfloat16", "float32"),
 }
 
 
@@ -117,13 +118,17 @@ def parse_config(config_cls, presets, argv=None):
     args = parser.parse_args(argv)
     values = dict(presets[args.config]) if args.config else {}
     unknown = set(values) - {f.name for f in fields}
-    assert not unknown, f"preset {args.config} sets unknown fields {unknown}"
+    if unknown:  # a bug in the script's presets, not the user's flags
+        raise ValueError(f"preset {args.config} sets unknown fields {unknown}")
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     if args.config:
         values["preset"] = args.config  # recorded for the run; ignored if the Config has no such field
     values = {k: v for k, v in values.items() if k in {f.name for f in fields}}
     cfg = config_cls(**values)
     check_ranges(cfg)
+    if hasattr(cfg, "n_embd") and hasattr(cfg, "n_head") and cfg.n_embd % cfg.n_head:
+        sys.exit(f"error: --n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head} (each head gets "
+                 f"n_embd / n_head channels)")
     return cfg
 
 
@@ -157,16 +162,90 @@ def check_ranges(cfg):
                      + (f" ({f.name}: {meaning})" if meaning else ""))
 
 
+class UsageError(Exception):
+    """Settings or inputs that cannot work together, found once the models and data are loaded (e.g. token
+    budgets that do not fit a checkpoint's block_size). `run` ends the script with the message alone."""
+
+
+def require(ok, message):
+    """Check the user's settings: raise UsageError(message) unless ok. Never `assert`, which `python -O`
+    removes and which would make a user's mistake look like a bug."""
+    if not ok:
+        raise UsageError(message)
+
+
+# What each path flag must be, checked where the flags are parsed (a Config lists its path flags in a class
+# attribute PATHS = {field: kind}). A flag whose default is "" is optional: "" skips it.
+PATH_KINDS = {
+    "file": "an existing file",
+    "dir": "an existing folder",
+    "data_file": "an existing file in --data_dir (or an absolute path); comma-separated for several",
+    "out_dir": "a folder to write to (it may not exist yet), not a file",
+    "out_file": "a file to write to (it may not exist yet), not a folder",
+    "model": "a checkpoint file of this project (e.g. out/sft/ckpt.pt), a Hugging Face GPT-2 folder, 'scratch' or "
+             "a GPT-2 name (" + ", ".join(GPT2_SIZES) + ")",
+}
+
+
+def path_problem(path, kind):
+    """What is wrong with `path` as a PATH_KINDS `kind`, or None."""
+    if kind == "model" and (path in ("scratch", *GPT2_SIZES) or os.path.isfile(path)):
+        return None
+    if kind == "model" and os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return None  # a Hugging Face folder (GPT-2's own, or export.py's)
+        inside = os.path.join(path, "ckpt.pt")
+        if os.path.isfile(inside):
+            return f"is a run's folder, not a checkpoint: pass {inside}"
+        return "is a folder without config.json (not a Hugging Face GPT-2 folder)"
+    if kind in ("file", "data_file", "model", "dir"):
+        if not os.path.exists(path):
+            return "does not exist"
+        if kind in ("file", "data_file") and not os.path.isfile(path):
+            return "is a folder"
+        if kind == "dir" and not os.path.isdir(path):
+            return "is a file"
+        return None
+    if os.path.exists(path):  # out_dir, out_file: existing is fine if it is of the right sort
+        return "is a file" if kind == "out_dir" and not os.path.isdir(path) else \
+            "is a folder" if kind == "out_file" and os.path.isdir(path) else None
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else f"cannot be created: {parent} is a file"
+
+
+def check_paths(cfg):
+    """Exit with one line naming the flag, the path and what it should be, for the first path flag of `cfg`
+    (its Config's PATHS) that cannot work. A run with --resume true takes its weights from out_dir, so its
+    init_from is not checked."""
+    defaults = type(cfg)()
+    for name, kind in getattr(cfg, "PATHS", {}).items():
+        value = getattr(cfg, name)
+        if name == "init_from" and getattr(cfg, "resume", False):
+            continue
+        if value == "":
+            if getattr(defaults, name) == "":
+                continue
+            sys.exit(f"error: --{name} is empty: it must be {PATH_KINDS[kind]}")
+        for given in [p.strip() for p in value.split(",")] if kind in ("model", "data_file") else [value]:
+            path = os.path.join(cfg.data_dir, given) if kind == "data_file" else given
+            problem = path_problem(path, kind)
+            if problem:
+                where = f"{given}: {path}" if path != given else given
+                hint = f". {PREPARE_HINT}" if kind == "data_file" and problem == "does not exist" else ""
+                sys.exit(f"error: --{name} {where} {problem}; it must be {PATH_KINDS[kind]}{hint}")
+
+
 def run(train, config_cls, presets):
-    """A stage's command-line entry: parse the flags, then train(). A failed check of the settings (an
-    assert with a message, e.g. token budgets that do not fit block_size) ends with its message alone, and so
-    does a diverged run (a FloatingPointError from check_finite or GPT.generate)."""
+    """A stage's command-line entry: parse the flags, check the paths they name, then train(). A failed check
+    of the settings (`require`) ends with its message alone, and so does a diverged run (a FloatingPointError
+    from check_finite or GPT.generate)."""
     cfg = parse_config(config_cls, presets)
+    check_paths(cfg)
     try:
         return train(cfg)
-    except AssertionError as e:
-        if not str(e):
-            raise  # an assert without a message is a bug, keep its traceback
+    except UsageError as e:
         sys.exit(f"error{rank_tag()}: {e}")
     except FloatingPointError as e:  # check_finite: training diverged; or NaN/inf logits in GPT.generate
         sys.exit(f"error{rank_tag()}: {e}")

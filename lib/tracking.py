@@ -11,6 +11,7 @@ import sys
 import time
 
 from lib.checkpoints import atomic_write_text, fsync_replace
+from lib.data import read_jsonl
 from lib.ddp import is_main
 
 
@@ -92,8 +93,9 @@ def _fmt(v):
 
 
 def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl; a line torn by a killed run is skipped (and dropped when a resumed run
+    rewrites the file)."""
+    return read_jsonl(path, "metrics", {"step": int}, allow_empty=True, hint="")
 
 
 def plot_metrics(metrics_path, png_path, panels, title=None):

@@ -9,7 +9,8 @@ import math
 def win_rate(scores_a, scores_b):
     """Pairwise comparison of A and B on the same prompts: a higher score wins, equal scores tie and count
     half (win_rate = (wins + ties / 2) / n)."""
-    assert len(scores_a) == len(scores_b) and len(scores_a) > 0, "need one score of A and of B per prompt"
+    if len(scores_a) != len(scores_b) or len(scores_a) == 0:
+        raise ValueError("need one score of A and of B per prompt")
     wins = sum(a > b for a, b in zip(scores_a, scores_b))
     ties = sum(a == b for a, b in zip(scores_a, scores_b))
     n = len(scores_a)

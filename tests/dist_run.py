@@ -84,7 +84,7 @@ def run_stage(name, argv):
         stage.save_checkpoint = save_on_every_rank
     if os.environ.get("FAIL_ON_RANK") == str(rank):
         def failing_collate(examples):
-            raise AssertionError(f"injected failure on rank {rank}")
+            raise lib.config.UsageError(f"injected failure on rank {rank}")
         stage.collate = failing_collate
     sys.argv = [f"{name}.py"] + argv
     lib.config.run(stage.train, stage.Config, stage.CONFIGS)

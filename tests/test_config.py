@@ -67,6 +67,7 @@ def test_model_size_presets_are_gpt2_shapes():
 
 def test_settings_that_cannot_work_end_with_one_message(tmp_path):
     out = subprocess.run([sys.executable, "ppo.py", "--config", "tiny", "--batch_size", "10", "--minibatch_size", "4",
-                          "--out_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+                          "--sft_ckpt", "scratch", "--reward_ckpt", "scratch", "--out_dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0
     assert "error: batch_size must be a multiple of minibatch_size" in out.stderr and "Traceback" not in out.stderr

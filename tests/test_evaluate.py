@@ -13,6 +13,7 @@ import ppo
 from conftest import REPO
 from lib import winrate
 from lib.checkpoints import load_model, save_checkpoint
+from lib.config import UsageError
 from lib.data import spread
 from lib.tokens import get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
@@ -110,7 +111,7 @@ def test_same_policy_same_seed_ties_everywhere(ckpts, tmp_path):
 
 
 def test_evaluate_needs_exactly_one_judge(ckpts, tmp_path):
-    with pytest.raises(AssertionError, match="exactly one judge"):
+    with pytest.raises(UsageError, match="exactly one judge"):
         evaluate.main(eval_config(ckpts, tmp_path, judge_ckpt=""))
 
 

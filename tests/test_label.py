@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,8 +17,8 @@ import label
 import reward
 from conftest import REPO
 from lib.checkpoints import save_checkpoint
-from lib.config import load_function
-from lib.data import read_prompts
+from lib.config import UsageError, load_function
+from lib.data import read_jsonl, read_prompts
 from lib.responses import score_texts
 from lib.tokens import get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
@@ -176,7 +178,7 @@ def test_k_samples_are_shared_out_over_several_policies(ckpts, tmp_path):
     rows = {r["prompt"]: r["ranked"] for r in read_lines(cfg.out)}
     for i, prompt in enumerate(prompts):
         assert sorted(rows[prompt]) == sorted([greedy["a"][i]] * 3 + [greedy["b"][i]] * 2)
-    with pytest.raises(AssertionError, match="names 3 checkpoints; give 1 to k = 2"):
+    with pytest.raises(UsageError, match="names 3 checkpoints; give 1 to k = 2"):
         label.main(config(ckpts, tmp_path, k=2, policy=",".join([ckpts["policy"]] * 3)))
 
 
@@ -198,12 +200,50 @@ def length_score(prompt, response):
     return float(len(response))
 
 
-def test_broken_line_in_out_stops_with_a_message(ckpts, tmp_path):
-    cfg = config(ckpts, tmp_path)
+def test_a_torn_last_line_is_set_aside_and_labelling_resumes_past_it(ckpts, tmp_path):
+    """What a kill mid-write leaves: a complete ranking, then half a line. The rerun moves the fragment to
+    --out.torn, redoes that prompt, and leaves a file every line of which reward.py reads strictly."""
+    cfg = config(ckpts, tmp_path, labeler="fn", labeler_fn=f"{__file__}:length_score", max_prompts=3)
+    prompts = read_prompts(PROMPTS, 3)
+    first = json.dumps({"prompt": prompts[0], "ranked": ["x", "y"]}) + "\n"
+    torn = json.dumps({"prompt": prompts[1], "ranked": ["x", "y"]})[:25]
     with open(cfg.out, "w") as f:
-        f.write('{"prompt": "a", "ranked": ["x", "y"]}\n{"prompt": "b", "ran')
-    with pytest.raises(SystemExit, match="line 2 is not a JSON object"):
-        label.main(cfg, input_fn=scripted([]))
+        f.write(first + torn)
+    summary = label.main(cfg)
+    assert summary["already_ranked"] == 1 and summary["ranked"] == 2
+    assert open(cfg.out + ".torn").read() == torn + "\n"
+    assert open(cfg.out).read().startswith(first)
+    rows = read_jsonl(cfg.out, "rankings", {"prompt": str, "ranked": list}, strict=True)
+    assert [r["prompt"] for r in rows] == prompts
+    assert reward.read_rankings([cfg.out], strict=True)[1:] == [(r["prompt"], r["ranked"]) for r in rows[1:]]
+
+
+def test_a_second_labeler_on_the_same_file_is_refused(ckpts, tmp_path):
+    cfg = config(ckpts, tmp_path, labeler="fn", labeler_fn=f"{__file__}:length_score", max_prompts=2)
+    with label.one_writer(cfg.out):  # the first labeler, still at work
+        with pytest.raises(SystemExit, match="another label.py is writing .*rankings.jsonl"):
+            label.main(cfg)
+    assert not os.path.exists(cfg.out)  # the refused one wrote nothing
+    assert label.main(cfg)["ranked"] == 2  # the lock went with the first labeler
+
+
+def test_a_killed_labeler_leaves_no_stale_lock(tmp_path):
+    """kill -9 gives a process no chance to clean up: the kernel drops its flock, so the next labeler starts."""
+    out = str(tmp_path / "rankings.jsonl")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time, label\nwith label.one_writer({out!r}):\n    print('locked', flush=True)\n"
+                               f"    time.sleep(120)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match="another label.py"):
+            with label.one_writer(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(out + ".lock")  # the lock file stays; the lock on it does not
+    with label.one_writer(out):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- score labelers

@@ -11,6 +11,7 @@ import torch
 import ppo
 from conftest import PPO_FIXTURES, PPO_TINY, ppo_tiny_config
 from lib.checkpoints import load_model, save_checkpoint
+from lib.config import UsageError
 from lib.responses import response_mask_from_eos, score_sequences
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
@@ -360,9 +361,9 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
 
 
 def test_temperature_zero_and_missing_ptx_file_are_refused_with_a_message(tmp_path):
-    with pytest.raises(AssertionError, match="temperature must be > 0"):
+    with pytest.raises(UsageError, match="temperature must be > 0"):
         ppo.train(ppo_tiny_config(tmp_path, temperature=0.0))
-    with pytest.raises(SystemExit, match="ptx_file"):
+    with pytest.raises(SystemExit, match=r"pretraining text \(ptx\) file .*nowhere.jsonl not found"):
         ppo.train(ppo_tiny_config(tmp_path, ptx_coef=1.0, ptx_file=str(tmp_path / "nowhere.jsonl")))
 
 

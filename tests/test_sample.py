@@ -43,8 +43,8 @@ def test_sample_generates_reproducibly_from_a_checkpoint(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--init_from", "no/such/ckpt.pt"], "not found"),
-    (["--init_from", "no/such/dir"], "neither"),
+    (["--init_from", "no/such/ckpt.pt"], "--init_from no/such/ckpt.pt does not exist; it must be a checkpoint"),
+    (["--init_from", "no/such/dir"], "--init_from no/such/dir does not exist"),
     (["--prompt", "word " * 100, "--max_new_tokens", "10"], "exceeds the model's block_size"),
     (["--max_new_tokens", "64"], "leaves no room"),
     (["--response", "hi"], "needs --reward_ckpt"),

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import sft
 from conftest import DEMOS, REPO, A, H, sft_tiny_config, write_data
 from lib.checkpoints import load_model
+from lib.config import UsageError
 from lib.tokens import EOS, get_tokenizer
 from lib.training import lr_at
 from model import GPT, GPTConfig
@@ -133,7 +134,7 @@ def test_clear_errors_for_missing_data_and_small_block_size(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         sft.train(sft_tiny_config(tmp_path, str(tmp_path / "nowhere")))
     data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
-    with pytest.raises(AssertionError, match="block_size"):
+    with pytest.raises(UsageError, match="block_size"):
         sft.train(sft_tiny_config(tmp_path, data_dir, block_size=64, max_prompt_tokens=48, max_response_tokens=24))
 
 

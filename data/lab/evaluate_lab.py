@@ -127,7 +127,7 @@ def rankings_agreement(world, path):
     """On the labelled rankings' pairs whose exact gold scores differ: how often the (noisy) labeler's order
     agrees with the exact gold, and how often "prefer the shorter response" does. -> (labeler, shorter, n)."""
     labeler, shorter, n = 0, 0.0, 0
-    for row in read_jsonl(path, "rankings"):
+    for row in read_jsonl(path, "rankings", {"prompt": str, "ranked": list}, strict=True):
         items = [(gold_score(world, row["prompt"], r), len(r)) for r in row["ranked"]]  # best first
         for a in range(len(items)):
             for b in range(a + 1, len(items)):
@@ -247,11 +247,14 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     world = load_world(args.data_dir)
     enc = get_tokenizer()
-    rows = read_jsonl(os.path.join(args.data_dir, "prompts_val.jsonl"), "held-out prompts")
+    # strictly: the held-out files define what every number below is measured on
+    rows = read_jsonl(os.path.join(args.data_dir, "prompts_val.jsonl"), "held-out prompts", {"prompt": str},
+                      strict=True)
     if args.max_prompts:
         rows = rows[:args.max_prompts]
     prompts = [r["prompt"] for r in rows]
-    docs = [r["response"] for r in read_jsonl(os.path.join(args.data_dir, "corpus_val.jsonl"), "held-out corpus")]
+    docs = [r["response"] for r in read_jsonl(os.path.join(args.data_dir, "corpus_val.jsonl"), "held-out corpus",
+                                              {"response": str}, strict=True)]
     docs = docs[:args.corpus_docs]
     load = lambda path, kind: load_model(path, kind, device="cpu")[0].eval()
     sft = load(args.sft, "gpt")

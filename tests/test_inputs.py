@@ -1,0 +1,190 @@
+"""Every file and path a user hands in, read one careful way: the JSON-lines reader (torn and malformed lines,
+--strict), and a table of bad inputs to the command-line tools, each ending in one line that names the flag or
+the file:line, never a traceback. The scripts run in this process (runpy), so any exception other than the
+SystemExit of a clear message fails the test, as a traceback would."""
+import io
+import json
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+
+from conftest import DEMOS, PPO_FIXTURES, REPO, write_jsonl
+from lib.checkpoints import save_checkpoint
+from lib.data import read_jsonl, set_aside_torn_tail
+from model import GPT, GPTConfig
+
+FIELDS = {"prompt": str, "response": str}
+GOOD = json.dumps({"prompt": "p", "response": "r"})
+
+
+# ---------------------------------------------------------------------------------------------- the reader
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"prompt": "p", "response": ', "not valid JSON"),
+    ('["p", "r"]', "a JSON list where an object"),
+    ('"just a string"', "a JSON str where an object"),
+    ('{"prompt": "p"}', 'no "response" field'),
+    ('{"prompt": 3, "response": "r"}', '"prompt" is a int, expected a str'),
+    ('{"prompt": true, "response": "r"}', '"prompt" is a bool, expected a str'),
+    (b'{"prompt": "\xff", "response": "r"}', "not UTF-8 text"),
+])
+def test_a_bad_middle_line_is_skipped_and_counted_or_refused_under_strict(tmp_path, capsys, line, problem):
+    path = tmp_path / "data.jsonl"
+    line = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(GOOD.encode() + b"\n" + line + b"\n\n" + GOOD.encode() + b"\n")
+    assert read_jsonl(str(path), "demonstrations", FIELDS) == [json.loads(GOOD)] * 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: {problem}" in err and "skipped 1 of 3 lines" in err
+    with pytest.raises(SystemExit, match=f"{path}:2: " + problem.replace("(", r"\(").replace("[", r"\[")):
+        read_jsonl(str(path), "demonstrations", FIELDS, strict=True)
+
+
+def test_a_torn_last_line_is_skipped_even_under_strict(tmp_path, capsys):
+    path = tmp_path / "rankings.jsonl"
+    path.write_text(GOOD + "\n" + GOOD[:12])
+    for strict in (False, True):
+        assert read_jsonl(str(path), "demonstrations", FIELDS, strict=strict) == [json.loads(GOOD)]
+        assert f"{path}:2: the last line is cut short" in capsys.readouterr().err
+    path.write_text(GOOD + "\n" + GOOD)  # complete, just without a final newline: a record
+    assert read_jsonl(str(path), "demonstrations", FIELDS, strict=True) == [json.loads(GOOD)] * 2
+    path.write_text(GOOD[:12] + "\n" + GOOD + "\n")  # the same fragment in the middle is not a torn write
+    with pytest.raises(SystemExit, match=f"{path}:1: not valid JSON"):
+        read_jsonl(str(path), "demonstrations", FIELDS, strict=True)
+
+
+def test_a_file_without_a_single_good_row_is_an_error(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' * 3)  # comparisons where demos belong
+    with pytest.raises(SystemExit, match=r'none of its 3 lines is a \{"prompt": str, "response": str\} object '
+                                         r'\(line 1: no "response" field'):
+        read_jsonl(str(path), "SFT train", FIELDS)
+    path.write_text("\n\n")
+    with pytest.raises(SystemExit, match="holds no rows"):
+        read_jsonl(str(path), "SFT train", FIELDS)
+    assert read_jsonl(str(path), "metrics", allow_empty=True) == []
+
+
+def test_set_aside_torn_tail_moves_the_fragment_and_keeps_complete_lines(tmp_path):
+    path = str(tmp_path / "rankings.jsonl")
+    assert set_aside_torn_tail(path) == 0  # no file yet
+    with open(path, "w") as f:
+        f.write(GOOD + "\n" + GOOD)  # complete last line without its newline: it only gets the newline
+    assert set_aside_torn_tail(path) == 0 and open(path).read() == GOOD + "\n" + GOOD + "\n"
+    with open(path, "a") as f:
+        f.write(GOOD[:9])
+    assert set_aside_torn_tail(path) == 9
+    assert open(path).read() == GOOD + "\n" + GOOD + "\n" and open(path + ".torn").read() == GOOD[:9] + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- the tools
+
+def run_tool(script, args, monkeypatch, capsys):
+    """Run `python script args` in this process from an empty folder; returns (exit message or code, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Files to point the tools at: a tiny checkpoint, a run folder, good and damaged data files."""
+    d = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(str(d / "run" / "ckpt.pt"), GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)),
+                           GPTConfig())
+    (d / "garbage.pt").write_bytes(b"not a checkpoint")
+    (d / "a_file").write_text("x")
+    data = d / "data"
+    data.mkdir()
+    write_jsonl(data / "sft_train.jsonl", DEMOS)
+    write_jsonl(data / "sft_val.jsonl", DEMOS)
+    (data / "bad_demos.jsonl").write_text(json.dumps(DEMOS[0]) + "\n" + json.dumps(DEMOS[1])[:30] + "\n"
+                                          + json.dumps(DEMOS[2]) + "\n")
+    write_jsonl(data / "comparisons.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 4)
+    (data / "bad_rankings.jsonl").write_text('{"prompt": "p", "ranked": ["a", "b"]}\n'
+                                             '{"prompt": "p", "ranked": ["only one"]}\n')
+    (data / "bad_prompts.jsonl").write_text('{"prompt": "p"}\n{"text": "no prompt"}\n')
+    return {"dir": str(d), "ckpt": ckpt, "run": str(d / "run"), "data": str(data)}
+
+
+# (script, args with {dir}/{ckpt}/{run}/{data} filled from `world`, what the message must contain)
+BAD_INPUTS = [
+    # path flags, checked where the flags are parsed
+    ("sft.py", ["--data_dir", "{dir}/nowhere"],
+     "--data_dir {dir}/nowhere does not exist; it must be an existing folder"),
+    ("sft.py", ["--data_dir", "{dir}/a_file"], "--data_dir {dir}/a_file is a file"),
+    ("sft.py", ["--data_dir", "{data}", "--train_file", "missing.jsonl"],
+     "--train_file missing.jsonl: {data}/missing.jsonl does not exist; it must be an existing file in --data_dir"),
+    ("sft.py", ["--data_dir", "{data}", "--out_dir", "{dir}/a_file"], "--out_dir {dir}/a_file is a file"),
+    ("sft.py", ["--data_dir", "{data}", "--out_dir", "{dir}/a_file/sub"],
+     "--out_dir {dir}/a_file/sub cannot be created"),
+    ("sft.py", ["--data_dir", "{data}", "--out_dir", ""], "--out_dir is empty"),
+    ("sft.py", ["--data_dir", "{data}", "--init_from", "{run}"],
+     "--init_from {run} is a run's folder, not a checkpoint: pass {run}/ckpt.pt"),
+    ("sft.py", ["--data_dir", "{data}", "--init_from", "gpt3"], "--init_from gpt3 does not exist"),
+    ("sft.py", ["--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
+    ("sft.py", ["--dtype", "float16"], "--dtype float16 is out of range"),
+    ("reward.py", ["--data_dir", "{data}", "--train_files", "comparisons.jsonl,nope.jsonl"],
+     "--train_files nope.jsonl: {data}/nope.jsonl does not exist"),
+    ("reward.py", ["--data_dir", "{data}", "--init_from", "{dir}/garbage.pt", "--train_files", "comparisons.jsonl",
+                   "--val_files", "comparisons.jsonl", "--demo_file", "sft_val.jsonl"], "could not read checkpoint"),
+    ("ppo.py", ["--data_dir", PPO_FIXTURES, "--sft_ckpt", "scratch", "--reward_ckpt", "scratch", "--ptx_file",
+                "{dir}/nope.jsonl"], "--ptx_file {dir}/nope.jsonl does not exist; it must be an existing file"),
+    ("ppo.py", ["--data_dir", PPO_FIXTURES, "--sft_ckpt", "scratch", "--reward_ckpt", "scratch", "--judge_ckpt",
+                "{data}"], "--judge_ckpt {data} is a folder without config.json"),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", PPO_FIXTURES + "/prompts_val.jsonl", "--out", "{data}"],
+     "--out {data} is a folder; it must be a file to write to"),
+    ("label.py", ["--policy", "{ckpt},{dir}/nope.pt", "--prompts", PPO_FIXTURES + "/prompts_val.jsonl"],
+     "--policy {dir}/nope.pt does not exist"),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", PPO_FIXTURES + "/prompts_val.jsonl", "--out", "{dir}/r.jsonl",
+                  "--labeler", "reward"], "--labeler reward needs --reward_ckpt"),
+    ("sample.py", ["--init_from", "{ckpt}", "--prompt_file", "{data}"], "--prompt_file {data} is a folder"),
+    ("evaluate.py", ["--policy_a", "{ckpt}", "--policy_b", "{ckpt}", "--judge_fn", "x.py:f", "--prompts",
+                     "{dir}/none.jsonl"], "--prompts {dir}/none.jsonl does not exist"),
+    ("export.py", ["--init_from", "{ckpt}", "--out_dir", "{dir}/a_file"], "--out_dir {dir}/a_file is a file"),
+    ("pipeline.py", ["--task", "lab", "--from_step", "nope", "--dry_run"], "--from_step nope is not a step"),
+    ("pipeline.py", ["--task", "lab", "--out_dir", "{dir}/a_file", "--dry_run"], "--out_dir {dir}/a_file is a file"),
+    # malformed lines under --strict (and files read strictly always), named file:line
+    ("sft.py", ["--config", "tiny", "--data_dir", "{data}", "--train_file", "bad_demos.jsonl", "--strict", "true",
+                "--out_dir", "{dir}/out_sft"], "{data}/bad_demos.jsonl:2: not valid JSON"),
+    ("reward.py", ["--data_dir", "{data}", "--init_from", "scratch", "--train_files", "bad_rankings.jsonl",
+                   "--val_files", "comparisons.jsonl", "--demo_file", "sft_val.jsonl", "--strict", "true",
+                   "--out_dir", "{dir}/out_rm"],
+     '{data}/bad_rankings.jsonl:2: "ranked" must be a list of at least two'),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", "{data}/bad_prompts.jsonl", "--out", "{dir}/r2.jsonl",
+                  "--labeler", "fn", "--labeler_fn", "x.py:f", "--strict", "true"],
+     '{data}/bad_prompts.jsonl:2: no "prompt" field'),
+    ("evaluate.py", ["--policy_a", "{ckpt}", "--policy_b", "{ckpt}", "--judge_fn", "x.py:f", "--prompts",
+                     "{data}/bad_prompts.jsonl", "--out", "{dir}/eval.json"],
+     '{data}/bad_prompts.jsonl:2: no "prompt"'),
+]
+
+
+@pytest.mark.parametrize("script, args, message", BAD_INPUTS, ids=[f"{s}:{' '.join(a)[:50]}" for s, a, _ in BAD_INPUTS])
+def test_bad_input_ends_in_one_line_naming_the_flag_or_file_line(world, monkeypatch, capsys, tmp_path, script, args,
+                                                                  message):
+    monkeypatch.chdir(tmp_path)  # the defaults (out/sft/ckpt.pt, data/hh_rlhf/...) do not exist here
+    code, err = run_tool(script, [a.format(**world) for a in args], monkeypatch, capsys)
+    text = code if isinstance(code, str) else err
+    assert code not in (0, None) and message.format(**world) in text, text
+    assert "Traceback" not in err
+
+
+def test_no_assert_checks_user_input():
+    """`python -O` strips asserts, and a failed one reads like a bug: user input is checked with require()
+    (lib/config.py) or an explicit exit, and nothing outside the tests uses assert at all."""
+    offenders = []
+    for folder, _, files in os.walk(REPO):
+        if any(part in folder for part in ("tests", ".git", "mutants", "__pycache__")):
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                offenders += [f"{path}:{i}" for i, line in enumerate(open(path), 1)
+                              if line.lstrip().startswith("assert ")]
+    assert not offenders, offenders
