@@ -135,7 +135,7 @@ def main(cfg):
         require(longest <= judge_model.config.block_size, f"max_prompt_tokens + max_new_tokens + 1 = {longest} "
                 f"exceeds the judge's block_size {judge_model.config.block_size}")
     else:
-        judge_fn = load_function(cfg.judge_fn, cfg.judge_arg)
+        judge_fn = load_function(cfg.judge_fn, cfg.judge_arg, takes=("prompt", "response"))
     ref_policy = None
     if cfg.ref_ckpt:
         ref_policy, _ = load_model(cfg.ref_ckpt, kind="gpt", device=device)

@@ -33,7 +33,7 @@ class Config:
     init_from: str = "out/ppo/ckpt.pt"  # checkpoint of this project (policy or reward model)
     out_dir: str = "out/ppo/hf"  # folder to write (created; files in it are replaced)
 
-    PATHS = {"init_from": "model", "out_dir": "out_dir"}  # checked where the flags are parsed
+    PATHS = {"init_from": "checkpoint", "out_dir": "out_dir"}  # checked where the flags are parsed
 
 
 CONFIGS = {}

@@ -339,7 +339,7 @@ def label(cfg, input_fn):
         if cfg.labeler == "reward":
             score_fn = reward_model_scorer(cfg.reward_ckpt, device, ctx)
         else:
-            fn = load_function(cfg.labeler_fn, cfg.labeler_arg)
+            fn = load_function(cfg.labeler_fn, cfg.labeler_arg, takes=("prompt", "response"))
             score_fn = lambda prompt, responses: [fn(prompt, r) for r in responses]
         labeler = ScoreLabeler(score_fn, cfg.label_noise, cfg.seed)
 

@@ -184,8 +184,11 @@ def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
     times_path = os.path.join(out_dir, "times.json")
     times = {}
     if from_step and os.path.isfile(times_path):
-        with open(times_path) as f:
-            times = {k: v for k, v in json.load(f).items() if k in names[:names.index(from_step)]}
+        try:
+            with open(times_path) as f:
+                times = {k: v for k, v in json.load(f).items() if k in names[:names.index(from_step)]}
+        except (ValueError, AttributeError):  # a damaged times.json only loses the earlier steps' wall times
+            print(f"note: {times_path} is not readable; the earlier steps' times are not carried over")
     t_start = time.time()
     if in_process:  # glibc reads its malloc settings at start-up: they would not reach the steps
         print("every step runs in this Python process (--in_process)", flush=True)
@@ -243,11 +246,14 @@ def parse_args(argv=None):
                         "step's start-up, a few seconds (the --quick test uses it)")
     p.add_argument("--label_noise", type=float, default=LABEL_NOISE,
                    help="lab: Bradley-Terry temperature of the labelers")
-    p.add_argument("--config", default="tiny", help="hh: preset of every stage (tiny on a CPU, small on one GPU)")
+    p.add_argument("--config", default="tiny", choices=("tiny", "small", "medium", "large", "xl"),
+                   help="hh: preset of every stage (tiny on a CPU, small on one GPU)")
     p.add_argument("--source", default="", help="hh: a local copy of HH-RLHF (its folder of *.jsonl.gz files)")
     p.add_argument("--subsets", default="helpful-base", help="hh: comma-separated HH-RLHF subsets")
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or f"out/{a.task}"
+    if not a.label_noise >= 0:
+        p.error(f"--label_noise {a.label_noise} is out of range: it must be >= 0 (0 = exact labelers)")
     if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
         p.error(f"--out_dir {a.out_dir} is a file; it must be a folder to write to (it may not exist yet)")
     if a.source and not os.path.isdir(a.source):

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.checkpoints import fsync_replace, load_checkpoint, load_model, save_checkpoint
+from lib.checkpoints import check_resumable, fsync_replace, load_checkpoint, load_model, save_checkpoint
 from lib.config import MODEL_PRESETS, print_config, require, run
-from lib.data import index_batches, read_jsonl, spread
+from lib.data import index_batches, prompt_problem, read_jsonl, spread
 from lib.ddp import (
     all_gather_cat,
     get_world_size,
@@ -377,7 +377,7 @@ def make_optimizer(policy, critic, cfg, device):
 # Data, evaluation, samples
 
 def load_prompts(path, enc, max_prompt_tokens, strict=False):
-    rows = read_jsonl(path, "prompts", {"prompt": str}, strict=strict)
+    rows = read_jsonl(path, "prompts", {"prompt": str}, check=prompt_problem, strict=strict)
     return [encode_prompt(enc, row["prompt"], max_prompt_tokens) for row in rows]
 
 
@@ -567,6 +567,11 @@ def train(cfg, reward_fn=None):
 
     # models, optimizer; a resumed run continues from ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
     resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
+    if resume_ckpt:
+        check_resumable(resume_ckpt, ckpt_path, ("critic", "critic_config", "optimizer", "kl_coef", "iteration"),
+                        "ppo.py")
+        require(resume_ckpt["iteration"] < cfg.iters,
+                f"{ckpt_path} is at iteration {resume_ckpt['iteration']} of iters {cfg.iters}: nothing left to do")
     policy, ref_policy, reward_model, critic = build_models(cfg, device, reward_fn, resume_ckpt)
     judge = load_judge(cfg, device)
     with ctx:  # the judge's scores of the SFT policy's held-out responses: eval_win_rate's baseline

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoints import load_model, save_checkpoint
+from lib.checkpoints import check_resumable, load_model, save_checkpoint
 from lib.config import MODEL_PRESETS, print_config, require, run
 from lib.data import read_jsonl
 from lib.ddp import (
@@ -348,9 +348,11 @@ def train(cfg):
     optimizer = make_adamw(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     start = 0
     if resume_ckpt:
+        check_resumable(resume_ckpt, last_path, ("optimizer", "step", "rng_state"), "reward.py")
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         start = resume_ckpt["step"]
         set_rng_state(resume_ckpt["rng_state"])  # the dropout masks of an uninterrupted run
+        require(start < total_steps, f"{last_path} is at step {start} of {total_steps}: nothing left to do")
         print(f"resumed from {last_path} at step {start} of {total_steps}")
 
     log = MetricsLog(cfg.out_dir, total_steps, resume_step=start if resume_ckpt else None, log_to=cfg.log_to,

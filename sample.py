@@ -25,7 +25,7 @@ import torch
 
 from lib.checkpoints import load_model
 from lib.config import run
-from lib.data import read_jsonl
+from lib.data import prompt_problem, read_jsonl
 from lib.responses import score_texts as rm_score_texts
 from lib.tokens import EOS, decode_response, encode_prompt, get_tokenizer, pad_left
 from lib.training import autocast, setup_device
@@ -58,12 +58,18 @@ CONFIGS = {"greedy": dict(temperature=0.0), "creative": dict(temperature=1.0, to
 
 def read_prompts(cfg):
     if not cfg.prompt_file:
+        if not cfg.prompt:
+            sys.exit("error: --prompt is empty: give the text to continue (or --prompt_file)")
         return [cfg.prompt.replace("\\n", "\n")]
-    if cfg.prompt_file.endswith(".jsonl"):
-        rows = read_jsonl(cfg.prompt_file, "prompts", {"prompt": str}, strict=cfg.strict, hint="")
+    if cfg.prompt_file.endswith((".jsonl", ".json")):
+        rows = read_jsonl(cfg.prompt_file, "prompts", {"prompt": str}, check=prompt_problem, strict=cfg.strict,
+                          hint="")
         return [row["prompt"] for row in rows][:cfg.max_prompts]
     with open(cfg.prompt_file, encoding="utf-8", errors="replace") as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
+    if not lines:
+        sys.exit(f"error: --prompt_file {cfg.prompt_file} holds no prompts (one per line, or JSON lines with a "
+                 f"\"prompt\" field)")
     return lines[:cfg.max_prompts]
 
 

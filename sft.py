@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.checkpoints import load_model, save_checkpoint
+from lib.checkpoints import check_resumable, load_model, save_checkpoint
 from lib.config import GPT2_NAMES, MODEL_PRESETS, print_config, require, run
 from lib.data import index_batches, read_jsonl
 from lib.ddp import all_reduce_sum, get_world_size, init_distributed, no_sync, shard, step_total, wrap_ddp
@@ -276,6 +276,8 @@ def train(cfg):
     optimizer = make_adamw(model.parameters(), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     start, data_position, best_val, best_step = 0, 0, float("inf"), 0
     if resume_ckpt:
+        check_resumable(resume_ckpt, last_path, ("optimizer", "step", "data_position", "best_val_loss", "best_step",
+                                                 "rng_state"), "sft.py")
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         start, data_position = resume_ckpt["step"], resume_ckpt["data_position"]
         best_val, best_step = resume_ckpt["best_val_loss"], resume_ckpt["best_step"]

@@ -71,10 +71,25 @@ def load_checkpoint(path, device="cpu"):
         sys.exit(f"error: checkpoint {path} not found. Train the stage that writes it first "
                  f"(e.g. python sft.py --config tiny) or pass the right path.")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        sys.exit(f"error: could not read checkpoint {path} ({type(e).__name__}: {e}). "
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # torch's weights_only explanation runs for lines
+        sys.exit(f"error: could not read checkpoint {path} ({type(e).__name__}: {first}). "
                  f"It may be truncated or not a checkpoint of this project.")
+    if not isinstance(ckpt, dict) or not {"kind", "model", "model_config"} <= set(ckpt) or \
+            ckpt["kind"] not in KINDS:
+        sys.exit(f"error: {path} is a PyTorch file but not a checkpoint of this project (one holds the model "
+                 f"kind, its shape and weights: written by sft.py, reward.py or ppo.py).")
+    return ckpt
+
+
+def check_resumable(ckpt, path, keys, writer):
+    """A checkpoint to --resume from must hold the training state `writer` saves (`keys`), not only weights."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        sys.exit(f"error: {path} cannot be resumed from: it holds no {', '.join(missing)}, so it is not a "
+                 f"checkpoint {writer} writes while training. Point --out_dir at the interrupted run, or drop "
+                 f"--resume to start afresh.")
 
 
 KINDS = {"gpt": "a language model (written by sft.py or ppo.py)", "scalar": "a reward model (written by reward.py)"}

@@ -126,6 +126,9 @@ def parse_config(config_cls, presets, argv=None):
     values = {k: v for k, v in values.items() if k in {f.name for f in fields}}
     cfg = config_cls(**values)
     check_ranges(cfg)
+    if isinstance(getattr(cfg, "device", None), str) and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        sys.exit(f"error: --device {cfg.device} is not a device this project runs on: it must be auto, cpu, cuda "
+                 f"or cuda:N")
     if hasattr(cfg, "n_embd") and hasattr(cfg, "n_head") and cfg.n_embd % cfg.n_head:
         sys.exit(f"error: --n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head} (each head gets "
                  f"n_embd / n_head channels)")
@@ -182,6 +185,7 @@ PATH_KINDS = {
     "data_file": "an existing file in --data_dir (or an absolute path); comma-separated for several",
     "out_dir": "a folder to write to (it may not exist yet), not a file",
     "out_file": "a file to write to (it may not exist yet), not a folder",
+    "checkpoint": "a checkpoint file of this project (e.g. out/ppo/ckpt.pt)",
     "model": "a checkpoint file of this project (e.g. out/sft/ckpt.pt), a Hugging Face GPT-2 folder, 'scratch' or "
              "a GPT-2 name (" + ", ".join(GPT2_SIZES) + ")",
 }
@@ -198,10 +202,10 @@ def path_problem(path, kind):
         if os.path.isfile(inside):
             return f"is a run's folder, not a checkpoint: pass {inside}"
         return "is a folder without config.json (not a Hugging Face GPT-2 folder)"
-    if kind in ("file", "data_file", "model", "dir"):
+    if kind in ("file", "data_file", "checkpoint", "model", "dir"):
         if not os.path.exists(path):
             return "does not exist"
-        if kind in ("file", "data_file") and not os.path.isfile(path):
+        if kind in ("file", "data_file", "checkpoint") and not os.path.isfile(path):
             return "is a folder"
         if kind == "dir" and not os.path.isdir(path):
             return "is a file"
@@ -261,8 +265,10 @@ def print_config(cfg, out_dir=None):
         atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(d, indent=2) + "\n")
 
 
-def load_function(spec, arg=None):
-    """"path/to/file.py:NAME" or "module:NAME" -> the object NAME; with `arg`, NAME(arg) (a factory's product)."""
+def load_function(spec, arg=None, takes=None):
+    """"path/to/file.py:NAME" or "module:NAME" -> the object NAME; with `arg`, NAME(arg) (a factory's product).
+    takes: the arguments the function will be called with, e.g. ("prompt", "response"): one it cannot take them
+    is refused now, not at its first call."""
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name:
         sys.exit(f"error: expected path/to/file.py:NAME (or module:NAME), got '{spec}'")
@@ -286,6 +292,16 @@ def load_function(spec, arg=None):
     fn = getattr(module, name)
     if arg is not None:
         fn = fn(arg)
+    shown = f"'{spec}'" + (f"({arg!r})" if arg is not None else "")
     if not callable(fn):
-        sys.exit(f"error: '{spec}'{f'({arg!r})' if arg is not None else ''} is not callable")
+        sys.exit(f"error: {shown} is not callable")
+    if takes:
+        try:
+            inspect.signature(fn).bind(*takes)
+        except TypeError:
+            factory = " (a factory? give its argument with --labeler_arg / --judge_arg)" if arg is None else ""
+            sys.exit(f"error: {shown} has the signature {inspect.signature(fn)}, but it is called as "
+                     f"f({', '.join(takes)}){factory}")
+        except ValueError:  # a builtin without a signature: trust it
+            pass
     return fn

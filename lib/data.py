@@ -56,7 +56,7 @@ def read_jsonl(path, what="data", fields=None, check=None, strict=False, allow_e
     if not os.path.isfile(path):
         sys.exit(f"error: {what} file {path} not found." + (f" {hint}" if hint else ""))
     with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+        lines = f.read().removeprefix(b"\xef\xbb\xbf").split(b"\n")  # without the BOM some editors write
     ends_open = lines[-1].strip() != b""  # no newline after the last line: written to its end, or torn
     rows, bad, n_lines = [], [], 0
     for n, line in enumerate(lines, 1):
@@ -115,9 +115,14 @@ def set_aside_torn_tail(path):
     return len(tail)
 
 
+def prompt_problem(row):
+    """A prompt row's check: a policy needs at least one token to condition on."""
+    return None if row["prompt"] else 'the "prompt" is empty (a policy needs at least one token to start from)'
+
+
 def read_prompts(path, max_prompts=0, strict=False):
     """Unique prompts of a JSON lines file ({"prompt": str} rows), in file order (the first max_prompts if > 0)."""
-    rows = read_jsonl(path, "prompts", {"prompt": str}, strict=strict)
+    rows = read_jsonl(path, "prompts", {"prompt": str}, check=prompt_problem, strict=strict)
     prompts = list(dict.fromkeys(row["prompt"] for row in rows))
     return prompts[:max_prompts] if max_prompts > 0 else prompts
 

@@ -6,6 +6,7 @@ and the divergence check. Plumbing: a reader of the algorithm may skip this file
 import contextlib
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,11 @@ def setup_device(device="auto", seed=1337):
     torch.manual_seed(seed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"error: --device {device}, but PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False; "
+                 f"a CPU-only build of torch, or no driver): use --device cpu, or auto")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        sys.exit(f"error: --device {device}, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) here")
     if device.startswith("cuda") and dist.is_initialized():
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: each rank its own GPU of this machine
     if device.startswith("cuda"):

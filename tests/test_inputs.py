@@ -55,6 +55,12 @@ def test_a_torn_last_line_is_skipped_even_under_strict(tmp_path, capsys):
         read_jsonl(str(path), "demonstrations", FIELDS, strict=True)
 
 
+def test_a_byte_order_mark_is_not_a_bad_first_line(tmp_path):
+    path = tmp_path / "notepad.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")  # as Windows editors save
+    assert read_jsonl(str(path), "demonstrations", FIELDS, strict=True) == [json.loads(GOOD)] * 2
+
+
 def test_a_file_without_a_single_good_row_is_an_error(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' * 3)  # comparisons where demos belong
@@ -109,6 +115,14 @@ def world(tmp_path_factory):
     (data / "bad_rankings.jsonl").write_text('{"prompt": "p", "ranked": ["a", "b"]}\n'
                                              '{"prompt": "p", "ranked": ["only one"]}\n')
     (data / "bad_prompts.jsonl").write_text('{"prompt": "p"}\n{"text": "no prompt"}\n')
+    (data / "empty_prompts.jsonl").write_text('{"prompt": ""}\n' * 3)
+    torch.save({"weights": torch.zeros(2)}, d / "foreign.pt")  # loads with weights_only, but is not ours
+    hh = d / "hh" / "helpful-base"  # an HH-RLHF copy whose every line is malformed
+    hh.mkdir(parents=True)
+    (hh / "train.jsonl").write_text('{"chosen": "no assistant turn", "rejected": "x"}\nnot json\n')
+    (d / "labelers.py").write_text("def factory(world_dir):\n    return lambda prompt, response: 0.0\n")
+    (d / "world").mkdir()
+    (d / "world" / "world.json").write_text('{"lands": [')  # torn
     return {"dir": str(d), "ckpt": ckpt, "run": str(d / "run"), "data": str(data)}
 
 
@@ -147,6 +161,29 @@ BAD_INPUTS = [
     ("evaluate.py", ["--policy_a", "{ckpt}", "--policy_b", "{ckpt}", "--judge_fn", "x.py:f", "--prompts",
                      "{dir}/none.jsonl"], "--prompts {dir}/none.jsonl does not exist"),
     ("export.py", ["--init_from", "{ckpt}", "--out_dir", "{dir}/a_file"], "--out_dir {dir}/a_file is a file"),
+    ("sft.py", ["--data_dir", "{data}", "--init_from", "{dir}/foreign.pt", "--out_dir", "{dir}/o1"],
+     "{dir}/foreign.pt is a PyTorch file but not a checkpoint of this project"),
+    ("sft.py", ["--device", "nonsense"], "--device nonsense is not a device this project runs on"),
+    ("sft.py", ["--device", "cuda", "--data_dir", "{data}", "--init_from", "scratch", "--out_dir", "{dir}/o2"],
+     "--device cuda, but PyTorch sees no CUDA GPU here"),
+    ("ppo.py", ["--data_dir", PPO_FIXTURES, "--sft_ckpt", "scratch", "--reward_ckpt", "scratch", "--resume", "true",
+                "--batch_size", "8", "--minibatch_size", "4", "--out_dir", "{run}"],
+     "{run}/ckpt.pt cannot be resumed from: it holds no critic"),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", "{data}/empty_prompts.jsonl", "--out", "{dir}/r3.jsonl"],
+     '{data}/empty_prompts.jsonl: none of its 3 lines'),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", PPO_FIXTURES + "/prompts_val.jsonl", "--out", "{dir}/r4.jsonl",
+                  "--labeler", "fn", "--labeler_fn", "{dir}/labelers.py:factory"],
+     "is called as f(prompt, response) (a factory? give its argument with --labeler_arg"),
+    ("sample.py", ["--init_from", "{ckpt}", "--prompt", ""], "--prompt is empty"),
+    ("data/hh_rlhf/prepare.py", ["--source", "{dir}/hh", "--out_dir", "{dir}/hh_out"],
+     "no usable comparisons for train (read 2 lines; dropped: malformed_json 1, no_shared_prompt 1)"),
+    ("data/hh_rlhf/prepare.py", ["--source", "{dir}/hh", "--subsets", ","], "--subsets is empty"),
+    ("data/lab/prepare.py", ["--corpus_docs", "0", "--out_dir", "{dir}/lab"], "--corpus_docs 0 is out of range"),
+    ("data/lab/evaluate_lab.py", ["--data_dir", "{dir}/world", "--out_dir", "{dir}/ev", "--reward", "{ckpt}",
+                                  "--overopt", "{dir}/nowhere"], "--overopt {dir}/nowhere does not exist"),
+    ("data/lab/evaluate_lab.py", ["--data_dir", "{dir}/world", "--out_dir", "{dir}/ev", "--reward", "{ckpt}"],
+     "{dir}/world/world.json is not a valid world file"),
+    ("pipeline.py", ["--task", "hh", "--config", "huge", "--dry_run"], "argument --config: invalid choice: 'huge'"),
     ("pipeline.py", ["--task", "lab", "--from_step", "nope", "--dry_run"], "--from_step nope is not a step"),
     ("pipeline.py", ["--task", "lab", "--out_dir", "{dir}/a_file", "--dry_run"], "--out_dir {dir}/a_file is a file"),
     # malformed lines under --strict (and files read strictly always), named file:line

@@ -373,6 +373,9 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
     monkeypatch.setattr(evaluate_lab, "sample", fake_sample)
     monkeypatch.setattr(evaluate_lab, "corpus_loss", lambda policy, enc, docs: 2.5)
     monkeypatch.setattr(evaluate_lab, "plot_stages", lambda policies, path, title: None)
+    monkeypatch.chdir(tmp_path)
+    for name in ("sft.pt", "ppo.pt", "rm.pt"):  # the flags name existing files (main checks); load_model is faked
+        (tmp_path / name).write_bytes(b"")
     results = evaluate_lab.main(["--data_dir", str(data), "--out_dir", str(tmp_path / "out"), "--sft", "sft.pt",
                                  "--ppo", "ppo.pt", "--reward", "rm.pt", "--seed", "11"])
     sft, ppo_ = results["policies"]["sft"], results["policies"]["ppo"]

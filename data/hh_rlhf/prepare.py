@@ -33,6 +33,7 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # repo root, for common.py and model.py
 from lib.checkpoints import fsync_replace  # noqa: E402
+from lib.config import path_problem  # noqa: E402
 
 HUB_REPO = "Anthropic/hh-rlhf"  # dataset repository on the Hugging Face hub
 SUBSETS = ("helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled")
@@ -191,6 +192,12 @@ def main(argv=None):
     p.add_argument("--strict", action="store_true", help="any dropped line is an error")
     args = p.parse_args(argv)
     subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
+    if not subsets:
+        p.error(f"--subsets is empty: name one or more of {', '.join(SUBSETS)}")
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val_fraction {args.val_fraction} is out of range: it must be in (0, 1)")
+    if path_problem(args.out_dir, "out_dir"):
+        p.error(f"--out_dir {args.out_dir} {path_problem(args.out_dir, 'out_dir')}; it must be a folder to write to")
 
     # 1. locate (or download) the source files
     if args.source is None:
@@ -236,6 +243,13 @@ def main(argv=None):
         print(f"  ... and {len(bad) - SHOW_BAD} more dropped lines (see counts below)")
     per_file = [c for sub in stats["subsets"].values() for c in sub.values()]
     stats["total"] = {k: sum(c[k] for c in per_file) for k in per_file[0]}
+
+    total = stats["total"]
+    for name, records in (("train", train), ("val", val)):
+        if not records:  # empty or wholly malformed source files: refuse rather than write empty data
+            dropped = ", ".join(f"{r} {total[r]}" for r in REASONS if total[r]) or "the files hold no lines"
+            raise SystemExit(f"error: no usable comparisons for {name} (read {total['read']} lines; dropped: "
+                             f"{dropped}); nothing written. Check --source.")
 
     # 3. write the three views of each split
     os.makedirs(args.out_dir, exist_ok=True)

@@ -41,6 +41,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from lib.checkpoints import atomic_write_text, load_model  # noqa: E402
+from lib.config import PATH_KINDS, path_problem  # noqa: E402
 from lib.data import read_jsonl  # noqa: E402
 from lib.responses import decode_responses, sample_and_score, sequence_kl  # noqa: E402
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right  # noqa: E402
@@ -242,6 +243,16 @@ def main(argv=None):
     parser.add_argument("--corpus_docs", type=int, default=100, help="held-out corpus documents for corpus_loss")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    lowest = {"samples": 1, "overopt_samples": 1, "rm_samples": 2, "max_prompts": 0, "corpus_docs": 1,
+              "max_new_tokens": 1, "label_noise": 0}  # rm_samples: the agreement compares pairs
+    for flag, low in lowest.items():
+        if not getattr(args, flag) >= low:  # (also refuses nan)
+            parser.error(f"--{flag} {getattr(args, flag)} is out of range: it must be >= {low}")
+    for flag, kind in (("data_dir", "dir"), ("out_dir", "out_dir"), ("overopt", "dir"), ("rankings", "file"),
+                       ("reward", "model"), ("reward_round1", "model"), *((stage, "model") for stage in STAGES)):
+        problem = getattr(args, flag) and path_problem(getattr(args, flag), kind)
+        if problem:
+            parser.error(f"--{flag} {getattr(args, flag)} {problem}; it must be {PATH_KINDS[kind]}")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.time()
     os.makedirs(args.out_dir, exist_ok=True)

@@ -39,8 +39,12 @@ def load_world(world_dir):
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; generate the world first: python data/lab/prepare.py "
                          f"--out_dir {world_dir}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"error: {path} is not a valid world file ({e}); generate it again: python "
+                         f"data/lab/prepare.py --out_dir {world_dir}")
 
 
 def words_in(text):

@@ -245,6 +245,10 @@ def main(argv=None):
     parser.add_argument("--corpus_docs", type=int, default=2000, help="documents in corpus_train.jsonl")
     parser.add_argument("--quick", action="store_true", help="a 200-document corpus (tests)")
     args = parser.parse_args(argv)
+    if args.corpus_docs < 1:
+        parser.error(f"--corpus_docs {args.corpus_docs} is out of range: it must be >= 1")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"--out_dir {args.out_dir} is a file; it must be a folder to write to (it may not exist yet)")
     n_docs = 200 if args.quick else args.corpus_docs
     rng = random.Random(args.seed + 1)
     world = make_world(args.seed)
