@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 from safetensors.torch import save_file
 
-from lib.checkpoints import atomic_write_text, load_checkpoint, load_state
+from lib.checkpoints import atomic_write_text, load_checkpoint, load_model
 from lib.config import require, run
 from lib.tokens import EOS, get_tokenizer
-from model import GPT, GPTConfig, ScalarGPT
 
 
 @dataclass
@@ -112,8 +111,7 @@ def tokenizer_files(enc, block_size):
 def export(cfg):
     ckpt = load_checkpoint(cfg.init_from)
     kind = ckpt["kind"]
-    model = (ScalarGPT if kind == "scalar" else GPT)(GPTConfig(**ckpt["model_config"]))
-    load_state(model, ckpt["model"], cfg.init_from)
+    model, _ = load_model(cfg.init_from, kind)  # a LoRA checkpoint comes back with its adapters merged
     extra = {"config": ckpt["config"], "source": cfg.init_from}
     if "reward_shift" in ckpt:  # reward.py's normalisation, already folded into score_head.bias
         extra["reward_shift"] = ckpt["reward_shift"]

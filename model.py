@@ -19,6 +19,8 @@ count (real tokens, response tokens, ...) and 0/False on positions that do not (
 Imports only torch, safetensors (to read weight files) and the standard library.
 """
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -84,6 +86,93 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021, arXiv:2106.09685): a frozen weight W plus a trained low-rank update,
+# h = W x + (alpha / r) B A x, with A (r, in) random and B (out, r) zero at the start (eq. 3), so training
+# starts from the base model exactly. On the four projections of every block; everything else stays frozen.
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear (same `weight` and `bias`, so state-dict names stay GPT-2's) + the adapter lora_A, lora_B.
+    `enabled = False` runs the base layer alone: PPO's reference policy is the policy with its adapters off."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate and initialise a weight only to drop it
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the base layer's own tensors, not copies
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # B = 0
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x):
+        y = super().forward(x)  # (..., out)
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., out)
+
+    def merged_weight(self):
+        """W + (alpha / r) B A: the plain Linear weight that gives this layer's output (adapters on)."""
+        return self.weight.float() + self.scale * (self.lora_B @ self.lora_A)  # in float32 (W may be bf16)
+
+
+def add_lora(model, rank, alpha, dropout=0.0):
+    """Put an adapter on each LORA_TARGETS projection of `model` (a GPT or ScalarGPT), in place, and freeze every
+    parameter but the adapters; a caller that also trains a head unfreezes it. Returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.transformer.h:
+        for target in LORA_TARGETS:
+            parent, name = target.split(".")
+            module = getattr(getattr(block, parent), name)
+            if not isinstance(module, LoRALinear):
+                setattr(getattr(block, parent), name, LoRALinear(module, rank, alpha, dropout))
+    return model
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The base model: every adapter of `model` off inside the block (a no-op for a model without adapters)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def share_weights(module):
+    """A new module tree over the same parameter and buffer tensors (nothing copied): adapters added to it leave
+    `module` as it was while both read one set of frozen weights. Under LoRA, PPO's policy is
+    add_lora(share_weights(ref_policy)) and its critic add_lora(share_weights(reward_model)) with its own head."""
+    clone = copy.copy(module)
+    clone._modules = {name: None if child is None else share_weights(child) for name, child in module._modules.items()}
+    clone._parameters, clone._buffers = dict(module._parameters), dict(module._buffers)
+    return clone
+
+
+def lora_state_dict(model):
+    """The trained part of a LoRA model: its adapters and any parameter left trainable (a head)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad or "lora_" in name}
+    return {k: v for k, v in model.state_dict().items() if k in trained}
+
+
+def merged_state_dict(model):
+    """The state dict of the plain model with the same outputs: each adapter folded into its weight,
+    W <- W + (alpha / r) B A, and the lora_ tensors dropped. What export.py and the next stage load."""
+    sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[name + ".weight"] = m.merged_weight().detach()
+    return sd
 
 
 class Block(nn.Module):

@@ -33,6 +33,7 @@ Preferences" (arXiv:1909.08593) and its code, openai/lm-human-preferences.
     torchrun --standalone --nproc_per_node 8 ppo.py --config small   # 8 GPUs: 8 x batch_size episodes per iteration
 """
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -43,7 +44,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.checkpoints import check_resumable, fsync_replace, load_checkpoint, load_model, save_checkpoint
+from lib.checkpoints import (
+    check_resumable,
+    fsync_replace,
+    load_adapters,
+    load_checkpoint,
+    load_model,
+    lora_base,
+    save_checkpoint,
+)
 from lib.config import MODEL_PRESETS, print_config, require, run
 from lib.data import index_batches, prompt_problem, read_jsonl, spread
 from lib.ddp import (
@@ -62,9 +71,9 @@ from lib.ddp import (
 from lib.responses import last_token_index, policy_logprobs, sample_and_score, score_responses, sequence_kl
 from lib.tokens import EOS, encode_prompt, get_tokenizer, pad_left, pad_right
 from lib.tracking import MetricsLog, plot_metrics
-from lib.training import autocast, check_finite, make_adamw, setup_device
+from lib.training import autocast, autocast_dtype, check_finite, make_adamw, setup_device, store_frozen_in
 from lib.winrate import win_rate
-from model import GPTConfig, ScalarGPT, token_logprobs
+from model import GPTConfig, ScalarGPT, add_lora, lora_state_dict, share_weights, token_logprobs
 
 
 @dataclass
@@ -120,6 +129,12 @@ class Config:
     ptx_batch_size: int = 8  # pretraining sequences per optimizer step (split across its micro-batches)
     ptx_max_tokens: int = 256  # pretraining sequences are cut to this many tokens
     ptx_file: str = ""  # PPO-ptx text: rows {"prompt", "response"}, prompt may be "" ("" = data_dir/sft_train.jsonl)
+    # memory (docs/scaling.md): LoRA adapters, activation checkpointing; frozen copies follow --dtype
+    lora_rank: int = 0  # LoRA (Hu et al. 2021): train rank-r adapters on every block's projections; 0 = off
+    lora_alpha: float = 16.0  # LoRA: the adapters' update B A is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # LoRA: dropout on the adapters' input
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward: less memory, ~1/3 more time
+    ema_decay: float = 0.0  # EMA of the policy's trained weights, for evaluation and the saved policy (paper: 0.992)
     # system
     strict: bool = False  # refuse an input file with a malformed line (default: skip it, naming file:line)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
@@ -131,9 +146,11 @@ class Config:
              "judge_ckpt": "model", "ptx_file": "file"}  # checked where the flags are parsed
 
 
-# DEVIATION: paper uses batches of 512 episodes, 64 per minibatch, one inner epoch, a 6B critic for every
-# policy size and an EMA of the policy weights (decay 0.992); we use smaller batches, 4 epochs (Ziegler et
-# al. 2019) to get more out of each expensive rollout, a critic of the policy's size, and no EMA.
+# DEVIATION: paper uses batches of 512 episodes, 64 per minibatch, one inner epoch and a 6B critic for every
+# policy size; we use smaller batches, 4 epochs (Ziegler et al. 2019) to get more out of each expensive rollout
+# and a critic of the policy's size.
+# DEVIATION: paper evaluates and keeps an EMA of the policy weights (decay 0.992); here the EMA is off unless
+# --ema_decay 0.992 asks for it: at 0.992 it averages over ~125 optimizer steps, a third of a `tiny` run.
 _GPU = dict(max_prompt_tokens=512, max_new_tokens=128, batch_size=64, minibatch_size=16, noptepochs=4,
             cliprange=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, kl_coef=0.02, eval_prompts=64)
 # DEVIATION (tiny only): lr 1e-4, prompts cut to 128 tokens, 2 epochs, so a CPU run takes ~4 minutes.
@@ -230,6 +247,14 @@ def adaptive_kl_coef(kl_coef, kl, kl_target, horizon, n_steps):
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
+@torch.no_grad()
+def ema_update(ema, params, decay):
+    """The policy's exponential moving average (InstructGPT, Appendix C.4: decay 0.992), after every optimizer
+    step: ema <- decay * ema + (1 - decay) * theta, for each trained parameter (with LoRA, the adapters)."""
+    for name, average in ema.items():
+        average.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
+
+
 def lm_loss(policy, ids, attention_mask):
     """PPO-ptx term of eq. (2), -log pi_RL(x): mean next-token NLL over the real tokens of right-padded text."""
     logits = policy(ids[:, :-1], attention_mask[:, :-1])  # (B, T-1, V)
@@ -299,15 +324,17 @@ def minibatch(batch, idx):
     return mb
 
 
-def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None, iteration="?"):
+def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None, iteration="?", ema=None):
     """Step 5: `noptepochs` passes over the batch in shuffled minibatches, one optimizer step each, minimising
     pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss. Returns each statistic's mean over the steps.
     `generator` (a CPU torch.Generator) shuffles the minibatches; `ptx_batches` yields one batch of
-    right-padded pretraining text per optimizer step (PPO-ptx); `iteration` names the step if the loss diverges.
+    right-padded pretraining text per optimizer step (PPO-ptx); `iteration` names the step if the loss diverges;
+    `ema` ({name: average}, --ema_decay) follows the trained weights after every step.
     A minibatch (and its ptx batch) runs in grad_accum micro-batches, each weighted by its share of the
     tokens, so the update is the same however it is split and over however many ranks (lib/ddp.py)."""
     policy.train()
     critic.train()
+    params = dict(getattr(policy, "module", policy).named_parameters())  # (unwrapped from DDP)
     stats = defaultdict(list)
     for _ in range(cfg.noptepochs):
         order = torch.randperm(batch["ids"].size(0), generator=generator).to(batch["ids"].device)
@@ -348,6 +375,8 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema:
+                ema_update(ema, params, cfg.ema_decay)
     return mean_over_ranks({k: sum(v) / len(v) for k, v in stats.items()})
 
 
@@ -479,27 +508,45 @@ def build_models(cfg, device, reward_fn=None, resume_ckpt=None):
     and the KL must compare the same deterministic function. A resumed run takes policy and critic from its
     checkpoint. "scratch" models are drawn from their own seeds, so a resumed run, which loads other
     checkpoints first, builds the same ones. With a programmatic reward_fn there is no reward model; the
-    critic's trunk then comes from --reward_ckpt (a language model's trunk, or scratch) and its head is new."""
+    critic's trunk then comes from --reward_ckpt (a language model's trunk, or scratch) and its head is new.
+
+    With LoRA (--lora_rank) the four models are two networks: the policy is ref_policy's network plus adapters
+    (ref_policy is the policy with its adapters off, at no extra memory) and the critic is the reward model's
+    network plus adapters and its own value head; only adapters and the value head train. Frozen weights are
+    stored in bf16 when the forward passes run in bf16 (--dtype)."""
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
     ref_policy, _ = load_model(cfg.sft_ckpt, "gpt", model_cfg, dropout=0.0, device=device, seed=cfg.seed)
-    if resume_ckpt:
+    ref_policy.eval().requires_grad_(False)
+    if cfg.lora_rank:
+        policy = add_lora(share_weights(ref_policy), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    elif resume_ckpt:
         policy, _ = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), "gpt", dropout=0.0, device=device)
     else:
-        policy = copy.deepcopy(ref_policy)
-    ref_policy.eval().requires_grad_(False)
+        policy = copy.deepcopy(ref_policy).requires_grad_(True)
     shape = {k: getattr(policy.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
     reward_model = None
     if reward_fn is None:
         reward_model, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, seed=cfg.seed + 1)
         reward_model.eval().requires_grad_(False)
-    if resume_ckpt:
+    if resume_ckpt and not cfg.lora_rank:
         critic = ScalarGPT(GPTConfig(**resume_ckpt["critic_config"])).to(device)
         critic.load_state_dict(resume_ckpt["critic"])
     elif reward_model is not None:
-        critic = copy.deepcopy(reward_model).requires_grad_(True)
+        critic = share_weights(reward_model) if cfg.lora_rank else copy.deepcopy(reward_model).requires_grad_(True)
     else:
         critic, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device, transplant=True,
                                seed=cfg.seed + 1)
+    if cfg.lora_rank:
+        critic = add_lora(critic, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        critic.score_head = copy.deepcopy(critic.score_head).requires_grad_(True)  # the value head: its own, trained
+    if resume_ckpt and cfg.lora_rank:  # the adapters (and value head) where the interrupted run left them
+        load_adapters(policy, resume_ckpt["model"], "policy")
+        load_adapters(critic, resume_ckpt["critic"], "critic")
+    if autocast_dtype(device, cfg.dtype) == torch.bfloat16:  # frozen weights in bf16: half their memory
+        for m in (ref_policy, reward_model, critic):
+            store_frozen_in(m, torch.bfloat16)
+    for m in (policy, critic):
+        m.transformer.grad_checkpoint = cfg.grad_checkpoint
     longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
     for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
         block_size = m.config.block_size if m is not None else longest
@@ -518,11 +565,33 @@ def load_judge(cfg, device):
     return judge.eval().requires_grad_(False)
 
 
-def save_ppo_checkpoint(path, policy, critic, optimizer, cfg, iteration, kl_coef):
-    """ckpt.pt: the policy (loadable as a plain GPT by every script), and what --resume needs. With
-    --keep_checkpoints also a durable copy ckpt_{iteration}.pt (curves over training)."""
-    save_checkpoint(path, policy, cfg, critic=critic.state_dict(), critic_config=dataclasses.asdict(critic.config),
-                    optimizer=optimizer.state_dict(), iteration=iteration, kl_coef=kl_coef)
+@contextlib.contextmanager
+def weights_swapped(model, weights):
+    """`model` with `weights` ({name: tensor}, e.g. the EMA) in place of those parameters inside the block."""
+    params = dict(model.named_parameters())
+    own = {k: params[k].detach().clone() for k in weights}
+    with torch.no_grad():
+        for k, w in weights.items():
+            params[k].copy_(w)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, w in own.items():
+                params[k].copy_(w)
+
+
+def save_ppo_checkpoint(path, policy, critic, optimizer, cfg, iteration, kl_coef, ema=None):
+    """ckpt.pt: the policy (loadable as a plain GPT by every script; with --ema_decay its EMA), and what --resume
+    needs (with an EMA, the trained weights too). With LoRA the policy and critic are saved as their adapters
+    (and value head), and load_model rebuilds the policy on --sft_ckpt. With --keep_checkpoints also a durable
+    copy ckpt_{iteration}.pt (curves over training)."""
+    trained = {k: p.detach().clone() for k, p in policy.named_parameters() if k in ema} if ema else None
+    with weights_swapped(policy, ema or {}):  # the EMA is the policy every other script sees
+        save_checkpoint(path, policy, cfg, base=lora_base(cfg.sft_ckpt, seed=cfg.seed) if cfg.lora_rank else None,
+                        critic=lora_state_dict(critic) if cfg.lora_rank else critic.state_dict(),
+                        critic_config=dataclasses.asdict(critic.config), optimizer=optimizer.state_dict(),
+                        iteration=iteration, kl_coef=kl_coef, trained=trained)
     if cfg.keep_checkpoints and is_main():  # rank 0 alone wrote ckpt.pt
         kept = os.path.join(os.path.dirname(path), f"ckpt_{iteration:04d}.pt")
         shutil.copyfile(path, kept + ".tmp")
@@ -583,8 +652,14 @@ def train(cfg, reward_fn=None):
     # DDP: the two trained models average their gradients over ranks; the frozen ref_policy and reward_model
     # take no gradients and stay unwrapped, and so do rollouts and evaluation (no gradients either)
     policy_ddp, critic_ddp = wrap_ddp(policy, device), wrap_ddp(critic, device)
+    # the policy's EMA (--ema_decay) starts at its weights; a resumed run's ckpt.pt holds the EMA as its policy
+    ema = {k: p.detach().clone() for k, p in policy.named_parameters() if p.requires_grad} if cfg.ema_decay else None
     kl_coef, start = cfg.kl_coef, 0
     if resume_ckpt:
+        with torch.no_grad():  # the trained weights the EMA was saved beside
+            params = dict(policy.named_parameters())
+            for k, w in (resume_ckpt.get("trained") or {}).items():
+                params[k].copy_(w)
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         kl_coef, start = resume_ckpt["kl_coef"], resume_ckpt["iteration"]
         print(f"resumed from {ckpt_path} at iteration {start}, kl_coef {kl_coef:.4g}")
@@ -592,8 +667,10 @@ def train(cfg, reward_fn=None):
                      run_config=cfg)
     png_path = os.path.join(cfg.out_dir, "ppo.png")
     panels = {**PANELS, **({"judge: win rate vs SFT (eval)": ["eval_win_rate"]} if judge else {})}
-    held_out = lambda: evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device, judge,
-                                judge_baseline)
+    def held_out():  # evaluated with the EMA weights, if any: the policy the run hands on
+        with weights_swapped(policy, ema or {}):
+            return evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device, judge,
+                            judge_baseline)
     metrics = {}
     if start == 0:  # the SFT policy's own score on the held-out prompts: the baseline of the plot
         with ctx:
@@ -615,7 +692,7 @@ def train(cfg, reward_fn=None):
             # 5. PPO epochs: pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss
             t1 = time.time()
             metrics.update(ppo_update(policy_ddp, critic_ddp, optimizer, batch, cfg, ptx_batches,
-                                      torch.Generator().manual_seed(seed + it), iteration=it + 1))
+                                      torch.Generator().manual_seed(seed + it), iteration=it + 1, ema=ema))
         metrics.update(kl_coef=kl_coef, lr=lr, t_update=time.time() - t1, t_iter=time.time() - t0)
         # 6. KL coefficient: fixed, or adapted to the KL of this batch (episodes of all ranks; kl is their mean)
         if cfg.adaptive_kl:
@@ -632,7 +709,7 @@ def train(cfg, reward_fn=None):
         log.log(step, metrics, keys=["score", "kl", "kl_coef", "eval_score", "eval_kl", "eval_win_rate", "pg_loss",
                                      "vf_loss", "entropy", "resp_len", "t_generate", "t_update", "t_iter"])
         if evaluating:
-            save_ppo_checkpoint(ckpt_path, policy, critic, optimizer, cfg, step, kl_coef)
+            save_ppo_checkpoint(ckpt_path, policy, critic, optimizer, cfg, step, kl_coef, ema)
             plot_metrics(log.path, png_path, panels, title=f"PPO ({cfg.preset or 'custom'}, {cfg.sft_ckpt})")
     print(f"done: score {metrics.get('score', float('nan')):.4f} | kl {metrics.get('kl', float('nan')):.4f} | "
           f"saved {ckpt_path} and {png_path} | {time.time() - t_start:.0f}s")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoints import check_resumable, load_model, save_checkpoint
+from lib.checkpoints import check_resumable, load_model, lora_base, lora_settings, save_checkpoint
 from lib.config import MODEL_PRESETS, print_config, require, run
 from lib.data import read_jsonl
 from lib.ddp import (
@@ -61,6 +61,7 @@ from lib.tokens import get_tokenizer, pad_right
 from lib.tracking import MetricsLog, plot_metrics
 from lib.training import (
     autocast,
+    autocast_dtype,
     check_finite,
     lr_at,
     make_adamw,
@@ -68,7 +69,9 @@ from lib.training import (
     rng_state,
     set_rng_state,
     setup_device,
+    store_frozen_in,
 )
+from model import add_lora
 
 
 @dataclass
@@ -107,6 +110,11 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    # memory (docs/scaling.md): LoRA adapters, activation checkpointing; frozen copies follow --dtype
+    lora_rank: int = 0  # LoRA (Hu et al. 2021): train rank-r adapters on every block's projections; 0 = off
+    lora_alpha: float = 16.0  # LoRA: the adapters' update B A is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # LoRA: dropout on the adapters' input
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward: less memory, ~1/3 more time
     # system
     strict: bool = False  # refuse an input file with a malformed line (default: skip it, naming file:line)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
@@ -334,8 +342,17 @@ def train(cfg):
         sys.exit(f"error: --resume true but {last_path} does not exist: nothing to resume (drop --resume to start)")
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
     reward_model, ckpt = load_model(last_path if cfg.resume else cfg.init_from, kind="scalar", model_cfg=model_cfg,
-                                    dropout=cfg.dropout, device=device, transplant=True)
+                                    dropout=cfg.dropout, device=device, transplant=True, adapters=cfg.resume)
     resume_ckpt = ckpt if cfg.resume else None  # (an init_from checkpoint is only weights to start from)
+    # LoRA: adapters on the frozen trunk and the score head are all that trains (and is checkpointed)
+    require(not cfg.lora_rank or cfg.init_from != "scratch", "LoRA adapts a pretrained model: --lora_rank needs "
+            "--init_from a checkpoint or GPT-2 name, not scratch")
+    if cfg.lora_rank and not lora_settings(reward_model):
+        reward_model = add_lora(reward_model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        reward_model.score_head.requires_grad_(True)
+    base = lora_base(cfg.init_from, "scalar", transplant=True) if cfg.lora_rank else None
+    store_frozen_in(reward_model, autocast_dtype(device, cfg.dtype))
+    reward_model.transformer.grad_checkpoint = cfg.grad_checkpoint
     longest = cfg.max_prompt_tokens + cfg.max_response_tokens + 1
     require(longest <= reward_model.config.block_size, f"max_prompt_tokens + max_response_tokens + 1 = {longest} "
             f"exceeds block_size {reward_model.config.block_size}")
@@ -397,13 +414,13 @@ def train(cfg):
             if step % cfg.log_interval == 0 or "val/acc" in metrics:
                 log.log(step, metrics, keys=["train/loss", "train/acc", "val/loss", "val/acc", "ms_per_step"])
             if "val/acc" in metrics:  # after each validation (window empty): the state --resume continues from
-                save_checkpoint(last_path, reward_model, cfg, step=step, optimizer=optimizer.state_dict(),
+                save_checkpoint(last_path, reward_model, cfg, base, step=step, optimizer=optimizer.state_dict(),
                                 rng_state=rng_state())
 
     # 4. normalise: the demonstrations score 0 on average (InstructGPT end of 3.5)
     reward_shift = normalise(reward_model, shard(demos), micro_batch_size, ctx)
     final = evaluate(reward_model, val_set, device, micro_batch_size, ctx)  # same accuracy, shifted scores
-    ckpt_path = save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), reward_model, cfg,
+    ckpt_path = save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), reward_model, cfg, base,
                                 reward_shift=reward_shift, val_metrics=final)
     png_path = plot_metrics(log.path, os.path.join(cfg.out_dir, "reward.png"),
                             {"loss (eq. 1)": ["train/loss_avg", "val/loss"],

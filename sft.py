@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.checkpoints import check_resumable, load_model, save_checkpoint
+from lib.checkpoints import check_resumable, load_model, lora_base, lora_settings, save_checkpoint
 from lib.config import GPT2_NAMES, MODEL_PRESETS, print_config, require, run
 from lib.data import index_batches, read_jsonl
 from lib.ddp import all_reduce_sum, get_world_size, init_distributed, no_sync, shard, step_total, wrap_ddp
@@ -39,6 +39,7 @@ from lib.tokens import EOS, encode_prompt, encode_response, get_tokenizer, pad_l
 from lib.tracking import MetricsLog, plot_metrics
 from lib.training import (
     autocast,
+    autocast_dtype,
     check_finite,
     lr_at,
     make_adamw,
@@ -46,8 +47,9 @@ from lib.training import (
     rng_state,
     set_rng_state,
     setup_device,
+    store_frozen_in,
 )
-from model import token_logprobs
+from model import add_lora, token_logprobs
 
 
 @dataclass
@@ -85,6 +87,11 @@ class Config:
     beta1: float = 0.9  # AdamW
     beta2: float = 0.95  # AdamW
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+    # memory (docs/scaling.md): LoRA adapters, activation checkpointing; frozen copies follow --dtype
+    lora_rank: int = 0  # LoRA (Hu et al. 2021): train rank-r adapters on every block's projections; 0 = off
+    lora_alpha: float = 16.0  # LoRA: the adapters' update B A is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # LoRA: dropout on the adapters' input
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward: less memory, ~1/3 more time
     # system
     strict: bool = False  # refuse an input file with a malformed line (default: skip it, naming file:line)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
@@ -257,8 +264,18 @@ def train(cfg):
     if cfg.resume and not os.path.isfile(last_path):
         sys.exit(f"error: --resume true but {last_path} does not exist: nothing to resume (drop --resume to start)")
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
-    model, ckpt = load_model(last_path if cfg.resume else cfg.init_from, "gpt", model_cfg, cfg.dropout, device)
+    model, ckpt = load_model(last_path if cfg.resume else cfg.init_from, "gpt", model_cfg, cfg.dropout, device,
+                             adapters=cfg.resume)
     resume_ckpt = ckpt if cfg.resume else None  # (an init_from checkpoint is only weights to start from)
+    # LoRA: adapters on the frozen model are all that trains (and is checkpointed); the frozen weights are
+    # stored in bf16 when the forward passes run in it
+    require(not cfg.lora_rank or cfg.init_from != "scratch", "LoRA adapts a pretrained model: --lora_rank needs "
+            "--init_from a checkpoint or GPT-2 name, not scratch (train scratch models without it)")
+    if cfg.lora_rank and not lora_settings(model):
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    base = lora_base(cfg.init_from) if cfg.lora_rank else None
+    store_frozen_in(model, autocast_dtype(device, cfg.dtype))
+    model.transformer.grad_checkpoint = cfg.grad_checkpoint
     block_size = model.config.block_size
     require(cfg.max_prompt_tokens + cfg.max_response_tokens <= block_size,
             f"max_prompt_tokens {cfg.max_prompt_tokens} + max_response_tokens {cfg.max_response_tokens} > block_size "
@@ -331,16 +348,16 @@ def train(cfg):
             # we select by validation loss, because the reward model is trained after (and from) this one.
             if metrics["val_loss"] < best_val:
                 best_val, best_step = metrics["val_loss"], step
-                save_checkpoint(ckpt_path, model, cfg, step=step, val_loss=best_val, best_val_loss=best_val)
+                save_checkpoint(ckpt_path, model, cfg, base, step=step, val_loss=best_val, best_val_loss=best_val)
             responses = greedy_responses(model, enc, sample_prompts, cfg.max_new_tokens, ctx, device)
             for prompt, response in zip(sample_prompts, responses):
                 print(f"---- prompt (end): ...{enc.decode(prompt)[-200:]!r}\n---- greedy response: {response!r}")
             plot_metrics(log.path, png_path, {"loss (response tokens)": ["loss", "val_loss"], "learning rate": ["lr"]},
                          title=f"sft.py --config {cfg.preset}" if cfg.preset else "sft.py")
             # the latest state, for --resume: written at each evaluation (and so at the end), after ckpt.pt
-            save_checkpoint(last_path, model, cfg, step=step, val_loss=metrics["val_loss"], best_val_loss=best_val,
-                            best_step=best_step, optimizer=optimizer.state_dict(), data_position=data_position,
-                            rng_state=rng_state())
+            save_checkpoint(last_path, model, cfg, base, step=step, val_loss=metrics["val_loss"],
+                            best_val_loss=best_val, best_step=best_step, optimizer=optimizer.state_dict(),
+                            data_position=data_position, rng_state=rng_state())
             model.train()
 
     val_loss, loss = metrics["val_loss"], metrics.get("loss", float("nan"))

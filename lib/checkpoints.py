@@ -12,7 +12,7 @@ import torch
 
 from lib.ddp import is_main
 from lib.training import check_finite
-from model import GPT, GPTConfig, ScalarGPT, load_hf_gpt2
+from model import GPT, GPTConfig, LoRALinear, ScalarGPT, add_lora, load_hf_gpt2, lora_state_dict, merged_state_dict
 
 
 def fsync_replace(tmp, path):
@@ -43,21 +43,30 @@ def atomic_write_text(path, text):
     fsync_replace(tmp, path)
 
 
-def save_checkpoint(path, model, cfg, **extra):
+def save_checkpoint(path, model, cfg, base=None, **extra):
     """Write atomically (temp file + fsync + rename): a crash mid-write never destroys the previous checkpoint,
     and weights holding NaN or inf (a diverged run) are never written. Under torchrun only rank 0 writes
-    (every rank holds the same weights)."""
+    (every rank holds the same weights).
+
+    A model with LoRA adapters is saved as its adapters and trained heads only, with "lora" saying how to
+    rebuild it: `base` = lora_base(...) (the source its frozen weights came from) and the adapters' shape.
+    load_model rebuilds it from there and hands every other script the merged weights."""
     if not is_main():
         return path
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    lora = lora_settings(model)
+    if lora and base is None:
+        raise ValueError("save_checkpoint: a model with adapters needs base=lora_base(...) to be rebuilt from")
+    state = lora_state_dict(model) if lora else model.state_dict()
     step = extra.get("step", extra.get("iteration", "?"))
-    for name, state in (("model", model.state_dict()), ("critic", extra.get("critic") or {})):
-        for t in state.values():
+    for name, weights in (("model", state), ("critic", extra.get("critic") or {})):
+        for t in weights.values():
             if t.is_floating_point():
                 check_finite(t, step, f"a {name} weight to be saved in {path}")
     ckpt = {"kind": "scalar" if isinstance(model, ScalarGPT) else "gpt",
             "model_config": dataclasses.asdict(model.config),
-            "model": model.state_dict(),
+            "model": {k: v.float() if v.is_floating_point() else v for k, v in state.items()},  # bf16 frozen: fp32
+            "lora": {**lora, **base} if lora else None,
             "config": dataclasses.asdict(cfg), **extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -92,12 +101,52 @@ def check_resumable(ckpt, path, keys, writer):
                  f"--resume to start afresh.")
 
 
+def lora_settings(model):
+    """{"rank", "alpha", "dropout"} of a model's adapters, or None for a model without them."""
+    layer = next((m for m in model.modules() if isinstance(m, LoRALinear)), None)
+    if layer is None:
+        return None
+    rank = layer.lora_A.size(0)
+    return {"rank": rank, "alpha": layer.scale * rank, "dropout": layer.lora_dropout.p}
+
+
+def lora_base(source, kind="gpt", transplant=False, seed=None):
+    """Where a LoRA model's frozen weights come from, as load_model is asked for them: a checkpoint, a GPT-2
+    name or folder, or scratch with its seed."""
+    return {"base": source, "base_kind": kind, "base_transplant": transplant, "base_seed": seed}
+
+
+def load_lora_model(ckpt, source, dropout=0.0, device="cpu"):
+    """The model a LoRA checkpoint describes, adapters attached: its base rebuilt from ckpt["lora"] (merged, if
+    that base is itself a LoRA checkpoint), adapters added, and the saved adapters and heads loaded."""
+    lora = ckpt["lora"]
+    base, _ = load_model(lora["base"], lora["base_kind"], ckpt["model_config"], dropout, device,
+                         transplant=lora["base_transplant"], seed=lora["base_seed"])
+    if (ckpt["kind"] == "scalar") != isinstance(base, ScalarGPT):
+        raise ValueError(f"{source}: its base {lora['base']} gives a model of another kind")
+    model = add_lora(base, lora["rank"], lora["alpha"], lora["dropout"])
+    for name, p in model.named_parameters():  # the heads it trained (a reward model's score_head)
+        p.requires_grad_("lora_" in name or name in ckpt["model"])
+    load_adapters(model, ckpt["model"], source)
+    return model.to(device)
+
+
+def load_adapters(model, state, source):
+    """Load the adapters and trained heads saved in `state` into a model with adapters, and nothing else."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    needed = set(lora_state_dict(model))
+    if unexpected or needed - set(state):
+        sys.exit(f"error: the adapters in {source} do not fit this model (missing {sorted(needed - set(state))[:3]}, "
+                 f"unexpected {unexpected[:3]}): another --lora_rank, or another base model")
+
+
 KINDS = {"gpt": "a language model (written by sft.py or ppo.py)", "scalar": "a reward model (written by reward.py)"}
 WANTED = {"gpt": "pass an SFT or PPO checkpoint (e.g. out/sft/ckpt.pt), a GPT-2 name, or scratch",
           "scalar": "pass the checkpoint reward.py wrote (e.g. out/reward/ckpt.pt), or scratch for a demo run"}
 
 
-def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu", transplant=False, seed=None):
+def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu", transplant=False, seed=None,
+               adapters=False):
     """Build a GPT (kind="gpt") or ScalarGPT (kind="scalar") from any source.
 
     init_from: "scratch" (fresh weights of shape `model_cfg`), a GPT-2 name (gpt2, gpt2-medium, ...),
@@ -108,6 +157,9 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu",
     kind="scalar" a normalised reward model written by reward.py; anything else is an error.
     seed: draw scratch weights from torch.manual_seed(seed), leaving the global random state as it was, so
     the same model comes out whatever ran before (e.g. a resumed run that loaded other checkpoints first).
+    A LoRA checkpoint (save_checkpoint of a model with adapters) is rebuilt from its base and comes back with
+    its adapters merged into the weights, a plain model like any other; adapters=True keeps them attached
+    (a stage resuming its own LoRA run).
     Returns (model, checkpoint dict or None); for an exported folder the dict holds its "kind", the run's
     "config" (and a reward model's "reward_shift").
     """
@@ -145,11 +197,17 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu",
         ckpt = load_checkpoint(init_from)
         _check_kind(init_from, ckpt, kind, transplant)
         config = GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
+        state = ckpt["model"]
+        if ckpt.get("lora"):
+            lora_model = load_lora_model(ckpt, init_from, dropout, device)
+            if adapters:
+                return lora_model, ckpt
+            state = merged_state_dict(lora_model)
         if ckpt["kind"] == kind:
             model = cls(config)
-            load_state(model, ckpt["model"], init_from)
+            load_state(model, state, init_from)
         else:
-            model = _transplant(ckpt["model"], config, cls)
+            model = _transplant(state, config, cls)
     if model_cfg:
         mismatch = {k: (v, getattr(model.config, k)) for k, v in model_cfg.items()
                     if k in ("n_layer", "n_head", "n_embd") and getattr(model.config, k) != v}

@@ -55,6 +55,8 @@ FIELD_RANGES = {
     # rlhf
     "cliprange": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "gamma": "[0, 1]", "lam": "[0, 1]",
     "kl_coef": ">= 0", "kl_target": "> 0", "ptx_coef": ">= 0", "missing_eos_penalty": ">= 0",
+    # memory: LoRA adapters, the policy's EMA
+    "lora_rank": ">= 0", "lora_alpha": "> 0", "lora_dropout": "[0, 1)", "ema_decay": "[0, 1)",
     # system
     "dtype": ("auto", "bfloat16", "float32"),
 }

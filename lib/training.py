@@ -41,13 +41,27 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def autocast_dtype(device, dtype="auto"):
+    """The precision of the forward passes: bf16 for "bfloat16" on any device and for "auto" on CUDA; else
+    float32. The CPU runs the same bf16 code path as a GPU when asked for, so the tests cover it; float32 stays
+    the CPU's default, since most CPUs have no fast bf16 matrix units."""
+    return torch.bfloat16 if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda") else torch.float32
+
+
 def autocast(device, dtype="auto"):
-    """Mixed precision for the forward passes: bf16 autocast ("bfloat16" on any device; "auto" on CUDA only),
-    else float32 (a no-op context). The CPU runs the same bf16 code path as a GPU when asked for, so the tests
-    cover it; float32 stays the CPU's default, since most CPUs have no fast bf16 matrix units."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+    """Mixed precision for the forward passes: bf16 autocast (see autocast_dtype), else a no-op context."""
+    if autocast_dtype(device, dtype) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def store_frozen_in(model, dtype):
+    """Store the frozen weights of `model` (requires_grad False: a reference policy, a reward model, the base
+    under LoRA adapters) in `dtype`: bf16 halves their memory, and forward passes under bf16 autocast read them
+    in bf16 anyway. Trained weights stay float32 for the optimizer. A no-op for None."""
+    for p in [] if model is None else model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
 
 
 def maybe_compile(model, enabled):
