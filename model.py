@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.grad_checkpoint = False  # recompute each block in backward instead of keeping its activations
 
     def forward(self, idx, attention_mask=None, kv_cache=None, past_len=0):
         """idx (B, T) new tokens; attention_mask (B, past_len + T) over cached and new tokens."""
@@ -143,8 +145,16 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size "
                              f"{self.config.block_size}: shorten the prompt or lower max_new_tokens")
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        # Activation checkpointing: backward needs every block's inner activations (attention inputs, the 4C-wide
+        # MLP, dropout masks), n_layer sets of them. Checkpointed, a block keeps only its input x and reruns its
+        # forward during backward, so one block's activations are alive at a time; the price is one more forward
+        # (~1/3 more compute). The RNG state is saved and restored, so the rerun draws the same dropout masks.
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.h):
-            x = block(x, attn_mask, None if kv_cache is None else kv_cache[i], past_len)
+            if recompute:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, None if kv_cache is None else kv_cache[i], past_len)
         return self.ln_f(x)  # (B, T, C)
 
 
