@@ -10,7 +10,8 @@ One self-contained GPT (the GPT-2 architecture) shared by every stage of the pip
 - `GPT.generate`: sampling with a KV cache (temperature, top-k, top-p, EOS), left-padded batches.
 - `GPT.from_pretrained`: OpenAI's GPT-2 weights in the Hugging Face format (config.json +
   model.safetensors) from a local folder; no network code here (lib/checkpoints.py's fetch_gpt2 fetches them).
-- `token_logprobs`: log-probabilities of given tokens, used by SFT, PPO and evaluation.
+- `token_logprobs`: log-probabilities of given tokens, used by SFT, PPO and evaluation;
+  `chunked_token_logprobs` (and `GPT(idx, targets=...)`) the same from hidden states, a chunk of logits at a time.
 
 Mask convention (the one used everywhere in this repository): a mask is 1/True on positions that
 count (real tokens, response tokens, ...) and 0/False on positions that do not (padding). The
@@ -174,6 +175,9 @@ def _init_weights(module, n_layer):
                 nn.init.zeros_(m.bias)
 
 
+LOGITS_CHUNK = 1024  # rows of logits computed at once by chunked_token_logprobs (bench/bench_logits.py)
+
+
 class GPT(nn.Module):
     """GPT-2 language model: logits for every position."""
 
@@ -188,10 +192,18 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, attention_mask=None, start=0):
+    def forward(self, idx, attention_mask=None, start=0, targets=None, temperature=1.0, chunk=LOGITS_CHUNK):
         """idx (B, T) -> logits (B, T - start, vocab) of positions start.. (the output layer, most of a small
-        model's compute, runs only where asked). attention_mask (B, T): 1 on real tokens, 0 on padding."""
-        return self.lm_head(self.transformer(idx, attention_mask)[:, start:])  # (B, T - start, V)
+        model's compute, runs only where asked). attention_mask (B, T): 1 on real tokens, 0 on padding.
+
+        Given targets (B, T - start), returns their log-probabilities instead, log softmax(logits /
+        temperature)[targets] (B, T - start) in float32, from chunked_token_logprobs: the (B, T - start, V)
+        logits are never held whole. A keyword of forward rather than a method of its own, so that a
+        DDP-wrapped model computes it through DDP's forward like the logits."""
+        h = self.transformer(idx, attention_mask)[:, start:]  # (B, T - start, C)
+        if targets is None:
+            return self.lm_head(h)  # (B, T - start, V)
+        return chunked_token_logprobs(h, self.lm_head.weight, targets, temperature, chunk)  # (B, T - start)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
@@ -297,6 +309,29 @@ def token_logprobs(logits, tokens, temperature=1.0):
     # one fused log_softmax kernel: ~1.4x faster on CPU (forward + backward) than logit - logsumexp(logits),
     # and either way a single (B, T, V) tensor is kept for backward
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk=LOGITS_CHUNK):
+    """token_logprobs(hidden @ weight.T, tokens, temperature) without ever holding all the logits.
+
+    hidden (..., C) from the trunk, weight (V, C) the output layer's, tokens (...) -> (...), float32. The rows
+    (positions) are taken `chunk` at a time: a chunk's logits are computed, reduced to its tokens' logprobs
+    and dropped. When gradients are on, each chunk is checkpointed: backward recomputes the chunk's logits (one
+    more output-layer matmul) instead of keeping them, so memory holds one chunk's (chunk, V) logits, not all
+    (..., V) of them (50257 float32 logits per row: 200 MB per 1024 rows). bench/bench_logits.py measures it.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 row, got {chunk}")
+    h, y = hidden.reshape(-1, hidden.size(-1)), tokens.reshape(-1)  # (N, C), (N,)
+
+    def rows(h, weight, y):  # (n, C), (V, C), (n,) -> (n,)
+        return token_logprobs(F.linear(h, weight), y, temperature)
+
+    if torch.is_grad_enabled():  # under no_grad (rollouts) nothing is kept for backward anyway
+        out = [checkpoint(rows, hc, weight, yc, use_reentrant=False) for hc, yc in zip(h.split(chunk), y.split(chunk))]
+    else:
+        out = [rows(hc, weight, yc) for hc, yc in zip(h.split(chunk), y.split(chunk))]
+    return torch.cat(out).view(tokens.shape)  # (...)
 
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -1,10 +1,10 @@
 """Memory savers in model.py against the plain computation: activation checkpointing of the transformer blocks
-(Transformer.grad_checkpoint)."""
+(Transformer.grad_checkpoint) and the chunked output layer (chunked_token_logprobs, GPT(idx, targets=...))."""
 import pytest
 import torch
 
 import model as model_module
-from model import GPT, GPTConfig, ScalarGPT
+from model import GPT, GPTConfig, ScalarGPT, chunked_token_logprobs, token_logprobs
 
 DROPOUT = GPTConfig(block_size=32, vocab_size=53, n_layer=3, n_head=2, n_embd=16, dropout=0.2)
 
@@ -95,3 +95,74 @@ def test_grad_checkpoint_is_skipped_in_eval_under_no_grad_and_with_a_kv_cache(mo
     net.transformer.grad_checkpoint = False
     assert torch.equal(net.generate(idx, 5, temperature=0.0, attention_mask=mask), greedy)
     assert calls == []
+
+
+@pytest.mark.parametrize("shape, chunk", [((2, 7), 3), ((3, 5), 4), ((1, 1), 5), ((13,), 13), ((4, 9), 100)])
+def test_chunked_token_logprobs_equal_the_whole_logits_in_values_and_gradients(shape, chunk):
+    g = torch.Generator().manual_seed(sum(shape) + chunk)
+    V, C, temperature = 41, 12, 0.7
+    hidden = torch.randn(*shape, C, generator=g, requires_grad=True)  # (..., C)
+    weight = torch.randn(V, C, generator=g, requires_grad=True)  # (V, C)
+    tokens = torch.randint(0, V, shape, generator=g)  # (...)
+    upstream = torch.randn(shape, generator=g)  # a weight per position: gradients differ by position
+
+    def run(fn):
+        out = fn()
+        (out * upstream).sum().backward()
+        grads = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad, weight.grad = None, None
+        return out.detach(), grads
+
+    want, (want_dh, want_dw) = run(lambda: token_logprobs(hidden @ weight.T, tokens, temperature))
+    got, (dh, dw) = run(lambda: chunked_token_logprobs(hidden, weight, tokens, temperature, chunk))
+    assert got.shape == tokens.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh, want_dh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, want_dw, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_token_logprobs(hidden, weight, tokens, temperature, chunk), want)
+
+
+def test_chunked_token_logprobs_keep_no_more_than_a_chunk_of_logits_for_backward():
+    V, C, chunk = 41, 12, 3
+    hidden = torch.randn(4, 5, C, requires_grad=True)
+    weight = torch.randn(V, C, requires_grad=True)
+    tokens = torch.randint(0, V, (4, 5))
+
+    def saved_logit_rows(fn):
+        """The most rows of any (rows, V) tensor autograd keeps for backward while fn runs."""
+        rows = [0]
+
+        def pack(t):
+            if t.dim() >= 2 and t.size(-1) == V:
+                rows.append(t.numel() // V)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn().sum().backward()
+        return max(rows)
+
+    assert saved_logit_rows(lambda: token_logprobs(hidden @ weight.T, tokens)) == 20  # all of them: the reference
+    assert saved_logit_rows(lambda: chunked_token_logprobs(hidden, weight, tokens, chunk=chunk)) <= chunk
+
+
+def test_gpt_with_targets_returns_the_logprobs_of_its_logits_with_the_same_gradients():
+    torch.manual_seed(0)
+    net = GPT(DROPOUT).eval()
+    idx, mask = padded_batch(DROPOUT.vocab_size, seed=1)
+    start, temperature = 4, 1.3
+    targets = torch.roll(idx, -1, dims=1)[:, start:]  # (B, T - start)
+
+    def run(fn):
+        out = fn()
+        (out * mask[:, start:]).sum().backward()
+        grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+        net.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    want, want_grads = run(lambda: token_logprobs(net(idx, mask, start=start), targets, temperature))
+    got, grads = run(lambda: net(idx, mask, start=start, targets=targets, temperature=temperature, chunk=5))
+    assert got.shape == targets.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-5, atol=1e-5, msg=name)
