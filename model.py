@@ -10,7 +10,8 @@ One self-contained GPT (the GPT-2 architecture) shared by every stage of the pip
 - `GPT.generate`: sampling with a KV cache (temperature, top-k, top-p, EOS), left-padded batches.
 - `GPT.from_pretrained`: OpenAI's GPT-2 weights in the Hugging Face format (config.json +
   model.safetensors) from a local folder; no network code here (lib/checkpoints.py's fetch_gpt2 fetches them).
-- `token_logprobs`: log-probabilities of given tokens, used by SFT, PPO and evaluation.
+- `token_logprobs`: log-probabilities of given tokens, used by SFT, PPO and evaluation;
+  `chunked_token_logprobs` (and `GPT(idx, targets=...)`) the same from hidden states, a chunk of logits at a time.
 
 Mask convention (the one used everywhere in this repository): a mask is 1/True on positions that
 count (real tokens, response tokens, ...) and 0/False on positions that do not (padding). The
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -214,6 +216,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.grad_checkpoint = False  # recompute each block in backward instead of keeping its activations
 
     def forward(self, idx, attention_mask=None, kv_cache=None, past_len=0):
         """idx (B, T) new tokens; attention_mask (B, past_len + T) over cached and new tokens."""
@@ -232,8 +235,16 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size "
                              f"{self.config.block_size}: shorten the prompt or lower max_new_tokens")
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        # Activation checkpointing: backward needs every block's inner activations (attention inputs, the 4C-wide
+        # MLP, dropout masks), n_layer sets of them. Checkpointed, a block keeps only its input x and reruns its
+        # forward during backward, so one block's activations are alive at a time; the price is one more forward
+        # (~1/3 more compute). The RNG state is saved and restored, so the rerun draws the same dropout masks.
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.h):
-            x = block(x, attn_mask, None if kv_cache is None else kv_cache[i], past_len)
+            if recompute:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, None if kv_cache is None else kv_cache[i], past_len)
         return self.ln_f(x)  # (B, T, C)
 
 
@@ -253,6 +264,9 @@ def _init_weights(module, n_layer):
                 nn.init.zeros_(m.bias)
 
 
+LOGITS_CHUNK = 1024  # rows of logits computed at once by chunked_token_logprobs (bench/bench_logits.py)
+
+
 class GPT(nn.Module):
     """GPT-2 language model: logits for every position."""
 
@@ -267,10 +281,18 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, attention_mask=None, start=0):
+    def forward(self, idx, attention_mask=None, start=0, targets=None, temperature=1.0, chunk=LOGITS_CHUNK):
         """idx (B, T) -> logits (B, T - start, vocab) of positions start.. (the output layer, most of a small
-        model's compute, runs only where asked). attention_mask (B, T): 1 on real tokens, 0 on padding."""
-        return self.lm_head(self.transformer(idx, attention_mask)[:, start:])  # (B, T - start, V)
+        model's compute, runs only where asked). attention_mask (B, T): 1 on real tokens, 0 on padding.
+
+        Given targets (B, T - start), returns their log-probabilities instead, log softmax(logits /
+        temperature)[targets] (B, T - start) in float32, from chunked_token_logprobs: the (B, T - start, V)
+        logits are never held whole. A keyword of forward rather than a method of its own, so that a
+        DDP-wrapped model computes it through DDP's forward like the logits."""
+        h = self.transformer(idx, attention_mask)[:, start:]  # (B, T - start, C)
+        if targets is None:
+            return self.lm_head(h)  # (B, T - start, V)
+        return chunked_token_logprobs(h, self.lm_head.weight, targets, temperature, chunk)  # (B, T - start)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
@@ -376,6 +398,29 @@ def token_logprobs(logits, tokens, temperature=1.0):
     # one fused log_softmax kernel: ~1.4x faster on CPU (forward + backward) than logit - logsumexp(logits),
     # and either way a single (B, T, V) tensor is kept for backward
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk=LOGITS_CHUNK):
+    """token_logprobs(hidden @ weight.T, tokens, temperature) without ever holding all the logits.
+
+    hidden (..., C) from the trunk, weight (V, C) the output layer's, tokens (...) -> (...), float32. The rows
+    (positions) are taken `chunk` at a time: a chunk's logits are computed, reduced to its tokens' logprobs
+    and dropped. When gradients are on, each chunk is checkpointed: backward recomputes the chunk's logits (one
+    more output-layer matmul) instead of keeping them, so memory holds one chunk's (chunk, V) logits, not all
+    (..., V) of them (50257 float32 logits per row: 200 MB per 1024 rows). bench/bench_logits.py measures it.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 row, got {chunk}")
+    h, y = hidden.reshape(-1, hidden.size(-1)), tokens.reshape(-1)  # (N, C), (N,)
+
+    def rows(h, weight, y):  # (n, C), (V, C), (n,) -> (n,)
+        return token_logprobs(F.linear(h, weight), y, temperature)
+
+    if torch.is_grad_enabled():  # under no_grad (rollouts) nothing is kept for backward anyway
+        out = [checkpoint(rows, hc, weight, yc, use_reentrant=False) for hc, yc in zip(h.split(chunk), y.split(chunk))]
+    else:
+        out = [rows(hc, weight, yc) for hc, yc in zip(h.split(chunk), y.split(chunk))]
+    return torch.cat(out).view(tokens.shape)  # (...)
 
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
