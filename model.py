@@ -416,7 +416,8 @@ def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk=LOGITS
     def rows(h, weight, y):  # (n, C), (V, C), (n,) -> (n,)
         return token_logprobs(F.linear(h, weight), y, temperature)
 
-    if torch.is_grad_enabled():  # under no_grad (rollouts) nothing is kept for backward anyway
+    if torch.is_grad_enabled() and h.size(0) > chunk:  # (no_grad, as in rollouts, keeps nothing for backward;
+        # one chunk holds no more than the bound, and checkpointing it would only add the matmul)
         out = [checkpoint(rows, hc, weight, yc, use_reentrant=False) for hc, yc in zip(h.split(chunk), y.split(chunk))]
     else:
         out = [rows(hc, weight, yc) for hc, yc in zip(h.split(chunk), y.split(chunk))]

@@ -33,7 +33,6 @@ Preferences" (arXiv:1909.08593) and its code, openai/lm-human-preferences.
     torchrun --standalone --nproc_per_node 8 ppo.py --config small   # 8 GPUs: 8 x batch_size episodes per iteration
 """
 
-import contextlib
 import copy
 import dataclasses
 import os
@@ -71,9 +70,17 @@ from lib.ddp import (
 from lib.responses import last_token_index, policy_logprobs, sample_and_score, score_responses, sequence_kl
 from lib.tokens import EOS, encode_prompt, get_tokenizer, pad_left, pad_right
 from lib.tracking import MetricsLog, plot_metrics
-from lib.training import autocast, autocast_dtype, check_finite, make_adamw, setup_device, store_frozen_in
+from lib.training import (
+    autocast,
+    autocast_dtype,
+    check_finite,
+    make_adamw,
+    setup_device,
+    store_frozen_in,
+    weights_swapped,
+)
 from lib.winrate import win_rate
-from model import GPTConfig, ScalarGPT, add_lora, lora_state_dict, share_weights, token_logprobs
+from model import GPTConfig, ScalarGPT, add_lora, lora_state_dict, share_weights
 
 
 @dataclass
@@ -257,8 +264,8 @@ def ema_update(ema, params, decay):
 
 def lm_loss(policy, ids, attention_mask):
     """PPO-ptx term of eq. (2), -log pi_RL(x): mean next-token NLL over the real tokens of right-padded text."""
-    logits = policy(ids[:, :-1], attention_mask[:, :-1])  # (B, T-1, V)
-    return -masked_mean(token_logprobs(logits, ids[:, 1:]), attention_mask[:, 1:])
+    logprobs = policy(ids[:, :-1], attention_mask[:, :-1], targets=ids[:, 1:])  # (B, T-1), logits in chunks
+    return -masked_mean(logprobs, attention_mask[:, 1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,22 +572,6 @@ def load_judge(cfg, device):
     return judge.eval().requires_grad_(False)
 
 
-@contextlib.contextmanager
-def weights_swapped(model, weights):
-    """`model` with `weights` ({name: tensor}, e.g. the EMA) in place of those parameters inside the block."""
-    params = dict(model.named_parameters())
-    own = {k: params[k].detach().clone() for k in weights}
-    with torch.no_grad():
-        for k, w in weights.items():
-            params[k].copy_(w)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for k, w in own.items():
-                params[k].copy_(w)
-
-
 def save_ppo_checkpoint(path, policy, critic, optimizer, cfg, iteration, kl_coef, ema=None):
     """ckpt.pt: the policy (loadable as a plain GPT by every script; with --ema_decay its EMA), and what --resume
     needs (with an EMA, the trained weights too). With LoRA the policy and critic are saved as their adapters
@@ -645,7 +636,9 @@ def train(cfg, reward_fn=None):
     judge = load_judge(cfg, device)
     with ctx:  # the judge's scores of the SFT policy's held-out responses: eval_win_rate's baseline
         judge_baseline = judge_scores(ref_policy, judge, val_prompts, cfg, device) if judge else None
-    print(f"policy {policy.num_params() / 1e6:.1f}M parameters from {cfg.sft_ckpt}; critic from "
+    trained = sum(p.numel() for m in (policy, critic) for p in m.parameters() if p.requires_grad)
+    print(f"policy {policy.num_params() / 1e6:.1f}M parameters from {cfg.sft_ckpt} ({trained / 1e6:.2f}M trained, "
+          f"policy and critic){' with LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else ''}; critic from "
           f"{cfg.reward_ckpt}; reward: {'reward_fn' if reward_fn else cfg.reward_ckpt}; {cfg.iters} iterations "
           f"of {cfg.batch_size} prompts, {updates_per_iter} updates each")
     optimizer = make_optimizer(policy, critic, cfg, device)
@@ -667,6 +660,7 @@ def train(cfg, reward_fn=None):
                      run_config=cfg)
     png_path = os.path.join(cfg.out_dir, "ppo.png")
     panels = {**PANELS, **({"judge: win rate vs SFT (eval)": ["eval_win_rate"]} if judge else {})}
+
     def held_out():  # evaluated with the EMA weights, if any: the policy the run hands on
         with weights_swapped(policy, ema or {}):
             return evaluate(policy, ref_policy, reward_model, reward_fn, val_prompts, cfg, device, judge,

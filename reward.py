@@ -414,13 +414,13 @@ def train(cfg):
             if step % cfg.log_interval == 0 or "val/acc" in metrics:
                 log.log(step, metrics, keys=["train/loss", "train/acc", "val/loss", "val/acc", "ms_per_step"])
             if "val/acc" in metrics:  # after each validation (window empty): the state --resume continues from
-                save_checkpoint(last_path, reward_model, cfg, base, step=step, optimizer=optimizer.state_dict(),
+                save_checkpoint(last_path, reward_model, cfg, base=base, step=step, optimizer=optimizer.state_dict(),
                                 rng_state=rng_state())
 
     # 4. normalise: the demonstrations score 0 on average (InstructGPT end of 3.5)
     reward_shift = normalise(reward_model, shard(demos), micro_batch_size, ctx)
     final = evaluate(reward_model, val_set, device, micro_batch_size, ctx)  # same accuracy, shifted scores
-    ckpt_path = save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), reward_model, cfg, base,
+    ckpt_path = save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), reward_model, cfg, base=base,
                                 reward_shift=reward_shift, val_metrics=final)
     png_path = plot_metrics(log.path, os.path.join(cfg.out_dir, "reward.png"),
                             {"loss (eq. 1)": ["train/loss_avg", "val/loss"],

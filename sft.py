@@ -49,7 +49,7 @@ from lib.training import (
     setup_device,
     store_frozen_in,
 )
-from model import add_lora, token_logprobs
+from model import add_lora, chunked_token_logprobs, token_logprobs
 
 
 @dataclass
@@ -142,12 +142,14 @@ def batch_loss(trunk, lm_head, x, y, loss_mask):
 
     Equal to sft_loss(model(x), y, loss_mask): the other positions are masked anyway, and the 50k-wide
     output layer is most of a small model's compute (3x faster for `tiny` on CPU). Right padding needs no
-    attention mask: causal attention never looks ahead, so real tokens never see the padding after them.
+    attention mask: causal attention never looks ahead, so real tokens never see the padding after them. The
+    (N, V) logits are never held whole either: they are reduced to the targets' logprobs a chunk of rows at a
+    time (model.chunked_token_logprobs), the same numbers as sft_loss of the whole logits.
     """
     h = trunk(x)  # (B, T, C)
     keep = loss_mask.bool()  # (B, T)
-    logits = lm_head(h[keep])  # (N, V), N = number of response tokens in the batch
-    return sft_loss(logits, y[keep], loss_mask[keep])
+    nll = -chunked_token_logprobs(h[keep], lm_head.weight, y[keep])  # (N,), N = response tokens in the batch
+    return nll.sum() / max(nll.numel(), 1)
 
 
 def accumulate_gradients(trunk, lm_head, micro, ctx):
@@ -348,14 +350,14 @@ def train(cfg):
             # we select by validation loss, because the reward model is trained after (and from) this one.
             if metrics["val_loss"] < best_val:
                 best_val, best_step = metrics["val_loss"], step
-                save_checkpoint(ckpt_path, model, cfg, base, step=step, val_loss=best_val, best_val_loss=best_val)
+                save_checkpoint(ckpt_path, model, cfg, base=base, step=step, val_loss=best_val, best_val_loss=best_val)
             responses = greedy_responses(model, enc, sample_prompts, cfg.max_new_tokens, ctx, device)
             for prompt, response in zip(sample_prompts, responses):
                 print(f"---- prompt (end): ...{enc.decode(prompt)[-200:]!r}\n---- greedy response: {response!r}")
             plot_metrics(log.path, png_path, {"loss (response tokens)": ["loss", "val_loss"], "learning rate": ["lr"]},
                          title=f"sft.py --config {cfg.preset}" if cfg.preset else "sft.py")
             # the latest state, for --resume: written at each evaluation (and so at the end), after ckpt.pt
-            save_checkpoint(last_path, model, cfg, base, step=step, val_loss=metrics["val_loss"],
+            save_checkpoint(last_path, model, cfg, base=base, step=step, val_loss=metrics["val_loss"],
                             best_val_loss=best_val, best_step=best_step, optimizer=optimizer.state_dict(),
                             data_position=data_position, rng_state=rng_state())
             model.train()

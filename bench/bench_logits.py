@@ -74,7 +74,8 @@ def measure(rows, chunk):
     logprobs.sum().backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    assert peak > peak_before, "the step did not raise the process's peak: the measure would be meaningless"
+    if peak <= peak_before:
+        raise RuntimeError("the step did not raise the process's peak: the measure would be meaningless")
     print(json.dumps({"rows": rows, "chunk": chunk or "whole", "peak_MB": round((peak - before) / MB),
                       "saved_MB": round(sum(saved.values()) / MB), "seconds": round(seconds, 1),
                       "logits_MB": round(rows * V * 4 / MB)}), flush=True)

@@ -16,7 +16,6 @@ Response token t (column P + t) is predicted by the logits at column P + t - 1.
 import torch
 
 from lib.tokens import EOS, decode_response, encode_prompt, encode_response, pad_right
-from model import token_logprobs
 
 
 def response_mask_from_eos(responses):
@@ -68,9 +67,11 @@ def policy_logprobs(policy, ids, attention_mask, n_query, temperature=1.0):
     Token t is scored by the logits at position t - 1, and the lm_head runs on those R positions only: no
     (B, T, V) logits for the prompt. ppo.py's rollout, update and evaluation all call it, so the rollout's
     logprobs are exactly what the first update recomputes (ratio 1). One call of the model's forward (the
-    last position predicts nothing and is left out), so a DDP-wrapped policy works the same."""
-    logits = policy(ids[:, :-1], attention_mask[:, :-1], start=n_query - 1)  # (B, R, V)
-    return token_logprobs(logits, ids[:, n_query:], temperature)  # (B, R)
+    last position predicts nothing and is left out), so a DDP-wrapped policy works the same. The (B, R, V)
+    logits are never held whole: the model reduces them to the targets' logprobs a chunk of rows at a time
+    (model.chunked_token_logprobs)."""
+    return policy(ids[:, :-1], attention_mask[:, :-1], start=n_query - 1, targets=ids[:, n_query:],
+                  temperature=temperature)  # (B, R)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """
-What every training loop shares: device and precision (the few GPU paths, each of which also runs on CPU),
-the random state saved for exact resumption, AdamW with decay on matrices only, the learning-rate schedule,
-and the divergence check. Plumbing: a reader of the algorithm may skip this file.
+What every training loop shares: device and precision (the few GPU paths, each of which also runs on CPU;
+frozen weights stored in bf16), the random state saved for exact resumption, AdamW with decay on matrices only,
+the learning-rate schedule, the divergence check, and swapping weights in for a while (the policy's EMA).
+Plumbing: a reader of the algorithm may skip this file.
 """
 import contextlib
 import math
@@ -97,3 +98,19 @@ def check_finite(x, step, what="loss"):
             f"{what} is NaN or inf at step {step}: training diverged. Likely cause: a learning rate too high for "
             f"this model (lower --lr) or unclipped gradients (--grad_clip 1.0). Nothing was saved from this step "
             f"on; the last checkpoint written before it is unchanged.")
+
+
+@contextlib.contextmanager
+def weights_swapped(model, weights):
+    """`model` with `weights` ({name: tensor}, e.g. the EMA) in place of those parameters inside the block."""
+    params = dict(model.named_parameters())
+    own = {k: params[k].detach().clone() for k in weights}
+    with torch.no_grad():
+        for k, w in weights.items():
+            params[k].copy_(w)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, w in own.items():
+                params[k].copy_(w)

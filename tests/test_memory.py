@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import model as model_module
+import sft
+from conftest import DEMOS, sft_tiny_config, write_data
 from model import GPT, GPTConfig, ScalarGPT, chunked_token_logprobs, token_logprobs
 
 DROPOUT = GPTConfig(block_size=32, vocab_size=53, n_layer=3, n_head=2, n_embd=16, dropout=0.2)
@@ -166,3 +168,19 @@ def test_gpt_with_targets_returns_the_logprobs_of_its_logits_with_the_same_gradi
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_stages_flag_checkpoints_every_block_to_the_same_losses(tmp_path, monkeypatch):
+    """--grad_checkpoint true through sft.train: every block of every training step goes through checkpoint,
+    and the losses are those of a run without it (dropout on, same seed)."""
+    data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
+    calls = []
+    checkpoint = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    runs = []
+    for flag in (False, True):
+        runs.append(sft.train(sft_tiny_config(tmp_path / str(flag), data_dir, max_steps=4, eval_interval=4,
+                                              dropout=0.1, grad_checkpoint=flag)))
+        assert len(calls) == (4 * 2 if flag else 0)  # 4 steps x 2 blocks, only with the flag
+    for key in ("train_loss", "val_loss"):
+        assert runs[1][key] == pytest.approx(runs[0][key], rel=1e-5), key
