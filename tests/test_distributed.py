@@ -156,12 +156,15 @@ def test_ppo_update_over_two_processes_equals_one_process_on_the_global_batch(tm
         assert ranks[0]["stats"][k] == ranks[1]["stats"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
-def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path, lora_rank):
+    """With --lora_rank the same: DDP averages the adapters' and value head's gradients (the frozen shared
+    networks take none), both ranks end with the same adapters, and the run resumes from them."""
     cfg = dict({k: v for k, v in SHAPE.items() if k not in ("init_from", "dropout")}, data_dir=PPO_FIXTURES,
                sft_ckpt="scratch", reward_ckpt="scratch", out_dir=tmp_path / "out", max_prompt_tokens=48,
                max_new_tokens=6, iters=2, batch_size=4, minibatch_size=4, grad_accum=2, noptepochs=1, lr=1e-3,
                warmup_iters=1, eval_interval=2, eval_prompts=4, sample_every=1, n_samples=1, ptx_coef=0.5,
-               ptx_batch_size=2, adaptive_kl=True)
+               ptx_batch_size=2, adaptive_kl=True, lora_rank=lora_rank)
     copies = tmp_path / "copies"
     copies.mkdir()
     check(torchrun(["ppo", *flags(cfg)], env={"RANK_COPIES": str(copies)}))
@@ -170,7 +173,8 @@ def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path):
     for part in ("model", "critic"):  # policy and critic identical on both ranks
         assert all(torch.equal(v, rank1[part][k]) for k, v in rank0[part].items()), part
     saved = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
-    assert saved["iteration"] == 2 and all(torch.equal(v, saved["model"][k]) for k, v in rank0["model"].items())
+    assert saved["iteration"] == 2 and all(torch.equal(v, rank0["model"][k]) for k, v in saved["model"].items())
+    assert all("lora_" in k for k in saved["model"]) if lora_rank else "lm_head.weight" in saved["model"]
     rows = metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["kl_coef"] != rows[1]["kl_coef"]
     out = check(torchrun(["ppo", *flags(dict(cfg, iters=3, resume=True))]))

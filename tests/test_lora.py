@@ -8,9 +8,20 @@ import os
 import pytest
 import torch
 
+import export
 import ppo
+import reward
 import sft
-from conftest import DEMOS, ppo_tiny_config, sft_tiny_config, write_data
+from conftest import (
+    DEMOS,
+    REWARD_TINY,
+    ppo_tiny_config,
+    reward_tiny_config,
+    sft_tiny_config,
+    synthetic_preferences,
+    write_data,
+    write_jsonl,
+)
 from lib.checkpoints import load_model, lora_base, save_checkpoint
 from model import GPT, GPTConfig, LoRALinear, ScalarGPT, add_lora, lora_state_dict, merged_state_dict, share_weights
 
@@ -185,3 +196,33 @@ def test_lora_sft_trains_adapters_and_hands_on_a_plain_model(tmp_path):
         "val_loss"]
     merged, _ = load_model(os.path.join(cfg.out_dir, "ckpt.pt"))  # what reward.py and ppo.py load
     assert type(merged) is GPT
+
+
+def test_a_lora_checkpoint_exports_its_merged_weights(tmp_path):
+    torch.manual_seed(0)
+    shape = dict(SHAPE, vocab_size=50257)
+    base_path = save_checkpoint(str(tmp_path / "base.pt"), GPT(GPTConfig(**shape)), sft.Config())
+    model = add_lora(load_model(base_path)[0], rank=2, alpha=4.0)
+    randomise_adapters(model, seed=5)
+    path = save_checkpoint(str(tmp_path / "lora.pt"), model, sft.Config(), base=lora_base(base_path))
+    folder = export.export(export.Config(init_from=path, out_dir=str(tmp_path / "hf")))
+    exported, _ = load_model(folder)  # the Hugging Face folder, read back
+    x = torch.randint(0, 50257, (2, 9))
+    torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_reward_model_trains_adapters_and_head_on_the_sft_trunk(tmp_path):
+    write_jsonl(tmp_path / "comparisons_train.jsonl", synthetic_preferences(64, seed=0))
+    val = synthetic_preferences(16, seed=1)
+    write_jsonl(tmp_path / "comparisons_val.jsonl", val)
+    write_jsonl(tmp_path / "sft_val.jsonl", [{"prompt": r["prompt"], "response": r["chosen"]} for r in val])
+    torch.manual_seed(0)
+    shape = {k: REWARD_TINY[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    base = save_checkpoint(str(tmp_path / "sft.pt"), GPT(GPTConfig(**shape)), sft.Config())
+    result = reward.train(reward_tiny_config(tmp_path, init_from=base, lora_rank=4, lora_alpha=8.0, max_steps=8,
+                                             eval_interval=4))
+    ckpt = torch.load(result["ckpt_path"], weights_only=True)
+    assert ckpt["lora"]["base"] == base and ckpt["lora"]["base_transplant"]
+    assert set(ckpt["model"]) == {k for k in ckpt["model"] if "lora_" in k} | {"score_head.weight", "score_head.bias"}
+    rm, _ = load_model(result["ckpt_path"], "scalar")  # normalised, merged: what ppo.py and label.py load
+    assert type(rm) is ScalarGPT and torch.equal(rm.score_head.bias, ckpt["model"]["score_head.bias"])
