@@ -17,6 +17,7 @@ from conftest import (
     REWARD_TINY,
     ppo_tiny_config,
     reward_tiny_config,
+    score_fn,
     sft_tiny_config,
     synthetic_preferences,
     write_data,
@@ -226,3 +227,16 @@ def test_lora_reward_model_trains_adapters_and_head_on_the_sft_trunk(tmp_path):
     assert set(ckpt["model"]) == {k for k in ckpt["model"] if "lora_" in k} | {"score_head.weight", "score_head.bias"}
     rm, _ = load_model(result["ckpt_path"], "scalar")  # normalised, merged: what ppo.py and label.py load
     assert type(rm) is ScalarGPT and torch.equal(rm.score_head.bias, ckpt["model"]["score_head.bias"])
+
+
+def test_lora_ppo_with_a_programmatic_reward_gives_the_critic_its_own_base(tmp_path, monkeypatch):
+    """No reward model to share: the critic's frozen trunk comes from --reward_ckpt, with adapters and a head."""
+    built = {}
+    build = ppo.build_models
+    monkeypatch.setattr(ppo, "build_models", lambda *a, **k: built.setdefault("m", build(*a, **k)))
+    result = ppo.train(ppo_tiny_config(tmp_path, lora_rank=2, iters=1), reward_fn=score_fn)
+    policy, ref_policy, reward_model, critic = built["m"]
+    assert reward_model is None and any(isinstance(m, LoRALinear) for m in critic.modules())
+    trained = {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in critic.named_parameters() if "lora_" in n or n.startswith("score_head")}
+    assert torch.isfinite(torch.tensor(result["vf_loss"]))
