@@ -629,7 +629,7 @@ def train(cfg, reward_fn=None):
     resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if resume_ckpt:
         check_resumable(resume_ckpt, ckpt_path, ("critic", "critic_config", "optimizer", "kl_coef", "iteration"),
-                        "ppo.py")
+                        "ppo.py", cfg.lora_rank)
         require(resume_ckpt["iteration"] < cfg.iters,
                 f"{ckpt_path} is at iteration {resume_ckpt['iteration']} of iters {cfg.iters}: nothing left to do")
     policy, ref_policy, reward_model, critic = build_models(cfg, device, reward_fn, resume_ckpt)

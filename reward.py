@@ -365,7 +365,7 @@ def train(cfg):
     optimizer = make_adamw(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     start = 0
     if resume_ckpt:
-        check_resumable(resume_ckpt, last_path, ("optimizer", "step", "rng_state"), "reward.py")
+        check_resumable(resume_ckpt, last_path, ("optimizer", "step", "rng_state"), "reward.py", cfg.lora_rank)
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         start = resume_ckpt["step"]
         set_rng_state(resume_ckpt["rng_state"])  # the dropout masks of an uninterrupted run

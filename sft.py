@@ -296,7 +296,7 @@ def train(cfg):
     start, data_position, best_val, best_step = 0, 0, float("inf"), 0
     if resume_ckpt:
         check_resumable(resume_ckpt, last_path, ("optimizer", "step", "data_position", "best_val_loss", "best_step",
-                                                 "rng_state"), "sft.py")
+                                                 "rng_state"), "sft.py", cfg.lora_rank)
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         start, data_position = resume_ckpt["step"], resume_ckpt["data_position"]
         best_val, best_step = resume_ckpt["best_val_loss"], resume_ckpt["best_step"]

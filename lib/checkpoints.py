@@ -92,13 +92,18 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def check_resumable(ckpt, path, keys, writer):
-    """A checkpoint to --resume from must hold the training state `writer` saves (`keys`), not only weights."""
+def check_resumable(ckpt, path, keys, writer, lora_rank=0):
+    """A checkpoint to --resume from must hold the training state `writer` saves (`keys`), not only weights,
+    and adapters of the rank asked for (or none, without --lora_rank)."""
     missing = [k for k in keys if k not in ckpt]
     if missing:
         sys.exit(f"error: {path} cannot be resumed from: it holds no {', '.join(missing)}, so it is not a "
                  f"checkpoint {writer} writes while training. Point --out_dir at the interrupted run, or drop "
                  f"--resume to start afresh.")
+    saved_rank = (ckpt.get("lora") or {}).get("rank", 0)
+    if saved_rank != lora_rank:
+        sys.exit(f"error: {path} was written with --lora_rank {saved_rank}: resume with the same --lora_rank "
+                 f"(not {lora_rank})")
 
 
 def lora_settings(model):

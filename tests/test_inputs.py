@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import DEMOS, PPO_FIXTURES, REPO, write_jsonl
-from lib.checkpoints import save_checkpoint
+from lib.checkpoints import check_resumable, save_checkpoint
 from lib.data import read_jsonl, set_aside_torn_tail
 from model import GPT, GPTConfig
 
@@ -225,3 +225,14 @@ def test_no_assert_checks_user_input():
                 offenders += [f"{path}:{i}" for i, line in enumerate(open(path), 1)
                               if line.lstrip().startswith("assert ")]
     assert not offenders, offenders
+
+
+def test_resuming_with_another_lora_rank_is_refused():
+    state = {"optimizer": {}, "step": 3}
+    check_resumable({**state, "lora": {"rank": 4}}, "last.pt", ("optimizer", "step"), "sft.py", 4)  # fine
+    with pytest.raises(SystemExit, match="last.pt was written with --lora_rank 4: resume with the same"):
+        check_resumable({**state, "lora": {"rank": 4}}, "last.pt", ("optimizer", "step"), "sft.py", 0)
+    with pytest.raises(SystemExit, match="written with --lora_rank 0"):
+        check_resumable({**state, "lora": None}, "last.pt", ("optimizer", "step"), "sft.py", 8)
+    with pytest.raises(SystemExit, match="it holds no step"):
+        check_resumable({"optimizer": {}}, "last.pt", ("optimizer", "step"), "sft.py")
