@@ -259,6 +259,9 @@ def already_ranked(path, strict=False):
     if not os.path.isfile(path):
         return collections.Counter()
     rows = read_jsonl(path, "rankings", {"prompt": str, "ranked": list}, strict=strict, allow_empty=True, hint="")
+    if not rows and open(path, "rb").read().strip():
+        sys.exit(f"error: --out {path} holds lines, but not one ranking {{\"prompt\", \"ranked\"}}: is it the "
+                 f"right file? label.py appends its rankings to it")
     return collections.Counter(row["prompt"] for row in rows)
 
 
@@ -312,6 +315,8 @@ def main(cfg, input_fn=input):
     require(cfg.labeler != "reward" or cfg.reward_ckpt,
             "--labeler reward needs --reward_ckpt (e.g. out/reward/ckpt.pt)")
     require(cfg.label_noise >= 0, "--label_noise is a temperature: 0 (exact) or more")
+    require(os.path.abspath(cfg.out) != os.path.abspath(cfg.prompts),
+            f"--out {cfg.out} is the --prompts file: the rankings would be appended to the prompts; give another --out")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with one_writer(cfg.out):
         return label(cfg, input_fn)

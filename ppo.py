@@ -624,6 +624,8 @@ def train(cfg, reward_fn=None):
     require(len(train_prompts) >= cfg.batch_size * world_size,
             f"{len(train_prompts)} prompts < batch_size {cfg.batch_size} x {world_size} processes")
     ptx_seqs = load_ptx_text(cfg, enc) if cfg.ptx_coef > 0 else None
+    if cfg.ptx_file and cfg.ptx_coef == 0:
+        print(f"note: --ptx_file {cfg.ptx_file} is not used: PPO-ptx is off (--ptx_coef 0; the paper's is 27.8)")
 
     # models, optimizer; a resumed run continues from ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
     resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None

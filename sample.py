@@ -110,7 +110,7 @@ def chat_answer(model, enc, turns, message, cfg, generator, device):
 def chat(cfg, enc, reward_model, rm_config, device):
     """Talk to one or several models; each keeps its own side of the conversation within its block_size."""
     models = {}
-    for init_from in cfg.init_from.split(","):
+    for init_from in [p.strip() for p in cfg.init_from.split(",") if p.strip()]:
         model, _ = load_model(init_from, kind="gpt", device=device)
         if model.config.block_size <= cfg.max_new_tokens:
             sys.exit(f"error: max_new_tokens {cfg.max_new_tokens} leaves no room for a conversation in block_size "
@@ -164,7 +164,7 @@ def main(cfg):
         return
     if cfg.chat:
         return chat(cfg, enc, reward_model, rm_config, device)
-    for init_from in cfg.init_from.split(","):
+    for init_from in [p.strip() for p in cfg.init_from.split(",") if p.strip()]:
         model, _ = load_model(init_from, kind="gpt", device=device)
         model.eval()
         budget = model.config.block_size - cfg.max_new_tokens

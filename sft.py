@@ -199,7 +199,9 @@ def collate(examples):
 
 def load_demos(path, enc, cfg, split):
     """Read and tokenize a split once; print its size and how many prompts/responses were cut."""
-    rows = read_jsonl(path, f"SFT {split}", {"prompt": str, "response": str}, strict=cfg.strict)
+    nothing_to_learn = lambda r: None if r["prompt"] or r["response"] else "empty prompt and response (only EOS)"
+    rows = read_jsonl(path, f"SFT {split}", {"prompt": str, "response": str}, check=nothing_to_learn,
+                      strict=cfg.strict)
     encoded = [encode_demo(enc, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens)
                for r in rows]
     n_tokens = sum(len(t) for t, *_ in encoded)

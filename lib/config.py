@@ -195,6 +195,8 @@ PATH_KINDS = {
 
 def path_problem(path, kind):
     """What is wrong with `path` as a PATH_KINDS `kind`, or None."""
+    if not path:
+        return "is empty"
     if kind == "model" and (path in ("scratch", *GPT2_SIZES) or os.path.isfile(path)):
         return None
     if kind == "model" and os.path.isdir(path):
@@ -234,7 +236,10 @@ def check_paths(cfg):
             if getattr(defaults, name) == "":
                 continue
             sys.exit(f"error: --{name} is empty: it must be {PATH_KINDS[kind]}")
-        for given in [p.strip() for p in value.split(",")] if kind in ("model", "data_file") else [value]:
+        given_paths = [p.strip() for p in value.split(",") if p.strip()] if kind in ("model", "data_file") else [value]
+        if not given_paths:
+            sys.exit(f"error: --{name} {value!r} names no path: it must be {PATH_KINDS[kind]}")
+        for given in given_paths:
             path = os.path.join(cfg.data_dir, given) if kind == "data_file" else given
             problem = path_problem(path, kind)
             if problem:
@@ -270,7 +275,7 @@ def print_config(cfg, out_dir=None):
 def load_function(spec, arg=None, takes=None):
     """"path/to/file.py:NAME" or "module:NAME" -> the object NAME; with `arg`, NAME(arg) (a factory's product).
     takes: the arguments the function will be called with, e.g. ("prompt", "response"): one it cannot take them
-    is refused now, not at its first call."""
+    is refused now, not at its first call, and what it returns must be a number (a clear error otherwise)."""
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name:
         sys.exit(f"error: expected path/to/file.py:NAME (or module:NAME), got '{spec}'")
@@ -282,6 +287,8 @@ def load_function(spec, arg=None, takes=None):
         sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # the file may import its neighbours
         try:
             module_spec.loader.exec_module(module)
+        except Exception as e:  # a syntax error, a failed import, ... in the user's file: one line that names it
+            sys.exit(f"error: could not load {path} (from '{spec}'): {type(e).__name__}: {e}")
         finally:
             sys.path.pop(0)
     else:
@@ -306,4 +313,14 @@ def load_function(spec, arg=None, takes=None):
                      f"f({', '.join(takes)}){factory}")
         except ValueError:  # a builtin without a signature: trust it
             pass
+
+        @functools.wraps(fn)
+        def as_number(*args):
+            value = fn(*args)
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                sys.exit(f"error: {shown} returned {value!r}, not a number: it is called as f({', '.join(takes)}) "
+                         f"and must return a float")
+        return as_number
     return fn

@@ -120,7 +120,11 @@ def world(tmp_path_factory):
     hh = d / "hh" / "helpful-base"  # an HH-RLHF copy whose every line is malformed
     hh.mkdir(parents=True)
     (hh / "train.jsonl").write_text('{"chosen": "no assistant turn", "rejected": "x"}\nnot json\n')
-    (d / "labelers.py").write_text("def factory(world_dir):\n    return lambda prompt, response: 0.0\n")
+    (d / "labelers.py").write_text("def factory(world_dir):\n    return lambda prompt, response: 0.0\n\n\n"
+                                   "def word(prompt, response):\n    return 'high'\n")
+    (d / "broken.py").write_text("def f(prompt, response)\n    return 1.0\n")  # a syntax error
+    write_jsonl(data / "nothing.jsonl", [{"prompt": "", "response": ""}] * 2)
+    write_jsonl(d / "prompts_copy.jsonl", [{"prompt": "p"}, {"prompt": "q"}])
     (d / "world").mkdir()
     (d / "world" / "world.json").write_text('{"lands": [')  # torn
     return {"dir": str(d), "ckpt": ckpt, "run": str(d / "run"), "data": str(data)}
@@ -180,10 +184,33 @@ BAD_INPUTS = [
     ("data/hh_rlhf/prepare.py", ["--source", "{dir}/hh", "--subsets", ","], "--subsets is empty"),
     ("data/lab/prepare.py", ["--corpus_docs", "0", "--out_dir", "{dir}/lab"], "--corpus_docs 0 is out of range"),
     ("data/lab/evaluate_lab.py", ["--data_dir", "{dir}/world", "--out_dir", "{dir}/ev", "--reward", "{ckpt}",
-                                  "--overopt", "{dir}/nowhere"], "--overopt {dir}/nowhere does not exist"),
-    ("data/lab/evaluate_lab.py", ["--data_dir", "{dir}/world", "--out_dir", "{dir}/ev", "--reward", "{ckpt}"],
-     "{dir}/world/world.json is not a valid world file"),
+                                  "--sft", "{ckpt}", "--overopt", "{dir}/nowhere"],
+     "--overopt {dir}/nowhere does not exist"),
+    ("data/lab/evaluate_lab.py", ["--data_dir", "{dir}/world", "--out_dir", "{dir}/ev", "--reward", "{ckpt}", "--sft",
+                                  "{ckpt}"], "{dir}/world/world.json is not a valid world file"),
     ("pipeline.py", ["--task", "hh", "--config", "huge", "--dry_run"], "argument --config: invalid choice: 'huge'"),
+    ("sft.py", ["--data_dir", "{data}", "--init_from", "scratch", "--train_file", "nothing.jsonl", "--out_dir",
+                "{dir}/o3"], "none of its 2 lines is a"),
+    ("data/hh_rlhf/prepare.py", ["--source", "{dir}/hh", "--out_dir", ""], "--out_dir '' is empty"),
+    ("data/lab/prepare.py", ["--out_dir", "{dir}/a_file/x"], "cannot be created: {dir}/a_file is a file"),
+    ("data/lab/evaluate_lab.py", ["--data_dir", "{dir}/world", "--out_dir", "", "--reward", "{ckpt}", "--sft",
+                                  "{ckpt}"], "--out_dir  is empty"),
+    ("data/lab/evaluate_lab.py", ["--data_dir", "{dir}/world", "--out_dir", "{dir}/ev", "--reward", "{ckpt}"],
+     "--sft is required"),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", PPO_FIXTURES + "/prompts_val.jsonl", "--out", "{dir}/r5.jsonl",
+                  "--labeler", "fn", "--labeler_fn", "{dir}/labelers.py:word", "--max_new_tokens", "4",
+                  "--max_prompt_tokens", "32"],
+     "labelers.py:word' returned 'high', not a number"),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", PPO_FIXTURES + "/prompts_val.jsonl", "--out", "{dir}/r6.jsonl",
+                  "--labeler", "fn", "--labeler_fn", "{dir}/broken.py:f"], "could not load {dir}/broken.py"),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", "{dir}/prompts_copy.jsonl", "--out", "{dir}/prompts_copy.jsonl"],
+     "is the --prompts file"),
+    ("label.py", ["--policy", "{ckpt}", "--prompts", PPO_FIXTURES + "/prompts_val.jsonl", "--out",
+                  "{dir}/prompts_copy.jsonl"], "holds lines, but not one ranking"),
+    ("evaluate.py", ["--policy_a", "{ckpt}", "--policy_b", "{ckpt}", "--judge_fn", "{dir}/labelers.py:word",
+                     "--prompts", PPO_FIXTURES + "/prompts_val.jsonl", "--out", "{dir}/eval2.json",
+                     "--max_prompts", "2", "--max_new_tokens", "4", "--max_prompt_tokens", "32"],
+     "returned 'high', not a number"),
     ("pipeline.py", ["--task", "lab", "--from_step", "nope", "--dry_run"], "--from_step nope is not a step"),
     ("pipeline.py", ["--task", "lab", "--out_dir", "{dir}/a_file", "--dry_run"], "--out_dir {dir}/a_file is a file"),
     # malformed lines under --strict (and files read strictly always), named file:line

@@ -197,7 +197,8 @@ def main(argv=None):
     if not 0 < args.val_fraction < 1:
         p.error(f"--val_fraction {args.val_fraction} is out of range: it must be in (0, 1)")
     if path_problem(args.out_dir, "out_dir"):
-        p.error(f"--out_dir {args.out_dir} {path_problem(args.out_dir, 'out_dir')}; it must be a folder to write to")
+        p.error(f"--out_dir {args.out_dir!r} {path_problem(args.out_dir, 'out_dir')}; it must be a folder to write "
+                f"to")
 
     # 1. locate (or download) the source files
     if args.source is None:
@@ -247,7 +248,8 @@ def main(argv=None):
     total = stats["total"]
     for name, records in (("train", train), ("val", val)):
         if not records:  # empty or wholly malformed source files: refuse rather than write empty data
-            dropped = ", ".join(f"{r} {total[r]}" for r in REASONS if total[r]) or "the files hold no lines"
+            dropped = ", ".join(f"{r} {total[r]}" for r in REASONS if total[r]) or (
+                "none, but too few prompts to carve both splits" if total["read"] else "none: the files hold no lines")
             raise SystemExit(f"error: no usable comparisons for {name} (read {total['read']} lines; dropped: "
                              f"{dropped}); nothing written. Check --source.")
 

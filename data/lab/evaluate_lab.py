@@ -248,9 +248,11 @@ def main(argv=None):
     for flag, low in lowest.items():
         if not getattr(args, flag) >= low:  # (also refuses nan)
             parser.error(f"--{flag} {getattr(args, flag)} is out of range: it must be >= {low}")
+    if not args.sft:
+        parser.error("--sft is required: the SFT policy every other policy is compared with")
     for flag, kind in (("data_dir", "dir"), ("out_dir", "out_dir"), ("overopt", "dir"), ("rankings", "file"),
                        ("reward", "model"), ("reward_round1", "model"), *((stage, "model") for stage in STAGES)):
-        problem = getattr(args, flag) and path_problem(getattr(args, flag), kind)
+        problem = (getattr(args, flag) or flag == "out_dir") and path_problem(getattr(args, flag), kind)
         if problem:
             parser.error(f"--{flag} {getattr(args, flag)} {problem}; it must be {PATH_KINDS[kind]}")
     torch.set_num_threads(min(2, os.cpu_count() or 1))

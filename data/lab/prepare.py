@@ -33,6 +33,10 @@ import argparse
 import json
 import os
 import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
+from lib.config import path_problem  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "ru", "ze", "to", "fa", "ni", "po", "su", "ve", "da", "gi", "ho", "bu", "ne",
              "sa", "ri", "mo", "ta", "le", "vo", "pi", "du"]
@@ -247,8 +251,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.corpus_docs < 1:
         parser.error(f"--corpus_docs {args.corpus_docs} is out of range: it must be >= 1")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        parser.error(f"--out_dir {args.out_dir} is a file; it must be a folder to write to (it may not exist yet)")
+    if path_problem(args.out_dir, "out_dir"):
+        parser.error(f"--out_dir {args.out_dir!r} {path_problem(args.out_dir, 'out_dir')}; it must be a folder to "
+                     f"write to (it may not exist yet)")
     n_docs = 200 if args.quick else args.corpus_docs
     rng = random.Random(args.seed + 1)
     world = make_world(args.seed)
