@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import reward
 from conftest import REWARD_TINY, reward_tiny_config, synthetic_preferences, write_jsonl
 from lib import responses
-from lib.checkpoints import load_model
+from lib.checkpoints import load_model, save_checkpoint
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from lib.training import lr_at
-from model import GPTConfig, ScalarGPT
+from model import GPT, GPTConfig, ScalarGPT
 
 # ---------------------------------------------------------------------------------------------- loss
 
@@ -197,14 +197,21 @@ def test_missing_sft_checkpoint_says_run_sft_first(tmp_path):
 
 
 
-def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch, lora_rank):
     # 6 steps (2 epochs of 3) == 3 + 3 resumed: the crash comes at step 5, between the checkpoints of steps 3
     # and 6, so the resumed run drops the metrics row of step 4 and redoes it; it starts in the second epoch
-    # (shuffle order) with dropout on (random state) and 2 micro-batches per step.
+    # (shuffle order) with dropout on (random state) and 2 micro-batches per step. With LoRA: adapters and head
+    # on an SFT trunk, rebuilt on it for the resumed run.
     write_jsonl(tmp_path / "comparisons_train.jsonl", synthetic_preferences(24, seed=5))
     write_jsonl(tmp_path / "comparisons_val.jsonl", synthetic_preferences(8, seed=6))
     write_jsonl(tmp_path / "sft_val.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " banana"}])
     kw = dict(epochs=2, batch_size=8, grad_accum=2, eval_interval=3, log_interval=1, dropout=0.1)
+    if lora_rank:
+        torch.manual_seed(0)
+        shape = {k: REWARD_TINY[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+        kw.update(init_from=save_checkpoint(str(tmp_path / "sft.pt"), GPT(GPTConfig(**shape)), reward.Config()),
+                  lora_rank=lora_rank, lora_dropout=0.1)
     full = reward.train(reward_tiny_config(tmp_path, out_dir=str(tmp_path / "full"), **kw))
 
     def crash_at_step_5(step, *args):  # train() asks lr_at(step) (0-based) at the start of each step

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import sft
 from conftest import DEMOS, REPO, A, H, sft_tiny_config, write_data
-from lib.checkpoints import load_model
+from lib.checkpoints import load_model, save_checkpoint
 from lib.config import UsageError
 from lib.tokens import EOS, get_tokenizer
 from lib.training import lr_at
@@ -154,12 +154,19 @@ def test_gradient_accumulation_equals_one_big_batch():
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
 
 
-def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch, lora_rank):
     # 4 steps == 2 + 2 resumed: the crash comes at step 4, between the checkpoints of steps 2 and 4, so the
     # resumed run also has to drop the metrics row of step 3 and redo it. Dropout on (random state), and
-    # batches of 3 x 2 over 8 demonstrations cross epochs inside a step (data position).
+    # batches of 3 x 2 over 8 demonstrations cross epochs inside a step (data position). With LoRA the
+    # checkpoints hold adapters, rebuilt on the base for the resumed run.
     data_dir = write_data(tmp_path / "data", DEMOS * 2, DEMOS[:2])
     kw = dict(max_steps=4, eval_interval=2, batch_size=3, grad_accum=2, dropout=0.1)
+    if lora_rank:
+        torch.manual_seed(0)
+        base = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128))
+        kw.update(init_from=save_checkpoint(str(tmp_path / "base.pt"), base, sft.Config()), lora_rank=lora_rank,
+                  lora_dropout=0.1, lr=1e-2)
     full = sft.train(sft_tiny_config(tmp_path / "full", data_dir, **kw))
 
     def crash_at_step_4(step, *args):  # train() asks lr_at(step - 1) at the start of each step
