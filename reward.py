@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from lib.checkpoints import check_resumable, load_model, lora_base, lora_settings, save_checkpoint
 from lib.config import MODEL_PRESETS, print_config, require, run
-from lib.data import read_jsonl
+from lib.data import data_paths, ranking_problem, read_jsonl, read_rankings
 from lib.ddp import (
     all_gather_cat,
     all_reduce_sum,
@@ -160,32 +160,6 @@ def preference_loss(r_chosen, r_rejected, prompt_index=None):
 
 # ----------------------------------------------------------------------------------------------
 # Data: rankings -> token sequences -> batches
-
-def data_paths(data_dir, names):
-    """Comma-separated file names, relative to data_dir (an absolute name stays as it is)."""
-    return [os.path.join(data_dir, name.strip()) for name in names.split(",") if name.strip()]
-
-
-def ranking_problem(row):
-    """None for a comparison {prompt, chosen, rejected} or a ranking {prompt, ranked: [best, ..., worst]}, else
-    what is wrong with the row (the JSON-lines reader skips it, or refuses the file under --strict)."""
-    if "ranked" in row:
-        ranked = row["ranked"]
-        if not isinstance(ranked, list) or len(ranked) < 2 or not all(isinstance(r, str) for r in ranked):
-            return '"ranked" must be a list of at least two response strings, best first'
-    elif not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
-        return f'expected "chosen" and "rejected" strings or a "ranked" list, got keys {sorted(row)}'
-    return None
-
-
-def read_rankings(paths, strict=False):
-    """JSON lines files -> [(prompt, [response, ...] best first)]."""
-    rankings = []
-    for path in paths:
-        for row in read_jsonl(path, "comparisons", {"prompt": str}, check=ranking_problem, strict=strict):
-            rankings.append((row["prompt"], row["ranked"] if "ranked" in row else [row["chosen"], row["rejected"]]))
-    return rankings
-
 
 def tokenize_rankings(rankings, enc, cfg):
     """Tokenize once: [{"seqs": K token lists, "pairs": [(w, l), ...]}] and counts of what was dropped.

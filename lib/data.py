@@ -127,6 +127,32 @@ def read_prompts(path, max_prompts=0, strict=False):
     return prompts[:max_prompts] if max_prompts > 0 else prompts
 
 
+def data_paths(data_dir, names):
+    """Comma-separated file names, relative to data_dir (an absolute name stays as it is)."""
+    return [os.path.join(data_dir, name.strip()) for name in names.split(",") if name.strip()]
+
+
+def ranking_problem(row):
+    """None for a comparison {prompt, chosen, rejected} or a ranking {prompt, ranked: [best, ..., worst]}, else
+    what is wrong with the row (the JSON-lines reader skips it, or refuses the file under --strict)."""
+    if "ranked" in row:
+        ranked = row["ranked"]
+        if not isinstance(ranked, list) or len(ranked) < 2 or not all(isinstance(r, str) for r in ranked):
+            return '"ranked" must be a list of at least two response strings, best first'
+    elif not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
+        return f'expected "chosen" and "rejected" strings or a "ranked" list, got keys {sorted(row)}'
+    return None
+
+
+def read_rankings(paths, strict=False):
+    """JSON lines files -> [(prompt, [response, ...] best first)]."""
+    rankings = []
+    for path in paths:
+        for row in read_jsonl(path, "comparisons", {"prompt": str}, check=ranking_problem, strict=strict):
+            rankings.append((row["prompt"], row["ranked"] if "ranked" in row else [row["chosen"], row["rejected"]]))
+    return rankings
+
+
 def index_batches(n, batch_size, seed, start=0):
     """Endless batches of indices into range(n): each epoch is a fresh shuffle, every example once.
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import dpo
 import lib.checkpoints
 import lib.config
 import ppo
@@ -99,7 +100,7 @@ def test_sample_refuses_a_reward_model_as_policy_and_a_language_model_as_reward_
 
 # ---------------------------------------------------------------------------------------------- 2. ranges
 
-SCRIPTS = {"sft.py": sft, "reward.py": reward, "ppo.py": ppo, "sample.py": sample}
+SCRIPTS = {"sft.py": sft, "reward.py": reward, "ppo.py": ppo, "sample.py": sample, "dpo.py": dpo}
 # For each rule: values that must be refused and one on the boundary that must be accepted, as typed on the
 # command line (written here independently of lib.config.in_range).
 EDGES = {">= 1": (["0", "-2"], "1"), ">= 0": (["-1"], "0"), ">= 2": (["1"], "2"),
