@@ -104,6 +104,13 @@ def lab_steps(a):
         ("label_round2", label(f"{d}/ppo_round1/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
                                f"{d}/rankings_round2.jsonl", a.label_noise, n(0, 4), a.seed + 2, n(4, 1))),
         ("reward", reward("rankings.jsonl,rankings_round2.jsonl", f"{d}/reward")),
+        # DPO (Rafailov et al. 2023): the SFT model trained directly on every ranked pair the final reward model
+        # saw, with PPO's beta, no reward model and no RL
+        ("dpo", [PY, "dpo.py", "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", d,
+                 "--train_files", "rankings.jsonl,rankings_round2.jsonl", "--val_files", "rankings_val.jsonl",
+                 "--out_dir", f"{d}/dpo", "--max_prompt_tokens", "32", "--max_response_tokens", "40",
+                 "--beta", str(KL_COEF), "--batch_size", "32", "--max_steps", n(300, 2), "--lr", "1e-4",
+                 "--warmup_steps", n(10, 1), "--eval_interval", n(50, 1), *seed]),
         ("ppo", ppo(f"{d}/reward/ckpt.pt", f"{d}/ppo")),
         ("ppo_ptx", ppo(f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", "--ptx_coef", "1.0", "--ptx_file",
                         f"{data}/corpus_train.jsonl", "--ptx_batch_size", "4", "--ptx_max_tokens", "48")),
@@ -113,11 +120,12 @@ def lab_steps(a):
                         every=n(2, 1))),
         ("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d, "--base", f"{d}/base/ckpt.pt",
                       "--sft", f"{d}/sft/ckpt.pt", "--ppo_round1", f"{d}/ppo_round1/ckpt.pt",
-                      "--ppo", f"{d}/ppo/ckpt.pt", "--ppo_ptx", f"{d}/ppo_ptx/ckpt.pt",
+                      "--ppo", f"{d}/ppo/ckpt.pt", "--ppo_ptx", f"{d}/ppo_ptx/ckpt.pt", "--dpo", f"{d}/dpo/ckpt.pt",
                       "--reward", f"{d}/reward/ckpt.pt",
                       "--reward_round1", f"{d}/reward_round1/ckpt.pt", "--overopt", f"{d}/overopt",
                       "--rankings", f"{d}/rankings.jsonl", "--label_noise", str(a.label_noise),
-                      "--samples", n(4, 1), "--rm_samples", n(8, 4), "--max_prompts", n(0, 6),
+                      "--samples", n(4, 1), "--rm_samples", n(8, 4), "--bon_samples", n(64, 4),
+                      "--max_prompts", n(0, 6),
                       "--max_new_tokens", n(24, 8), *seed]),
     ]
     return steps

@@ -163,7 +163,7 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
     assert isinstance(results["seed"], int) and isinstance(results["minutes"], float)
     assert set(results["labeler"]) >= {"noise", "agreement_with_gold"}
     assert set(results["reward_model"]) >= {"gold_agreement", "n_pairs"}
-    assert set(results["policies"]) == {"base", "sft", "ppo_round1", "ppo", "ppo_ptx"}
+    assert set(results["policies"]) == {"base", "sft", "ppo_round1", "ppo", "ppo_ptx", "dpo"}
     assert set(results["reward_model_round1"]) >= {"gold_agreement", "n_pairs"}
     for name, policy in results["policies"].items():
         for key in ("gold_score", "win_rate_vs_sft", "helpful", "truthful", "harmless", "kl_to_sft", "rm_score",
@@ -182,6 +182,12 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
     assert results["policies"]["sft"]["ties"] == n  # SFT against itself: the same samples
     assert len(results["overoptimisation"]) >= 2
     assert all(set(p) >= {"kl_to_sft", "rm_score", "gold_score"} for p in results["overoptimisation"])
+    assert [p["n"] for p in results["best_of_n"]] == [1, 2, 4]  # --bon_samples 4 in --quick
+    assert all(set(p) == {"n", "kl_to_sft", "rm_score", "gold_score"} for p in results["best_of_n"])
+    assert set(results["gao_fit"]) >= {"best_of_n"} and set(results["gao_fit"]["best_of_n"]) == {"alpha", "beta"}
+    assert set(results["labelers_ceiling"]) == {"rm_vs_noisy", "gold_vs_noisy", "rm_vs_gold", "n_pairs"}
+    assert results["labelers_ceiling"]["rm_vs_gold"] == results["reward_model"]["gold_agreement"]
+    assert "| dpo |" in (out / "results.md").read_text()
     for name in ("results.md", "overoptimisation.png"):
         assert (out / name).is_file()
 
@@ -367,6 +373,8 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
     def fake_sample(policy, ref_policy, reward_model, enc, prompts_, n_samples, max_new_tokens, seed):
         if seed == 11 + 1:  # reward_model_agreement's samples: not what this test checks
             return [(0, 0, t["right"], 0.0, 1.0), (0, 1, t["hedge"], 0.0, 0.0)]
+        if seed == 11 + 2:  # best-of-n's samples: nor these
+            return [(i, j, t["right"], 0.0, 1.0) for i in range(len(prompts_)) for j in range(n_samples)]
         assert ref_policy.path == "sft.pt" and n_samples == 2 and seed == 11
         return [(i, j, t[name], kl, rm) for (i, j), (name, kl, rm) in sorted(responses[policy.path].items())]
     monkeypatch.setattr(evaluate_lab, "load_model", lambda path, kind, device: (Named(path), {}))
@@ -392,3 +400,65 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
     assert results["win_rate_ceiling"] == pytest.approx((3 * 1.0 + 3 * 0.5) / 6)  # SFT below 3 on 3 of 6
     with open(tmp_path / "out" / "results.json") as f:
         assert json.load(f)["policies"]["ppo"]["win_rate_vs_sft"] == pytest.approx(3.5 / 6)
+
+
+# ---------------------------------------------------------------------------------------- best-of-n, Gao's forms
+
+def test_best_of_n_kl_in_closed_form_against_an_enumeration():
+    """For a base distribution over M outcomes with distinct rewards, best-of-n picks outcome i (i-th lowest) with
+    probability (i/M)^n - ((i-1)/M)^n: its KL to the uniform base, enumerated, tends to log n - (n-1)/n as M grows
+    (and never exceeds it)."""
+    import math
+    for n in (1, 2, 4, 16, 64):
+        exact = []
+        for m in (50, 20000):
+            q = [(i / m) ** n - ((i - 1) / m) ** n for i in range(1, m + 1)]
+            exact.append(sum(p * math.log(p * m) for p in q if p > 0))
+        closed = evaluate_lab.best_of_n_kl(n)
+        assert exact[0] <= exact[1] + 1e-12 and exact[1] <= closed + 1e-12
+        assert closed - exact[1] < 2e-3, (n, exact, closed)
+
+
+def test_best_of_n_curve_keeps_the_highest_rm_sample_of_each_group_by_hand():
+    samples = [[(0.1, 1), (0.9, 0), (0.5, 3), (0.2, 2)],  # prompt 0: (rm, gold) of 4 samples
+               [(1.0, 3), (0.0, 1), (0.3, 2), (0.3, 0)]]  # prompt 1: a tie in rm goes to the first
+    curve = evaluate_lab.best_of_n_curve(samples, [1, 2, 4])
+    assert [c["n"] for c in curve] == [1, 2, 4]
+    assert curve[0]["gold_score"] == (1 + 0 + 3 + 2 + 3 + 1 + 2 + 0) / 8  # n = 1: every sample
+    # n = 2: groups {0.1, 0.9} -> gold 0, {0.5, 0.2} -> 3, {1.0, 0.0} -> 3, {0.3, 0.3} -> 2 (the first)
+    assert curve[1]["gold_score"] == (0 + 3 + 3 + 2) / 4 and curve[1]["rm_score"] == (0.9 + 0.5 + 1.0 + 0.3) / 4
+    assert curve[2]["gold_score"] == (0 + 3) / 2  # n = 4: the 0.9 sample and the 1.0 sample
+    assert curve[2]["kl_to_sft"] == evaluate_lab.best_of_n_kl(4)
+
+
+@pytest.mark.parametrize("form", ["best_of_n", "rl"])
+def test_gao_fit_recovers_known_coefficients(form):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    kl = np.linspace(0.0, 9.0, 25)
+    d = np.sqrt(kl)
+    truth = {"alpha": 0.8, "beta": 0.15}
+    gain = evaluate_lab.gao_curve(d, truth, form) + rng.normal(0, 0.002, len(d))
+    fit = evaluate_lab.gao_fit(kl, gain, form)
+    assert fit["alpha"] == pytest.approx(0.8, abs=0.01) and fit["beta"] == pytest.approx(0.15, abs=0.01), fit
+    other = evaluate_lab.gao_fit(kl, gain, "rl" if form == "best_of_n" else "best_of_n")  # the wrong form
+    assert abs(other["alpha"] - 0.8) > 0.02 or abs(other["beta"] - 0.15) > 0.02
+
+
+def test_labelers_ceiling_is_the_expected_agreement_with_noisy_labels(monkeypatch):
+    """Two samples per prompt with known gold and RM scores: the expected agreement of the RM's order and of the
+    gold's own order with a Bradley-Terry labeler of temperature T, computed by hand."""
+    import math
+    world, prompts, t = small_world()
+    rows = [(0, 0, t["right"], 0.0, 2.0), (0, 1, t["hedge"], 0.0, 1.0),  # gold 3 vs 1, the RM agrees
+            (1, 0, t["dont_know"], 0.0, 0.0), (1, 1, t["made_up"], 0.0, 1.0)]  # gold 3 vs 1, the RM disagrees
+    monkeypatch.setattr(evaluate_lab, "sample", lambda *args, **kwargs: rows)
+    enc = get_tokenizer()
+    out = evaluate_lab.reward_model_agreement(world, None, None, enc, prompts, 2, 8, 0, label_noise=0.5)
+    p = 1 / (1 + math.exp(-(3 - 1) / 0.5))  # P(the labeler prefers the gold-3 response)
+    ceiling = out["labelers_ceiling"]
+    assert ceiling["n_pairs"] == 2 and ceiling["rm_vs_gold"] == 0.5
+    assert ceiling["rm_vs_noisy"] == pytest.approx((p + (1 - p)) / 2)
+    assert ceiling["gold_vs_noisy"] == pytest.approx(p)
+    exact = evaluate_lab.reward_model_agreement(world, None, None, enc, prompts, 2, 8, 0, label_noise=0.0)
+    assert exact["labelers_ceiling"]["gold_vs_noisy"] == 1.0 and exact["labelers_ceiling"]["rm_vs_noisy"] == 0.5

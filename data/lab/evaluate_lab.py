@@ -29,6 +29,7 @@ leaves).
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -38,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lib.checkpoints import atomic_write_text, load_model  # noqa: E402
@@ -51,7 +53,7 @@ from model import token_logprobs  # noqa: E402
 sys.path.insert(0, HERE)
 from gold import gold_score, load_world, verdict  # noqa: E402
 
-STAGES = ("base", "sft", "ppo_round1", "ppo", "ppo_ptx")
+STAGES = ("base", "sft", "ppo_round1", "ppo", "ppo_ptx", "dpo")
 
 
 @torch.no_grad()
@@ -100,20 +102,29 @@ def judge(world, prompts, rows):
     return scores, {c: sum(v) / max(len(v), 1) for c, v in by_cat.items()}
 
 
-def reward_model_agreement(world, reward_model, sft, enc, prompts, k, max_new_tokens, seed):
-    """The RM's pairwise agreement with the exact gold on K samples of the SFT policy per held-out prompt."""
+def reward_model_agreement(world, reward_model, sft, enc, prompts, k, max_new_tokens, seed, label_noise=0.0):
+    """The RM's pairwise agreement with the exact gold on K samples of the SFT policy per held-out prompt, and the
+    labelers' ceiling on the same pairs: how often the noisy labelers (Bradley-Terry on the gold, temperature
+    label_noise) would agree with the RM's order and with the exact gold's own order, the best any model can
+    reach on their labels. Expectations over the labelers' noise, not a draw: P(a above b) = sigmoid((g_a - g_b)
+    / T) (exact labelers at T = 0; a gold tie is a coin flip)."""
     rows = sample(sft, sft, reward_model, enc, prompts, k, max_new_tokens, seed + 1)
     by_prompt = {}
     for i, _, text, _, rm in rows:
         by_prompt.setdefault(i, []).append((gold_score(world, prompts[i], text), rm, len(enc.encode_ordinary(text)),
                                             text))
     agree, shorter, ties, n = 0, 0.0, 0, 0
+    rm_vs_noisy, gold_vs_noisy, n_labelled = 0.0, 0.0, 0
     for items in by_prompt.values():
         for a in range(len(items)):
             for b in range(a + 1, len(items)):
                 (ga, ra, la, ta), (gb, rb, lb, tb) = items[a], items[b]
                 if ta == tb:
                     continue  # identical responses: no comparison at all
+                p = labeler_prefers(ga, gb, label_noise)  # P(the labeler puts a above b)
+                n_labelled += 1
+                rm_vs_noisy += 0.5 if ra == rb else p if ra > rb else 1 - p
+                gold_vs_noisy += 0.5 if ga == gb else max(p, 1 - p)  # the gold's order is the likelier label
                 if ga == gb:
                     ties += 1
                     continue
@@ -121,7 +132,56 @@ def reward_model_agreement(world, reward_model, sft, enc, prompts, k, max_new_to
                 agree += (ra > rb) == (ga > gb)
                 shorter += 0.5 if la == lb else float((la < lb) == (ga > gb))
     return {"gold_agreement": agree / max(n, 1), "n_pairs": n, "gold_tie_share": ties / max(ties + n, 1),
-            "length_baseline_agreement": shorter / max(n, 1)}
+            "length_baseline_agreement": shorter / max(n, 1),
+            "labelers_ceiling": {"rm_vs_noisy": rm_vs_noisy / max(n_labelled, 1),
+                                 "gold_vs_noisy": gold_vs_noisy / max(n_labelled, 1),
+                                 "rm_vs_gold": agree / max(n, 1), "n_pairs": n_labelled}}
+
+
+def labeler_prefers(gold_a, gold_b, noise):
+    """P(a Bradley-Terry labeler of temperature `noise` ranks a above b) on gold scores (label.py's labeler)."""
+    if gold_a == gold_b:
+        return 0.5
+    if noise <= 0:
+        return float(gold_a > gold_b)
+    return 1 / (1 + math.exp(-(gold_a - gold_b) / noise))
+
+
+def best_of_n_kl(n):
+    """KL(best-of-n || base) in closed form, log n - (n - 1) / n (Stiennon et al. 2020, Gao et al. 2022): exact
+    when the reward never ties, an upper bound otherwise."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_curve(samples, ns):
+    """samples: per prompt, a list of (rm score, gold score) of its n_max samples. For each n of `ns`, the samples
+    are cut into n_max // n groups of n and each group keeps its highest-RM sample (the first of a tie): the mean RM
+    and gold score of the kept samples, with the closed-form KL -> [{"n", "kl_to_sft", "rm_score", "gold_score"}]."""
+    curve = []
+    for n in ns:
+        kept = [max(group, key=lambda s: s[0]) for per_prompt in samples
+                for group in (per_prompt[i:i + n] for i in range(0, len(per_prompt) - n + 1, n))]
+        curve.append({"n": n, "kl_to_sft": best_of_n_kl(n), "rm_score": sum(k[0] for k in kept) / len(kept),
+                      "gold_score": sum(k[1] for k in kept) / len(kept)})
+    return curve
+
+
+def gao_fit(kl, gain, form):
+    """Least-squares fit of Gao et al.'s functional forms (arXiv:2210.10760, eq. 1 and 2) to the gold score's gain
+    over the start, in d = sqrt(KL): best-of-n R(d) = d (alpha - beta d), RL R(d) = d (alpha - beta log d). Both
+    are linear in (alpha, beta). -> {"alpha", "beta"}."""
+    d = np.sqrt(np.maximum(np.asarray(kl, dtype=float), 0.0))
+    keep = d > 0
+    d, gain = d[keep], np.asarray(gain, dtype=float)[keep]
+    if len(d) < 2:  # two coefficients need two points away from the start
+        return {"alpha": float("nan"), "beta": float("nan")}
+    second = d * d if form == "best_of_n" else d * np.log(d)
+    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -second], 1), gain, rcond=None)
+    return {"alpha": float(alpha), "beta": float(beta)}
+
+
+def gao_curve(d, fit, form):
+    return d * (fit["alpha"] - fit["beta"] * (d if form == "best_of_n" else np.log(np.maximum(d, 1e-12))))
 
 
 def rankings_agreement(world, path):
@@ -140,27 +200,38 @@ def rankings_agreement(world, path):
     return labeler / max(n, 1), shorter / max(n, 1), n
 
 
-def plot_overoptimisation(points, path, title):
-    """RM score and gold score against KL to SFT (Gao et al.'s axis), and against the iteration (the KL of a
-    kl_coef-0 run need not grow steadily, so the order of the points is clearer there)."""
+def plot_overoptimisation(points, bon, fits, path, title):
+    """Gold and RM score against d = sqrt(KL to SFT) (Gao et al.'s axis) for the kl_coef-0 PPO run and for
+    best-of-n, with Gao et al.'s fitted curves of the gold score, and the PPO run against its iteration (the KL of
+    a kl_coef-0 run need not grow steadily, so the order of its points is clearer there)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, xlabel in ((axes[0], "kl_to_sft", "KL(policy || SFT), nats per response"),
-                            (axes[1], "iteration", "PPO iteration")):
-        x = [p[key] for p in points]
-        ax.plot(x, [p["rm_score"] for p in points], "o-", color="tab:blue", label="reward model score")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("reward model score", color="tab:blue")
-        ax2 = ax.twinx()
-        ax2.plot(x, [p["gold_score"] for p in points], "s-", color="tab:red", label="gold score")
-        ax2.set_ylabel("gold score (0..3)", color="tab:red")
-        if key == "kl_to_sft":  # which iteration each point is
-            for p in points:
-                ax.annotate(str(p["iteration"]), (p["kl_to_sft"], p["rm_score"]), fontsize=7, xytext=(2, 3),
-                            textcoords="offset points")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    runs = [("PPO, kl_coef 0", points, "rl", "tab:red", "o"), ("best-of-n", bon, "best_of_n", "tab:blue", "s")]
+    for ax, key, ylabel in ((axes[0], "gold_score", "gold score (0..3)"), (axes[1], "rm_score", "reward model score")):
+        for label, run, form, colour, marker in runs:
+            if not run:
+                continue
+            d = np.sqrt(np.maximum([p["kl_to_sft"] for p in run], 0.0))
+            ax.plot(d, [p[key] for p in run], marker, color=colour, label=label)
+            if key == "gold_score" and form in fits:  # the fit is of the gain over the start
+                grid = np.linspace(1e-3, max(d.max(), 1e-3), 100)
+                ax.plot(grid, run[0][key] + gao_curve(grid, fits[form], form), "-", color=colour, lw=1,
+                        label=f"{label}: fit a={fits[form]['alpha']:.2f} b={fits[form]['beta']:.2f}")
+        ax.set_xlabel("d = sqrt(KL to SFT)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    x = [p["iteration"] for p in points]
+    ax.plot(x, [p["rm_score"] for p in points], "o-", color="tab:blue", label="reward model score")
+    ax.set_xlabel("PPO iteration (kl_coef 0)")
+    ax.set_ylabel("reward model score", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(x, [p["gold_score"] for p in points], "s-", color="tab:red", label="gold score")
+    ax2.set_ylabel("gold score (0..3)", color="tab:red")
+    ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=90)
@@ -215,6 +286,19 @@ def markdown(results):
               f"{lab['agreement_with_gold']:.3f}" + (f" on {lab['n_pairs']} ranked pairs; 'prefer the shorter' on the "
                                                    f"same pairs: {lab['length_baseline_agreement']:.3f}."
                                                    if "n_pairs" in lab else ".")]
+    ceiling = results.get("labelers_ceiling")
+    if ceiling:
+        lines += [f"Labelers' ceiling on {ceiling['n_pairs']} held-out pairs (expected agreement with the noisy "
+                  f"labelers' labels): the reward model {ceiling['rm_vs_noisy']:.3f}, the exact gold itself "
+                  f"{ceiling['gold_vs_noisy']:.3f} (the best any model can reach); the reward model against the "
+                  f"exact gold {ceiling['rm_vs_gold']:.3f}."]
+    if results.get("best_of_n"):
+        lines += ["", "Best-of-n on the round-1 reward model: n, KL to SFT (log n - (n-1)/n), RM score, gold score", ""]
+        lines += [f"- {p['n']}: KL {p['kl_to_sft']:.2f}, RM {p['rm_score']:+.2f}, gold {p['gold_score']:.2f}"
+                  for p in results["best_of_n"]]
+    for form, fit in results.get("gao_fit", {}).items():
+        shape = "d (alpha - beta d)" if form == "best_of_n" else "d (alpha - beta log d)"
+        lines += [f"Gao et al. fit of the gold gain, {form}: {shape}, alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}"]
     if results["overoptimisation"]:
         lines += ["", "Over-optimisation (kl_coef 0): iteration, KL to SFT, RM score, gold score", ""]
         lines += [f"- {p['iteration']}: KL {p['kl_to_sft']:.2f}, RM {p['rm_score']:+.2f}, gold {p['gold_score']:.2f}"
@@ -238,12 +322,14 @@ def main(argv=None):
     parser.add_argument("--overopt_samples", type=int, default=2, help="responses per prompt and over-optimisation "
                         "checkpoint")
     parser.add_argument("--rm_samples", type=int, default=4, help="K SFT samples per prompt for the RM agreement")
+    parser.add_argument("--bon_samples", type=int, default=64, help="SFT samples per prompt for best-of-n (its "
+                        "largest n; n = 1, 2, 4, ... up to it)")
     parser.add_argument("--max_prompts", type=int, default=0, help="use only the first N held-out prompts (0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--corpus_docs", type=int, default=100, help="held-out corpus documents for corpus_loss")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    lowest = {"samples": 1, "overopt_samples": 1, "rm_samples": 2, "max_prompts": 0, "corpus_docs": 1,
+    lowest = {"samples": 1, "overopt_samples": 1, "rm_samples": 2, "bon_samples": 1, "max_prompts": 0, "corpus_docs": 1,
               "max_new_tokens": 1, "label_noise": 0}  # rm_samples: the agreement compares pairs
     for flag, low in lowest.items():
         if not getattr(args, flag) >= low:  # (also refuses nan)
@@ -277,11 +363,12 @@ def main(argv=None):
     results = {"seed": args.seed, "minutes": None,
                "labeler": {"noise": args.label_noise, "agreement_with_gold": float("nan")},
                "reward_model": reward_model_agreement(world, reward_model, sft, enc, prompts, args.rm_samples,
-                                                      args.max_new_tokens, args.seed),
+                                                      args.max_new_tokens, args.seed, args.label_noise),
                "policies": {}, "overoptimisation": [], "n_prompts": len(prompts), "samples_per_prompt": args.samples}
     if args.reward_round1:
         results["reward_model_round1"] = reward_model_agreement(world, reward_round1, sft, enc, prompts,
                                                                 args.rm_samples, args.max_new_tokens, args.seed)
+        results["reward_model_round1"].pop("labelers_ceiling")
         print(f"round-1 reward model: {results['reward_model_round1']}")
     if args.rankings and os.path.isfile(args.rankings):
         labeler, shorter, n = rankings_agreement(world, args.rankings)
@@ -324,9 +411,25 @@ def main(argv=None):
                      **categories}
             results["overoptimisation"].append(point)
             print(f"over-optimisation {point}", flush=True)
-        if results["overoptimisation"]:
-            plot_overoptimisation(results["overoptimisation"], os.path.join(args.out_dir, "overoptimisation.png"),
-                                  f"PPO with kl_coef 0, seed {args.seed}: RM score vs gold score")
+    # best-of-n with the reward model the over-optimisation run optimised: n SFT samples, the highest-scored kept
+    rows = sample(sft, sft, reward_round1, enc, prompts, args.bon_samples, args.max_new_tokens, args.seed + 2)
+    samples = [[] for _ in prompts]
+    for i, _, text, _, rm in rows:
+        samples[i].append((rm, gold_score(world, prompts[i], text)))
+    results["best_of_n"] = best_of_n_curve(samples, [2 ** k for k in range(int(math.log2(args.bon_samples)) + 1)])
+    print(f"best-of-n: {results['best_of_n']}", flush=True)
+    # Gao et al.'s functional forms, fitted to the gold score's gain over SFT (n = 1; the iteration-0 point)
+    bon, rl = results["best_of_n"], results["overoptimisation"]
+    fits = {"best_of_n": gao_fit([p["kl_to_sft"] for p in bon], [p["gold_score"] - bon[0]["gold_score"] for p in bon],
+                                 "best_of_n")}
+    if len(rl) > 2:
+        fits["rl"] = gao_fit([p["kl_to_sft"] for p in rl], [p["gold_score"] - rl[0]["gold_score"] for p in rl], "rl")
+    results["gao_fit"] = fits
+    print(f"Gao et al. fits of the gold gain: {fits}", flush=True)
+    results["labelers_ceiling"] = results["reward_model"].pop("labelers_ceiling")
+    plot_overoptimisation(rl, bon, fits, os.path.join(args.out_dir, "overoptimisation.png"),
+                          f"seed {args.seed}: gold and RM score against sqrt(KL to SFT), PPO (kl_coef 0) and "
+                          f"best-of-n on the round-1 reward model")
     plot_stages(results["policies"], os.path.join(args.out_dir, "stages.png"), f"lab, seed {args.seed}")
     results["examples"] = examples
     results["eval_seconds"] = time.time() - t0
