@@ -3,7 +3,7 @@ The lab's evaluation: every policy of the pipeline judged by the exact gold pref
 on the held-out prompts of the world, plus the reward model's agreement with the gold and the
 over-optimisation curve. Writes OUT_DIR/results.json, OUT_DIR/results.md and plots.
 
-Per policy (base, sft, ppo_round1, ppo, ppo_ptx), on prompts_val.jsonl, `--samples` responses per prompt
+Per policy (base, sft, ppo_round1, ppo, ppo_ptx, dpo), on prompts_val.jsonl, `--samples` responses per prompt
 sampled at temperature 1 (the distribution PPO optimises and the KL is measured under), the same seeds for
 every policy:
     gold_score       mean exact gold score (0..3)
@@ -20,7 +20,14 @@ Reward models (the final one, and with --reward_round1 the first round's): K = -
 SFT policy for every held-out prompt; pairwise agreement of the RM's order with the exact gold on the pairs
 the gold does not score equal (their share is reported), next to the "prefer the shorter response" baseline
 on the same pairs. win_rate_ceiling: the win rate over SFT of a policy that always scores 3 (the room SFT
-leaves).
+leaves). labelers_ceiling: on the same pairs, the expected agreement of the reward model's order with the noisy
+labelers' labels, next to the exact gold's own (the best any model can reach on noisy labels).
+
+PPO, DPO and best-of-n against the same gold: best_of_n, for n = 1, 2, 4, ... --bon_samples, keeps the sample of
+the SFT policy the round-1 reward model scores highest (the model the kl_coef-0 PPO run optimises) among n, with
+its closed-form KL log n - (n-1)/n; gao_fit fits Gao et al.'s forms (arXiv:2210.10760) to the gold score's gain
+over SFT against d = sqrt(KL): best-of-n d (alpha - beta d), RL d (alpha - beta log d). overoptimisation.png
+shows both methods and the fits.
 
     python data/lab/evaluate_lab.py --data_dir out/lab/data --out_dir out/lab --base out/lab/base/ckpt.pt \\
         --sft out/lab/sft/ckpt.pt --ppo out/lab/ppo/ckpt.pt --ppo_ptx out/lab/ppo_ptx/ckpt.pt \\
