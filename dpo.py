@@ -36,7 +36,8 @@ from lib.checkpoints import load_model, save_checkpoint
 from lib.config import MODEL_PRESETS, print_config, require, run
 from lib.data import data_paths, index_batches, read_rankings
 from lib.ddp import init_distributed
-from lib.tokens import encode_prompt, encode_response, get_tokenizer, pad_right
+from lib.responses import policy_logprobs
+from lib.tokens import EOS, encode_prompt, encode_response, get_tokenizer, pad_left, pad_right
 from lib.tracking import MetricsLog, plot_metrics
 from lib.training import autocast, check_finite, lr_at, make_adamw, setup_device
 
@@ -104,10 +105,11 @@ def dpo_loss(logps_chosen, logps_rejected, ref_logps_chosen, ref_logps_rejected,
 
 
 def sequence_logprobs(policy, ids, attention_mask, response_mask):
-    """log pi(y|x) of each right-padded prompt + response: the sum of the response tokens' log-probabilities
-    (its EOS included) -> (B,). ids, attention_mask, response_mask (B, T); response_mask is 1 on the response."""
-    logprobs = policy(ids[:, :-1], attention_mask[:, :-1], targets=ids[:, 1:])  # (B, T-1): token t+1 given <= t
-    return (logprobs * response_mask[:, 1:]).sum(1)  # (B,)
+    """log pi(y|x): the sum of the response tokens' log-probabilities (its EOS included) -> (B,). The batch is in
+    lib/responses.py's layout, prompts left-padded to P columns and then the responses, so the output layer runs
+    on the R response positions only: ids, attention_mask (B, P + R), response_mask (B, R)."""
+    n_query = ids.size(1) - response_mask.size(1)
+    return (policy_logprobs(policy, ids, attention_mask, n_query) * response_mask).sum(1)  # (B,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def tokenize_pairs(rankings, enc, cfg):
     and how many pairs were ties (identical after the token budgets: no preference to learn)."""
     pairs, ties = [], 0
     for prompt, responses in rankings:
-        p = encode_prompt(enc, prompt, cfg.max_prompt_tokens)
+        p = encode_prompt(enc, prompt, cfg.max_prompt_tokens) or [EOS]  # (an empty prompt: GPT-2's start token)
         seqs = [encode_response(enc, r, cfg.max_response_tokens) for r in responses]
         for w in range(len(seqs)):
             for lose in range(w + 1, len(seqs)):
@@ -130,14 +132,11 @@ def tokenize_pairs(rankings, enc, cfg):
 
 
 def collate(pairs):
-    """Pairs -> one right-padded batch: the chosen sequences, then the rejected ones. ids, attention_mask,
-    response_mask (2P, T)."""
-    seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
-    n_prompt = [len(p) for p, _, _ in pairs] * 2
-    ids, attention_mask = pad_right(seqs)
-    position = torch.arange(ids.size(1))[None, :]  # (1, T)
-    response_mask = (position >= torch.tensor(n_prompt)[:, None]) & attention_mask.bool()  # (2P, T)
-    return ids, attention_mask, response_mask.long()
+    """Pairs -> one batch: the chosen sequences, then the rejected ones, each prompt left-padded and its response
+    right-padded after it. ids, attention_mask (2P, prompt columns + response columns), response_mask (2P, R)."""
+    queries, query_mask = pad_left([p for p, _, _ in pairs] * 2)  # (2P, P_max)
+    responses, response_mask = pad_right([c for _, c, _ in pairs] + [r for _, _, r in pairs])  # (2P, R)
+    return torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1), response_mask
 
 
 def pair_logprobs(model, pairs, device, ctx, batch_size):

@@ -54,8 +54,7 @@ RESPONSES = torch.tensor(list(itertools.product(range(V), repeat=R)))  # (16, R)
 def all_logps(policy):
     """log pi(y|x) (2, 16) of every response, by dpo.sequence_logprobs."""
     ids = torch.cat([PROMPTS.repeat_interleave(len(RESPONSES), 0), RESPONSES.repeat(len(PROMPTS), 1)], 1)  # (32, 3)
-    response_mask = torch.tensor([[0] + [1] * R] * len(ids))
-    return dpo.sequence_logprobs(policy, ids, torch.ones_like(ids), response_mask).view(len(PROMPTS), -1)
+    return dpo.sequence_logprobs(policy, ids, torch.ones_like(ids), torch.ones(len(ids), R)).view(len(PROMPTS), -1)
 
 
 def train_dpo_on_all_pairs(rewards, beta, steps=300, loss_beta=None):
