@@ -1,6 +1,6 @@
 """
 The library layer under the scripts: what they share, one concern per module. Scripts (sft.py, reward.py,
-ppo.py, sample.py, label.py, evaluate.py, export.py, pipeline.py, data/*/) import these modules and model.py,
+ppo.py, dpo.py, sample.py, label.py, evaluate.py, export.py, pipeline.py, data/*/) import these modules and model.py,
 never each other (tests/test_layout.py checks it).
 
 What a reader of the algorithm needs:
