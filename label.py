@@ -323,6 +323,8 @@ def main(cfg, input_fn=input):
 
 
 def label(cfg, input_fn):
+    """main()'s work, under the lock on cfg.out: the prompts not yet ranked there, the labeler, the policies, then
+    sample -> rank -> append, prompt by prompt."""
     t_start = time.time()
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
