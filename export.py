@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 from safetensors.torch import save_file
 
-from lib.checkpoints import atomic_write_text, load_checkpoint, load_model
+from lib.checkpoints import atomic_write_text, load_checkpoint, load_lora_model, load_state
 from lib.config import require, run
 from lib.tokens import EOS, get_tokenizer
+from model import GPT, GPTConfig, ScalarGPT, merged_state_dict
 
 
 @dataclass
@@ -109,9 +110,12 @@ def tokenizer_files(enc, block_size):
 
 
 def export(cfg):
-    ckpt = load_checkpoint(cfg.init_from)
+    ckpt = load_checkpoint(cfg.init_from)  # read once: for a large model the file is gigabytes
     kind = ckpt["kind"]
-    model, _ = load_model(cfg.init_from, kind)  # a LoRA checkpoint comes back with its adapters merged
+    model = (ScalarGPT if kind == "scalar" else GPT)(GPTConfig(**ckpt["model_config"]))
+    # a LoRA checkpoint holds adapters only: rebuilt on its base, and exported with them merged into the weights
+    state = merged_state_dict(load_lora_model(ckpt, cfg.init_from)) if ckpt.get("lora") else ckpt["model"]
+    load_state(model, state, cfg.init_from)
     extra = {"config": ckpt["config"], "source": cfg.init_from}
     if "reward_shift" in ckpt:  # reward.py's normalisation, already folded into score_head.bias
         extra["reward_shift"] = ckpt["reward_shift"]

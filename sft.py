@@ -49,7 +49,7 @@ from lib.training import (
     setup_device,
     store_frozen_in,
 )
-from model import add_lora, chunked_token_logprobs, token_logprobs
+from model import add_lora, chunked_token_logprobs
 
 
 @dataclass
@@ -125,31 +125,31 @@ CONFIGS = {
 # ----------------------------------------------------------------------------------------------
 # The math
 
-def sft_loss(logits, targets, loss_mask):
-    """Mean negative log-likelihood of `targets` over the positions where loss_mask is 1.
+def sft_loss(logprobs, loss_mask):
+    """Mean negative log-likelihood of the target tokens over the positions where loss_mask is 1.
 
-    logits (..., V), targets (...), loss_mask (...) -> scalar. The mean is over all counted tokens of the
-    batch (sum of NLL / number of tokens), not a mean of per-sequence means: every response token weighs
-    the same, as in ordinary language-model training.
+    logprobs (...) of the targets (model.token_logprobs of the logits, or chunked_token_logprobs of the hidden
+    states), loss_mask (...) -> scalar. The mean is over all counted tokens of the batch (sum of NLL / number of
+    tokens), not a mean of per-sequence means: every response token weighs the same, as in ordinary
+    language-model training.
     """
-    nll = -token_logprobs(logits, targets)  # (...)
     mask = loss_mask.float()  # (...)
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 
 
 def batch_loss(trunk, lm_head, x, y, loss_mask):
     """sft_loss of a right-padded batch, running the output layer only where loss_mask is 1.
 
-    Equal to sft_loss(model(x), y, loss_mask): the other positions are masked anyway, and the 50k-wide
+    Equal to sft_loss(token_logprobs(model(x), y), loss_mask): the other positions are masked anyway, and the 50k-wide
     output layer is most of a small model's compute (3x faster for `tiny` on CPU). Right padding needs no
     attention mask: causal attention never looks ahead, so real tokens never see the padding after them. The
     (N, V) logits are never held whole either: they are reduced to the targets' logprobs a chunk of rows at a
-    time (model.chunked_token_logprobs), the same numbers as sft_loss of the whole logits.
+    time (model.chunked_token_logprobs), the same numbers as from the whole logits.
     """
     h = trunk(x)  # (B, T, C)
     keep = loss_mask.bool()  # (B, T)
-    nll = -chunked_token_logprobs(h[keep], lm_head.weight, y[keep])  # (N,), N = response tokens in the batch
-    return nll.sum() / max(nll.numel(), 1)
+    logprobs = chunked_token_logprobs(h[keep], lm_head.weight, y[keep])  # (N,), N = response tokens in the batch
+    return sft_loss(logprobs, loss_mask[keep])
 
 
 def accumulate_gradients(trunk, lm_head, micro, ctx):

@@ -5,6 +5,7 @@ import copy
 import itertools
 import math
 
+import pytest
 import torch
 
 import dpo
@@ -23,7 +24,7 @@ def test_dpo_loss_against_a_hand_computation():
                                   beta)
     # pair 1: beta (-3 + 2.5) - beta (-2 + 2) = -0.25; pair 2: beta (-1 + 2) - beta (-4 + 3) = 1.0
     by_hand = (math.log(1 + math.exp(0.25)) + math.log(1 + math.exp(-1.0))) / 2  # -log sigmoid(z) = log(1 + e^-z)
-    assert loss.item() == torch.tensor(by_hand).item()
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     assert r_w.tolist() == [-0.25, 0.5] and r_l.tolist() == [0.0, -0.5]
     weighted, _, _ = dpo.dpo_loss(logps["chosen"], logps["rejected"], logps["ref_chosen"], logps["ref_rejected"], beta,
                                   weights=torch.tensor([3.0, 1.0]))

@@ -16,7 +16,7 @@ import ppo
 import sft
 from conftest import eos_prone_policy as shared_eos_prone_policy
 from lib.tokens import EOS, pad_left, pad_right
-from model import GPT, GPTConfig, ScalarGPT
+from model import GPT, GPTConfig, ScalarGPT, token_logprobs
 
 SHAPE = dict(n_layer=1, n_head=2, n_embd=32, block_size=64)
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18], [19, 20], [21, 22, 23, 24, 25]]
@@ -583,7 +583,7 @@ def test_sft_loss_of_a_single_response_token_is_its_nll():
     logits, targets = torch.randn(2, 3, 7), torch.tensor([[1, 2, 3], [4, 5, 6]])
     mask = torch.tensor([[0, 0, 0], [0, 1, 0]])
     expected = -torch.log_softmax(logits[1, 1].double(), -1)[5].item()
-    assert sft.sft_loss(logits, targets, mask).item() == pytest.approx(expected, abs=1e-6)
+    assert sft.sft_loss(token_logprobs(logits, targets), mask).item() == pytest.approx(expected, abs=1e-6)
 
 
 def sft_case():
@@ -595,7 +595,7 @@ def sft_case():
 
 def whole_batch_loss_and_grads(model, examples):
     x, y, loss_mask = sft.collate(examples)
-    loss = sft.sft_loss(model(x), y, loss_mask)
+    loss = sft.sft_loss(token_logprobs(model(x), y), loss_mask)
     return loss.item(), gradients(loss, list(model.parameters()))
 
 

@@ -16,7 +16,7 @@ from lib.checkpoints import load_model, save_checkpoint
 from lib.config import UsageError
 from lib.tokens import EOS, get_tokenizer
 from lib.training import lr_at
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, token_logprobs
 
 
 def test_sft_loss_matches_hand_computation():
@@ -31,7 +31,7 @@ def test_sft_loss_matches_hand_computation():
                 total -= F.log_softmax(logits[b, t].double(), dim=-1)[targets[b, t]].item()
                 count += 1
     expected = total / count  # mean over all response tokens of the batch, not a mean of row means
-    got = sft.sft_loss(logits, targets, mask).item()
+    got = sft.sft_loss(token_logprobs(logits, targets), mask).item()
     print(f"sft_loss {got:.6f} vs hand {expected:.6f}, diff {abs(got - expected):.2e}")
     assert got == pytest.approx(expected, abs=1e-5)
 
@@ -41,11 +41,11 @@ def test_prompt_targets_and_padding_never_change_the_loss():
     B, T, V = 2, 6, 13
     logits, targets = torch.randn(B, T, V), torch.randint(0, V, (B, T))
     mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])  # row 0: prompt, response, padding
-    base = sft.sft_loss(logits, targets, mask)
+    base = sft.sft_loss(token_logprobs(logits, targets), mask)
     other_targets = torch.where(mask.bool(), targets, (targets + 5) % V)  # every masked-out target changed
     other_logits = torch.where(mask.bool()[..., None], logits, 100 * torch.randn(B, T, V))
-    assert sft.sft_loss(logits, other_targets, mask) == base
-    assert sft.sft_loss(other_logits, targets, mask) == base
+    assert sft.sft_loss(token_logprobs(logits, other_targets), mask) == base
+    assert sft.sft_loss(token_logprobs(other_logits, targets), mask) == base
 
 
 def test_encoded_mask_covers_exactly_response_and_eos():
@@ -82,7 +82,7 @@ def test_batch_loss_equals_loss_on_full_logits():
     examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p) for n, p in ((12, 5), (7, 3), (20, 11))]
     x, y, loss_mask = sft.collate(examples)
     attention_mask = (torch.arange(x.size(1))[None] < torch.tensor([len(t) - 1 for t, _ in examples])[:, None])
-    full = sft.sft_loss(model(x, attention_mask.long()), y, loss_mask)  # explicit padding mask
+    full = sft.sft_loss(token_logprobs(model(x, attention_mask.long()), y), loss_mask)  # explicit padding mask
     fast = sft.batch_loss(model.transformer, model.lm_head, x, y, loss_mask)  # selected logits, no mask
     print(f"batch_loss {fast.item():.6f} vs full logits {full.item():.6f}")
     assert fast.item() == pytest.approx(full.item(), abs=1e-5)
@@ -147,7 +147,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     x, y, loss_mask = sft.collate(examples)
-    big = sft.sft_loss(model(x), y, loss_mask)
+    big = sft.sft_loss(token_logprobs(model(x), y), loss_mask)
     big.backward()
     assert loss == pytest.approx(big.item(), abs=1e-5)
     for g, p in zip(grads, model.parameters()):
