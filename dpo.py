@@ -174,8 +174,16 @@ def train(cfg):
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
 
-    # data: every ranked pair, tokenized once
-    enc = get_tokenizer()
+    # models: the policy starts as the SFT model; the reference is a frozen copy
+    policy, _ = load_model(cfg.init_from, "gpt", dropout=0.0, device=device)
+    ref_policy, _ = load_model(cfg.init_from, "gpt", dropout=0.0, device=device)
+    ref_policy.eval().requires_grad_(False)
+    require(cfg.max_prompt_tokens + cfg.max_response_tokens <= policy.config.block_size,
+            f"max_prompt_tokens + max_response_tokens exceeds the block_size {policy.config.block_size}")
+
+    # data: every ranked pair, tokenized once; the reference's log-probabilities of each pair are computed once here
+    # (pi_ref never changes)
+    enc = get_tokenizer(policy.config.vocab)  # GPT-2's, or the world's the model has rows for
     train_pairs, train_ties = tokenize_pairs(read_rankings(data_paths(cfg.data_dir, cfg.train_files), cfg.strict),
                                              enc, cfg)
     val_pairs, _ = tokenize_pairs(read_rankings(data_paths(cfg.data_dir, cfg.val_files), cfg.strict), enc, cfg)
@@ -183,14 +191,6 @@ def train(cfg):
     steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_pairs) / cfg.batch_size)
     print(f"{len(train_pairs)} training pairs ({train_ties} ties dropped), {len(val_pairs)} validation pairs; "
           f"{steps} steps of {cfg.batch_size} pairs")
-
-    # models: the policy starts as the SFT model; the reference is a frozen copy, whose log-probabilities of
-    # every pair are computed once here (pi_ref never changes)
-    policy, _ = load_model(cfg.init_from, "gpt", dropout=0.0, device=device)
-    ref_policy, _ = load_model(cfg.init_from, "gpt", dropout=0.0, device=device)
-    ref_policy.eval().requires_grad_(False)
-    require(cfg.max_prompt_tokens + cfg.max_response_tokens <= policy.config.block_size,
-            f"max_prompt_tokens + max_response_tokens exceeds the block_size {policy.config.block_size}")
     with torch.no_grad():
         ref_train = pair_logprobs(ref_policy, train_pairs, device, ctx, cfg.batch_size)
         ref_val = pair_logprobs(ref_policy, val_pairs, device, ctx, cfg.batch_size)

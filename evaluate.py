@@ -124,7 +124,6 @@ def main(cfg):
     t_start = time.time()
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
-    enc = get_tokenizer()
     prompts = read_prompts(cfg.prompts, cfg.max_prompts, strict=True)  # a skipped prompt would change the win rate
 
     judge_model, judge_fn = None, None
@@ -145,6 +144,7 @@ def main(cfg):
     for name, ckpt in (("a", cfg.policy_a), ("b", cfg.policy_b)):
         policy, _ = load_model(ckpt, kind="gpt", device=device)
         policy.eval()
+        enc = get_tokenizer(policy.config.vocab)  # GPT-2's, or refusing words outside a world's vocabulary
         require(cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size,
                 f"max_prompt_tokens + max_new_tokens exceeds the block_size {policy.config.block_size} of {ckpt}")
         t0 = time.time()

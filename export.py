@@ -112,6 +112,9 @@ def tokenizer_files(enc, block_size):
 def export(cfg):
     ckpt = load_checkpoint(cfg.init_from)  # read once: for a large model the file is gigabytes
     kind = ckpt["kind"]
+    require(ckpt["model_config"].get("vocab") is None, f"{cfg.init_from} has a world's vocabulary of "
+            f"{ckpt['model_config']['vocab_size']} GPT-2 tokens (the lab's), which no Hugging Face tokenizer maps text "
+            f"to: export.py writes models with GPT-2's own 50257 tokens only; use it with sample.py instead")
     model = (ScalarGPT if kind == "scalar" else GPT)(GPTConfig(**ckpt["model_config"]))
     # a LoRA checkpoint holds adapters only: rebuilt on its base, and exported with them merged into the weights
     state = merged_state_dict(load_lora_model(ckpt, cfg.init_from)) if ckpt.get("lora") else ckpt["model"]

@@ -150,7 +150,7 @@ def reward_model_scorer(reward_ckpt, device, ctx):
     (prompt + response + EOS, with the token budgets of its training config)."""
     reward_model, ckpt = load_model(reward_ckpt, kind="scalar", device=device)
     reward_model.eval()
-    rm_config, enc = (ckpt or {}).get("config", {}), get_tokenizer()
+    rm_config, enc = (ckpt or {}).get("config", {}), get_tokenizer(reward_model.config.vocab)
     return lambda prompt, responses: score_texts(reward_model, rm_config, enc, [prompt] * len(responses), responses,
                                                  ctx, batch_size=len(responses))
 
@@ -328,7 +328,6 @@ def label(cfg, input_fn):
     t_start = time.time()
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
-    enc = get_tokenizer()
 
     # prompts not yet ranked in --out
     prompts = read_prompts(cfg.prompts, cfg.max_prompts, cfg.strict)
@@ -357,6 +356,9 @@ def label(cfg, input_fn):
         longest = cfg.max_prompt_tokens + cfg.max_new_tokens
         require(longest <= policy.config.block_size, f"max_prompt_tokens + max_new_tokens = {longest} exceeds the "
                 f"block_size {policy.config.block_size} of {path}")
+    require(len({tuple(policy.config.vocab or ()) for policy in policies}) == 1, f"the --policy checkpoints "
+            f"({', '.join(paths)}) have different vocabularies: rank samples of models of one vocabulary")
+    enc = get_tokenizer(policies[0].config.vocab)  # GPT-2's, or refusing words outside a world's vocabulary
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_rng = random.Random(cfg.seed)
 

@@ -8,6 +8,8 @@ One self-contained GPT (the GPT-2 architecture) shared by every stage of the pip
   reward model and the PPO critic (InstructGPT section 3.5: "the SFT model with the final unembedding
   layer removed").
 - `GPT.generate`: sampling with a KV cache (temperature, top-k, top-p, EOS), left-padded batches.
+- A world's vocabulary (`GPTConfig.vocab`, the lab's): rows for a subset of GPT-2's ids only; token ids stay
+  GPT-2's outside the model (`Transformer.rows` maps them in, `generate` maps a sampled row back out).
 - `GPT.from_pretrained`: OpenAI's GPT-2 weights in the Hugging Face format (config.json +
   model.safetensors) from a local folder; no network code here (lib/checkpoints.py's fetch_gpt2 fetches them).
 - `token_logprobs`: log-probabilities of given tokens, used by SFT, PPO and evaluation;
@@ -38,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 class GPTConfig:
     block_size: int = 1024  # maximum sequence length (GPT-2: 1024 positions)
     vocab_size: int = 50257  # GPT-2 BPE vocabulary, <|endoftext|> = 50256
+    vocab: list = None  # the GPT-2 ids (sorted) the model has rows for: a world's vocabulary (data/lab); None = all
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -206,11 +209,25 @@ def attention_bias(attention_mask, T, past_len=0):
 
 
 class Transformer(nn.Module):
-    """The GPT-2 trunk: embeddings, blocks, final LayerNorm. Returns hidden states (B, T, C)."""
+    """The GPT-2 trunk: embeddings, blocks, final LayerNorm. Returns hidden states (B, T, C).
+
+    A world's vocabulary (config.vocab, data/lab/prepare.py): text is still GPT-2 BPE and every token id outside
+    the model stays GPT-2's, but the model holds rows for the ids in config.vocab only (~220 for the lab's world
+    instead of 50257, so its output layer is ~200x smaller). `rows` maps GPT-2 ids to those rows on the way in
+    (embedding, targets), and GPT.generate maps a sampled row back to its GPT-2 id."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+        ids = row_of = None
+        if config.vocab is not None:
+            if list(config.vocab) != sorted(set(config.vocab)) or config.vocab_size != len(config.vocab):
+                raise ValueError(f"vocab must be {config.vocab_size} sorted distinct GPT-2 ids")
+            ids = torch.tensor(config.vocab, dtype=torch.long)  # (V,) row -> GPT-2 id
+            row_of = torch.full((int(ids[-1]) + 1,), -1, dtype=torch.long)  # GPT-2 id -> row, -1 outside the vocab
+            row_of[ids] = torch.arange(len(ids))
+        self.register_buffer("vocab_ids", ids, persistent=False)  # part of the config, not of the weights
+        self.register_buffer("row_of", row_of, persistent=False)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -234,7 +251,7 @@ class Transformer(nn.Module):
         if pos.max() >= self.config.block_size:
             raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size "
                              f"{self.config.block_size}: shorten the prompt or lower max_new_tokens")
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.drop(self.wte(self.rows(idx)) + self.wpe(pos))  # (B, T, C)
         # Activation checkpointing: backward needs every block's inner activations (attention inputs, the 4C-wide
         # MLP, dropout masks), n_layer sets of them. Checkpointed, a block keeps only its input x and reruns its
         # forward during backward, so one block's activations are alive at a time; the price is one more forward
@@ -246,6 +263,18 @@ class Transformer(nn.Module):
             else:
                 x = block(x, attn_mask, None if kv_cache is None else kv_cache[i], past_len)
         return self.ln_f(x)  # (B, T, C)
+
+    def rows(self, idx):
+        """GPT-2 token ids -> rows of wte and of the output layer (the same ids without a world's vocabulary). An id
+        outside the vocabulary is an error, never another token's row (lib/tokens.py names the text first)."""
+        if self.row_of is None:
+            return idx
+        rows = self.row_of[idx.clamp(0, len(self.row_of) - 1)]
+        bad = (rows < 0) | (idx < 0) | (idx >= len(self.row_of))
+        if bool(bad.any()):
+            raise ValueError(f"token id {int(idx[bad][0])} is not in this model's vocabulary of "
+                             f"{self.config.vocab_size} tokens (config.vocab)")
+        return rows
 
 
 def _init_weights(module, n_layer):
@@ -292,6 +321,7 @@ class GPT(nn.Module):
         h = self.transformer(idx, attention_mask)[:, start:]  # (B, T - start, C)
         if targets is None:
             return self.lm_head(h)  # (B, T - start, V)
+        targets = self.transformer.rows(targets)  # (B, T - start) rows of the output layer
         return chunked_token_logprobs(h, self.lm_head.weight, targets, temperature, chunk)  # (B, T - start)
 
     @torch.no_grad()
@@ -347,7 +377,9 @@ class GPT(nn.Module):
             if not bool(torch.isfinite(logits).all()):  # NaN would sample an out-of-vocabulary id
                 raise FloatingPointError(f"non-finite logits (NaN or inf) at new token {n - T + 1}: the model's "
                                          f"weights are broken (NaN/inf, or too large after a diverged run)")
-            next_token = sample_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            next_token = sample_token(logits, temperature, top_k, top_p, generator)  # (B,) a row of the output layer
+            if self.transformer.vocab_ids is not None:  # a world's vocabulary: the row's GPT-2 id
+                next_token = self.transformer.vocab_ids[next_token]  # (B,)
             if eos_token_id is not None:
                 next_token = next_token.masked_fill(done, eos_token_id)
                 done |= next_token == eos_token_id

@@ -615,8 +615,17 @@ def train(cfg, reward_fn=None):
     ctx = autocast(device, cfg.dtype)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    # data, tokenized once; DDP: each rank evaluates its share of the held-out prompts
-    enc = get_tokenizer()
+    # models, optimizer; a resumed run continues from ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
+    resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
+    if resume_ckpt:
+        check_resumable(resume_ckpt, ckpt_path, ("critic", "critic_config", "optimizer", "kl_coef", "iteration"),
+                        "ppo.py", cfg.lora_rank)
+        require(resume_ckpt["iteration"] < cfg.iters,
+                f"{ckpt_path} is at iteration {resume_ckpt['iteration']} of iters {cfg.iters}: nothing left to do")
+    policy, ref_policy, reward_model, critic = build_models(cfg, device, reward_fn, resume_ckpt)
+
+    # data, tokenized once in the policy's vocabulary; DDP: each rank evaluates its share of the held-out prompts
+    enc = get_tokenizer(policy.config.vocab)
     prompts_file = lambda split: os.path.join(cfg.data_dir, f"prompts_{split}.jsonl")
     train_prompts = load_prompts(prompts_file("train"), enc, cfg.max_prompt_tokens, cfg.strict)
     val_prompts = load_prompts(prompts_file("val"), enc, cfg.max_prompt_tokens, cfg.strict)
@@ -627,14 +636,6 @@ def train(cfg, reward_fn=None):
     if cfg.ptx_file and cfg.ptx_coef == 0:
         print(f"note: --ptx_file {cfg.ptx_file} is not used: PPO-ptx is off (--ptx_coef 0; the paper's is 27.8)")
 
-    # models, optimizer; a resumed run continues from ckpt.pt (policy, critic, optimizer, kl_coef, iteration)
-    resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    if resume_ckpt:
-        check_resumable(resume_ckpt, ckpt_path, ("critic", "critic_config", "optimizer", "kl_coef", "iteration"),
-                        "ppo.py", cfg.lora_rank)
-        require(resume_ckpt["iteration"] < cfg.iters,
-                f"{ckpt_path} is at iteration {resume_ckpt['iteration']} of iters {cfg.iters}: nothing left to do")
-    policy, ref_policy, reward_model, critic = build_models(cfg, device, reward_fn, resume_ckpt)
     judge = load_judge(cfg, device)
     with ctx:  # the judge's scores of the SFT policy's held-out responses: eval_win_rate's baseline
         judge_baseline = judge_scores(ref_policy, judge, val_prompts, cfg, device) if judge else None

@@ -290,26 +290,6 @@ def train(cfg):
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
 
-    # data, tokenized once
-    enc = get_tokenizer()
-    train_rankings = read_rankings(data_paths(cfg.data_dir, cfg.train_files), cfg.strict)
-    val_rankings = read_rankings(data_paths(cfg.data_dir, cfg.val_files), cfg.strict)
-    train_set, train_counts = tokenize_rankings(train_rankings, enc, cfg)
-    val_set, val_counts = tokenize_rankings(val_rankings, enc, cfg)
-    demos = [rm_tokens(enc, p, r, cfg.max_prompt_tokens, cfg.max_response_tokens)
-             for p, r in read_demonstrations(os.path.join(cfg.data_dir, cfg.demo_file), cfg.strict)]
-    print(f"train: {train_counts}\nval: {val_counts}\ndemonstrations: {len(demos)}")
-    require(train_set and val_set and demos, "need training pairs, validation pairs and demonstrations")
-    require(min(cfg.batch_size, len(val_set), len(demos)) >= world_size,
-            f"{world_size} processes need at least as many prompts per batch ({cfg.batch_size}), validation "
-            f"prompts ({len(val_set)}) and demonstrations ({len(demos)}); use fewer processes")
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    if 0 < len(train_set) % cfg.batch_size < world_size:
-        steps_per_epoch -= 1  # DDP: a last partial batch too small to give every rank a prompt is dropped
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
-
     # model: the SFT trunk with a fresh scalar head (InstructGPT 3.5); a resumed run continues from last.pt
     last_path = os.path.join(cfg.out_dir, "last.pt")
     if cfg.resume and not os.path.isfile(last_path):
@@ -331,8 +311,29 @@ def train(cfg):
     require(longest <= reward_model.config.block_size, f"max_prompt_tokens + max_response_tokens + 1 = {longest} "
             f"exceeds block_size {reward_model.config.block_size}")
     print(f"reward model: {sum(p.numel() for p in reward_model.parameters()) / 1e6:.1f}M parameters "
-          f"from {cfg.init_from}; {total_steps} steps of {cfg.batch_size} prompts in {cfg.grad_accum} micro-batches")
+          f"from {cfg.init_from}")
     model = wrap_ddp(maybe_compile(reward_model, cfg.compile), device)  # DDP: gradients averaged over ranks
+
+    # data, tokenized once, in the model's vocabulary (GPT-2's, or a world's)
+    enc = get_tokenizer(reward_model.config.vocab)
+    train_rankings = read_rankings(data_paths(cfg.data_dir, cfg.train_files), cfg.strict)
+    val_rankings = read_rankings(data_paths(cfg.data_dir, cfg.val_files), cfg.strict)
+    train_set, train_counts = tokenize_rankings(train_rankings, enc, cfg)
+    val_set, val_counts = tokenize_rankings(val_rankings, enc, cfg)
+    demos = [rm_tokens(enc, p, r, cfg.max_prompt_tokens, cfg.max_response_tokens)
+             for p, r in read_demonstrations(os.path.join(cfg.data_dir, cfg.demo_file), cfg.strict)]
+    print(f"train: {train_counts}\nval: {val_counts}\ndemonstrations: {len(demos)}")
+    require(train_set and val_set and demos, "need training pairs, validation pairs and demonstrations")
+    require(min(cfg.batch_size, len(val_set), len(demos)) >= world_size,
+            f"{world_size} processes need at least as many prompts per batch ({cfg.batch_size}), validation "
+            f"prompts ({len(val_set)}) and demonstrations ({len(demos)}); use fewer processes")
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    if 0 < len(train_set) % cfg.batch_size < world_size:
+        steps_per_epoch -= 1  # DDP: a last partial batch too small to give every rank a prompt is dropped
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+    print(f"{total_steps} steps of {cfg.batch_size} prompts in {cfg.grad_accum} micro-batches")
 
     # optimizer: weight decay on matrices only (never on the head's bias, which eq. (1) cannot see)
     params = [p for p in reward_model.parameters() if p.requires_grad]

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from lib.checkpoints import load_model
-from lib.config import run
+from lib.config import UsageError, run
 from lib.data import prompt_problem, read_jsonl
 from lib.responses import score_texts as rm_score_texts
 from lib.tokens import EOS, decode_response, encode_prompt, get_tokenizer, pad_left
@@ -107,15 +107,17 @@ def chat_answer(model, enc, turns, message, cfg, generator, device):
 
 
 @torch.no_grad()
-def chat(cfg, enc, reward_model, rm_config, device):
-    """Talk to one or several models; each keeps its own side of the conversation within its block_size."""
-    models = {}
+def chat(cfg, reward_model, rm_config, device):
+    """Talk to one or several models; each keeps its own side of the conversation within its block_size, in its
+    own vocabulary (a message with words a world's model does not know is refused, and the chat goes on)."""
+    models, encs = {}, {}
     for init_from in [p.strip() for p in cfg.init_from.split(",") if p.strip()]:
         model, _ = load_model(init_from, kind="gpt", device=device)
         if model.config.block_size <= cfg.max_new_tokens:
             sys.exit(f"error: max_new_tokens {cfg.max_new_tokens} leaves no room for a conversation in block_size "
                      f"{model.config.block_size}")
-        models[init_from] = model.eval()
+        models[init_from], encs[init_from] = model.eval(), get_tokenizer(model.config.vocab)
+    rm_enc = get_tokenizer(reward_model.config.vocab) if reward_model is not None else None
     generators = {name: torch.Generator(device=device).manual_seed(cfg.seed) for name in models}
     turns = {name: [] for name in models}
     noticed = False
@@ -132,7 +134,12 @@ def chat(cfg, enc, reward_model, rm_config, device):
                 print("(conversation reset)")
                 continue
             for name, model in models.items() if message else ():
-                reply, ids, dropped = chat_answer(model, enc, turns[name], message, cfg, generators[name], device)
+                try:
+                    reply, ids, dropped = chat_answer(model, encs[name], turns[name], message, cfg, generators[name],
+                                                      device)
+                except UsageError as e:  # words outside a world's vocabulary: say so, and wait for the next message
+                    print(f"({e})")
+                    continue
                 if dropped and not noticed:
                     print(f"(the conversation no longer fits the model's context of {model.config.block_size} tokens: "
                           f"the oldest turns are dropped from now on)")
@@ -140,7 +147,7 @@ def chat(cfg, enc, reward_model, rm_config, device):
                 label = "Assistant" if len(models) == 1 else f"Assistant [{name}]"
                 reward = ""
                 if reward_model is not None:
-                    score = score_texts(reward_model, rm_config, enc, [enc.decode(ids)], [reply])[0]
+                    score = score_texts(reward_model, rm_config, rm_enc, [encs[name].decode(ids)], [reply])[0]
                     reward = f"   (reward {score:.3f})"
                 print(f"{label}:{reply if reply.strip() else ' (empty reply)'}{reward}", flush=True)
     except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C: end the conversation, not with a traceback
@@ -150,23 +157,24 @@ def chat(cfg, enc, reward_model, rm_config, device):
 @torch.no_grad()
 def main(cfg):
     device = setup_device(cfg.device, cfg.seed)
-    enc = get_tokenizer()
     prompts = read_prompts(cfg)
-    reward_model, rm_config = None, {}
+    reward_model, rm_config, rm_enc = None, {}, None
     if cfg.reward_ckpt:
         reward_model, rm_ckpt = load_model(cfg.reward_ckpt, kind="scalar", device=device)
         reward_model.eval()
         rm_config = rm_ckpt["config"] if rm_ckpt else {}
+        rm_enc = get_tokenizer(reward_model.config.vocab)  # every model encodes in its own vocabulary
     if cfg.response:
         if reward_model is None:
             sys.exit("error: --response needs --reward_ckpt (the reward model that scores it)")
-        print(f"reward {score_texts(reward_model, rm_config, enc, prompts[:1], [cfg.response])[0]:.4f}")
+        print(f"reward {score_texts(reward_model, rm_config, rm_enc, prompts[:1], [cfg.response])[0]:.4f}")
         return
     if cfg.chat:
-        return chat(cfg, enc, reward_model, rm_config, device)
+        return chat(cfg, reward_model, rm_config, device)
     for init_from in [p.strip() for p in cfg.init_from.split(",") if p.strip()]:
         model, _ = load_model(init_from, kind="gpt", device=device)
         model.eval()
+        enc = get_tokenizer(model.config.vocab)  # GPT-2's, or refusing words outside a world's vocabulary
         budget = model.config.block_size - cfg.max_new_tokens
         if budget <= 0:
             sys.exit(f"error: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
@@ -187,7 +195,7 @@ def main(cfg):
                                  top_p=cfg.top_p, eos_token_id=EOS, attention_mask=mask.to(device), generator=gen)
         responses = [decode_response(enc, row) for row in out[:, idx.size(1):].tolist()]
         texts = [p for p in prompts for _ in range(cfg.num_samples)]
-        scores = score_texts(reward_model, rm_config, enc, texts, responses) if reward_model else None
+        scores = score_texts(reward_model, rm_config, rm_enc, texts, responses) if reward_model else None
         print(f"==================== {init_from}")
         for i, (p, r) in enumerate(zip(texts, responses)):
             head = f"--- prompt {i // cfg.num_samples + 1}, sample {i % cfg.num_samples + 1}"

@@ -35,7 +35,7 @@ from lib.config import GPT2_NAMES, MODEL_PRESETS, print_config, require, run
 from lib.data import index_batches, read_jsonl
 from lib.ddp import all_reduce_sum, get_world_size, init_distributed, no_sync, shard, step_total, wrap_ddp
 from lib.responses import decode_responses, sample_responses
-from lib.tokens import EOS, encode_prompt, encode_response, get_tokenizer, pad_left, pad_right
+from lib.tokens import EOS, encode_prompt, encode_response, get_tokenizer, load_vocab, pad_left, pad_right
 from lib.tracking import MetricsLog, plot_metrics
 from lib.training import (
     autocast,
@@ -75,6 +75,7 @@ class Config:
     n_head: int = 12  # (same)
     n_embd: int = 768  # (same)
     block_size: int = 1024  # (same) maximum sequence length
+    vocab: str = ""  # (same) a world's vocab.json (data/lab/prepare.py): rows for its tokens only; "" = GPT-2's 50257
     dropout: float = 0.2  # InstructGPT 3.5: residual dropout 0.2 (this one knob also drops attention and embeddings)
     # optim
     max_steps: int = 2000  # optimizer steps; epochs = max_steps * batch_size * grad_accum / #train demonstrations
@@ -100,7 +101,7 @@ class Config:
     seed: int = 1337
 
     PATHS = {"out_dir": "out_dir", "data_dir": "dir", "train_file": "data_file", "val_file": "data_file",
-             "init_from": "model"}  # checked where the flags are parsed
+             "init_from": "model", "vocab": "file"}  # checked where the flags are parsed
 
 
 # The model part comes from lib/config.py's MODEL_PRESETS; `tiny` trains from scratch, the others start from GPT-2.
@@ -137,7 +138,7 @@ def sft_loss(logprobs, loss_mask):
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 
 
-def batch_loss(trunk, lm_head, x, y, loss_mask):
+def batch_loss(trunk, model, x, y, loss_mask):
     """sft_loss of a right-padded batch, running the output layer only where loss_mask is 1.
 
     Equal to sft_loss(token_logprobs(model(x), y), loss_mask): the other positions are masked anyway, and the 50k-wide
@@ -148,11 +149,12 @@ def batch_loss(trunk, lm_head, x, y, loss_mask):
     """
     h = trunk(x)  # (B, T, C)
     keep = loss_mask.bool()  # (B, T)
-    logprobs = chunked_token_logprobs(h[keep], lm_head.weight, y[keep])  # (N,), N = response tokens in the batch
+    targets = model.transformer.rows(y[keep])  # (N,) rows of the output layer (GPT-2 ids unless a world's vocabulary)
+    logprobs = chunked_token_logprobs(h[keep], model.lm_head.weight, targets)  # (N,), N = response tokens in the batch
     return sft_loss(logprobs, loss_mask[keep])
 
 
-def accumulate_gradients(trunk, lm_head, micro, ctx):
+def accumulate_gradients(trunk, model, micro, ctx):
     """Backpropagate the SFT loss of one optimizer step made of micro-batches [(x, y, loss_mask)]; return it.
 
     The loss is the mean over all the step's response tokens, on every rank, exactly as if the micro-batches
@@ -163,7 +165,7 @@ def accumulate_gradients(trunk, lm_head, micro, ctx):
     for i, (x, y, loss_mask) in enumerate(micro):
         with no_sync(trunk, enabled=i < len(micro) - 1):  # DDP: all-reduce once, after the last micro-batch
             with ctx:
-                mb_loss = batch_loss(trunk, lm_head, x, y, loss_mask) * int(loss_mask.sum()) / total
+                mb_loss = batch_loss(trunk, model, x, y, loss_mask) * int(loss_mask.sum()) / total
             mb_loss.backward()
         loss += mb_loss.item()
     return all_reduce_sum(loss) / get_world_size()  # the step's loss over all ranks
@@ -212,14 +214,14 @@ def load_demos(path, enc, cfg, split):
 
 
 @torch.no_grad()
-def evaluate(trunk, lm_head, demos, batch_size, ctx, device):
+def evaluate(trunk, model, demos, batch_size, ctx, device):
     """Validation loss: mean NLL over every response token of `demos` (same weighting as training)."""
     total, count = 0.0, 0
     for i in range(0, len(demos), batch_size):
         x, y, loss_mask = (t.to(device) for t in collate(demos[i:i + batch_size]))
         n = int(loss_mask.sum())
         with ctx:
-            total += batch_loss(trunk, lm_head, x, y, loss_mask).item() * n
+            total += batch_loss(trunk, model, x, y, loss_mask).item() * n
         count += n
     total, count = all_reduce_sum([total, float(count)])  # DDP: every rank evaluated its share of `demos`
     return total / max(count, 1)
@@ -252,22 +254,16 @@ def train(cfg):
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
 
-    # data: tokenized once, here
-    enc = get_tokenizer()
-    train_demos = load_demos(os.path.join(cfg.data_dir, cfg.train_file), enc, cfg, "train")
-    val_demos = load_demos(os.path.join(cfg.data_dir, cfg.val_file), enc, cfg, "val")[:cfg.eval_examples]
-    sample_prompts = [tokens[:n_prompt] for tokens, n_prompt in val_demos[:cfg.num_eval_samples] if n_prompt > 0]
-    demos_per_step = cfg.batch_size * cfg.grad_accum
-    print(f"{demos_per_step} demonstrations per step x {cfg.max_steps} steps = "
-          f"{cfg.max_steps * demos_per_step / len(train_demos):.2f} epochs of {len(train_demos)}")
-    # DEVIATION: InstructGPT trains SFT for 16 epochs and notes the val loss overfits after 1 epoch while
-    # the RM score keeps improving; we train ~1-2 epochs because we select by val loss (see below).
-
     # model; a resumed run takes weights, optimizer, step, data position and random state from last.pt
     ckpt_path, last_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "last.pt")
     if cfg.resume and not os.path.isfile(last_path):
         sys.exit(f"error: --resume true but {last_path} does not exist: nothing to resume (drop --resume to start)")
     model_cfg = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
+    if cfg.vocab:  # a world's vocabulary: rows for its tokens only
+        require(cfg.init_from == "scratch" or cfg.resume, "--vocab shapes a new model: use it with --init_from "
+                "scratch (a checkpoint carries its own vocabulary)")
+        vocab = load_vocab(cfg.vocab)
+        model_cfg.update(vocab=vocab, vocab_size=len(vocab))
     model, ckpt = load_model(last_path if cfg.resume else cfg.init_from, "gpt", model_cfg, cfg.dropout, device,
                              adapters=cfg.resume)
     resume_ckpt = ckpt if cfg.resume else None  # (an init_from checkpoint is only weights to start from)
@@ -292,6 +288,17 @@ def train(cfg):
     trunk = wrap_ddp(trunk, device)  # DDP: the trunk holds every weight (lm_head is tied to wte)
     if world_size > 1:
         torch.manual_seed(cfg.seed + rank)  # DDP: same initial weights everywhere, but each rank its own dropout
+
+    # data: tokenized once, here, with the model's vocabulary (GPT-2's, or a world's from config.vocab)
+    enc = get_tokenizer(model.config.vocab)
+    train_demos = load_demos(os.path.join(cfg.data_dir, cfg.train_file), enc, cfg, "train")
+    val_demos = load_demos(os.path.join(cfg.data_dir, cfg.val_file), enc, cfg, "val")[:cfg.eval_examples]
+    sample_prompts = [tokens[:n_prompt] for tokens, n_prompt in val_demos[:cfg.num_eval_samples] if n_prompt > 0]
+    demos_per_step = cfg.batch_size * cfg.grad_accum
+    print(f"{demos_per_step} demonstrations per step x {cfg.max_steps} steps = "
+          f"{cfg.max_steps * demos_per_step / len(train_demos):.2f} epochs of {len(train_demos)}")
+    # DEVIATION: InstructGPT trains SFT for 16 epochs and notes the val loss overfits after 1 epoch while
+    # the RM score keeps improving; we train ~1-2 epochs because we select by val loss (see below).
 
     # optimizer: weight decay on matrices (embeddings and Linear weights), not on biases or LayerNorm gains
     optimizer = make_adamw(model.parameters(), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
@@ -329,7 +336,7 @@ def train(cfg):
                      for j in range(0, len(step_idx), cfg.batch_size)]
             data_position += demos_per_step
             # 2. the loss on their response tokens, backpropagated micro-batch by micro-batch
-            loss = accumulate_gradients(trunk, model.lm_head, micro, ctx)
+            loss = accumulate_gradients(trunk, model, micro, ctx)
             # 3. AdamW step
             check_finite(loss, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -344,7 +351,7 @@ def train(cfg):
         evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
         if evaluating:
             model.eval()
-            metrics["val_loss"] = evaluate(trunk, model.lm_head, shard(val_demos), cfg.batch_size, ctx, device)
+            metrics["val_loss"] = evaluate(trunk, model, shard(val_demos), cfg.batch_size, ctx, device)
             check_finite(metrics["val_loss"], step, "the validation loss")
         log.log(step, metrics, keys=["loss", "val_loss", "lr", "grad_norm", "tok_per_s", "ms_per_step"])
         if evaluating:

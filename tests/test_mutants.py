@@ -603,7 +603,7 @@ def test_sft_step_of_a_single_response_token_is_that_tokens_nll():
     """One micro-batch whose only response token is the EOS after the prompt: the step's loss is its NLL."""
     model, _ = sft_case()
     example = ([3, 4, 5, EOS], 3)  # prompt of 3 tokens, response = EOS alone
-    loss = sft.accumulate_gradients(model.transformer, model.lm_head, [sft.collate([example])],
+    loss = sft.accumulate_gradients(model.transformer, model, [sft.collate([example])],
                                     contextlib.nullcontext())
     with torch.no_grad():
         expected = -torch.log_softmax(model(torch.tensor([[3, 4, 5]]))[0, -1].double(), -1)[EOS].item()
@@ -620,7 +620,7 @@ def test_sft_step_on_one_of_two_identical_ranks_is_the_single_process_step(monke
     for module in (sft, lib.ddp):  # sft's loss over the ranks, and lib.ddp.step_total's token count
         monkeypatch.setattr(module, "get_world_size", lambda: 2)
         monkeypatch.setattr(module, "all_reduce_sum", lambda x: 2 * x)
-    loss = sft.accumulate_gradients(model.transformer, model.lm_head, micro, contextlib.nullcontext())
+    loss = sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
     assert loss == pytest.approx(expected_loss, abs=1e-5)
     assert_close_grads([p.grad for p in model.parameters()], expected_grads)
 
@@ -630,5 +630,5 @@ def test_sft_step_syncs_ddp_gradients_once_after_the_last_micro_batch(monkeypatc
     recorder = NoSyncRecorder()
     monkeypatch.setattr(sft, "no_sync", recorder)
     micro = [sft.collate(examples[:1]), sft.collate(examples[1:3]), sft.collate(examples[3:])]
-    sft.accumulate_gradients(model.transformer, model.lm_head, micro, contextlib.nullcontext())
+    sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
     assert recorder.calls == [((model.transformer,), True), ((model.transformer,), True), ((model.transformer,), False)]

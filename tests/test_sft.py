@@ -83,7 +83,7 @@ def test_batch_loss_equals_loss_on_full_logits():
     x, y, loss_mask = sft.collate(examples)
     attention_mask = (torch.arange(x.size(1))[None] < torch.tensor([len(t) - 1 for t, _ in examples])[:, None])
     full = sft.sft_loss(token_logprobs(model(x, attention_mask.long()), y), loss_mask)  # explicit padding mask
-    fast = sft.batch_loss(model.transformer, model.lm_head, x, y, loss_mask)  # selected logits, no mask
+    fast = sft.batch_loss(model.transformer, model, x, y, loss_mask)  # selected logits, no mask
     print(f"batch_loss {fast.item():.6f} vs full logits {full.item():.6f}")
     assert fast.item() == pytest.approx(full.item(), abs=1e-5)
 
@@ -143,7 +143,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=EOS + 1))
     examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p) for n, p in ((12, 5), (7, 3), (20, 11), (9, 8))]
     micro = [sft.collate(examples[:1]), sft.collate(examples[1:])]  # 1 + 3 rows: unequal token counts
-    loss = sft.accumulate_gradients(model.transformer, model.lm_head, micro, contextlib.nullcontext())
+    loss = sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     x, y, loss_mask = sft.collate(examples)
