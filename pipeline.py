@@ -2,7 +2,8 @@
 The whole of InstructGPT in one command, as a visible sequence of stage-script calls (like a Makefile):
 each step is printed, then run as a plain `python stage.py --flag value ...` subprocess, and timed.
 
-    python pipeline.py --task lab                      # the lab: a miniature world, ~17 min on a 2-core CPU
+    python pipeline.py --task lab                      # the lab: a miniature world, ~10 min on a 2-core CPU
+    python pipeline.py --task lab_sizes                # Figure 1 in miniature: three model sizes
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
     python pipeline.py --task lab --quick --in_process # every step shrunk to seconds, run in one process (the test)
     python pipeline.py --task lab --dry_run            # print the commands only
@@ -18,6 +19,11 @@ corpus as pretraining mix) -> an over-optimisation run (the round-1 reward model
 2 iterations) -> data/lab/evaluate_lab.py: every policy judged by the exact gold on held-out prompts,
 DIR/results.json, DIR/results.md, plots. The gold function reaches the reward models only through label.py's
 rankings.
+
+--task lab_sizes: the paper's Figure 1 in miniature. The same world; the base model, SFT, PPO and PPO-ptx at
+each of three model sizes (SIZES, ~20x apart in parameters), PPO of every size against one reward model (from the
+largest SFT model, as the paper's PPO models of every size used one 6B reward model); every policy judged by the
+exact gold against the largest SFT model: DIR/results.json ("figure1"), DIR/results.md, DIR/figure1.png.
 
 --task hh: prepare HH-RLHF -> sft.py -> reward.py (PPO's reward model, train split) -> a judge reward model
 trained on the validation comparisons only -> ppo.py -> evaluate.py: win rate of PPO over SFT by that judge.
@@ -36,10 +42,17 @@ import traceback
 
 PY = sys.executable
 LAB = "data/lab"
-# The lab's model: 4 layers of width 64. The 50257-token GPT-2 output layer is nearly all of its compute
-# (50257 x 64 multiply-adds per token against ~0.2M for the transformer), so width is kept small and depth
-# is nearly free.
-LAB_MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "64", "--block_size", "128"]
+# The lab's model: 6 layers of width 192 (2.7M parameters) with rows for the world's ~270 GPT-2 tokens only
+# (prepare.py's vocab.json). With GPT-2's 50257-token output layer, that layer was 94% of a 4x64 model's compute;
+# on the world's vocabulary the same compute buys a trunk 12x larger, which states the world's facts (SFT answers
+# ~95% of held-out factual questions right).
+LAB_MODEL = ["--n_layer", "6", "--n_head", "6", "--n_embd", "192", "--block_size", "128"]
+PRETRAIN_STEPS = 600
+# --task lab_sizes: three sizes of the lab's model, smallest first, spanning ~20x in parameters
+SIZES = [("small", ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "128"]),
+         ("medium", ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "128"]),
+         ("large", LAB_MODEL)]
+
 # glibc returns every tensor larger than its mmap threshold (at most 32 MB by default) to the kernel when it is
 # freed, and the next step's tensor of the same size comes back as fresh zeroed pages: with the lab's
 # (batch x tokens x 50257) logits that page-faulting is ~40% of a CPU step. Raising the thresholds keeps freed
@@ -50,41 +63,74 @@ LABEL_NOISE = 1.5  # Bradley-Terry temperature of the labelers: ~73% agreement w
 # inter-labeler agreement (README)
 
 
+def quick(a, full, small):
+    """A step size, shrunk by --quick."""
+    return str(small if a.quick else full)
+
+
+def sampling(a):
+    return ["--max_prompt_tokens", "32", "--max_new_tokens", quick(a, 24, 8)]
+
+
+def world_step(a, data):
+    return ("world", [PY, f"{LAB}/prepare.py", "--out_dir", data, "--seed", str(a.seed), *(["--quick"] * a.quick)])
+
+
+def pretrain(a, data, out_dir, shape):
+    """The base model ("GPT-3"): sft.py with prompt "", plain language modelling on the world's corpus, on a model
+    with rows for the world's vocabulary only."""
+    return [PY, "sft.py", "--init_from", "scratch", *shape, "--vocab", f"{data}/vocab.json", "--dropout", "0",
+            "--data_dir", data, "--train_file", "corpus_train.jsonl", "--val_file", "corpus_val.jsonl",
+            "--out_dir", out_dir, "--max_prompt_tokens", "1", "--max_response_tokens", "80", "--num_eval_samples", "0",
+            "--batch_size", "16", "--grad_accum", "1", "--max_steps", quick(a, PRETRAIN_STEPS, 3), "--lr", "3e-3",
+            "--min_lr", "3e-4", "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 100, 3),
+            "--eval_examples", quick(a, 100, 8), "--seed", str(a.seed)]
+
+
+def sft(a, data, base, out_dir):
+    """SFT on the labelers' few demonstrations."""
+    return [PY, "sft.py", "--init_from", base, "--dropout", "0", "--data_dir", data, "--out_dir", out_dir,
+            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--max_new_tokens", "24", "--batch_size", "8",
+            "--grad_accum", "1", "--max_steps", quick(a, 20, 2), "--lr", "3e-4", "--min_lr", "1e-4",
+            "--warmup_steps", quick(a, 5, 1), "--eval_interval", quick(a, 10, 2), "--seed", str(a.seed)]
+
+
+def label(a, data, policy, prompts, out, noise, max_prompts, seed, repeat):
+    """K samples per prompt of `policy` (comma-separated: shared out), ranked by the gold labeler of temperature
+    `noise` (label.py --labeler fn)."""
+    return [PY, "label.py", "--policy", policy, "--prompts", f"{data}/{prompts}", "--k", quick(a, 8, 4),
+            "--rankings_per_prompt", repeat, "--labeler", "fn", "--labeler_fn", f"{LAB}/gold.py:labeler",
+            "--labeler_arg", data, "--label_noise", str(noise), "--out", out, "--temperature", "1.0", *sampling(a),
+            "--batch_size", "16", "--max_prompts", max_prompts, "--seed", str(seed)]
+
+
+def reward(a, d, init_from, train_files, out_dir):
+    return [PY, "reward.py", "--init_from", init_from, "--data_dir", d, "--train_files", train_files,
+            "--val_files", "rankings_val.jsonl", "--demo_file", "data/sft_val.jsonl", "--out_dir", out_dir,
+            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", quick(a, 4, 1), "--batch_size", "8",
+            "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", quick(a, 5, 1), "--eval_interval", quick(a, 10, 1),
+            "--seed", str(a.seed)]
+
+
+def ppo(a, data, sft_ckpt, reward_ckpt, out_dir, *extra, kl_coef=KL_COEF, every=None):
+    return [PY, "ppo.py", "--sft_ckpt", sft_ckpt, "--reward_ckpt", reward_ckpt, "--data_dir", data,
+            "--out_dir", out_dir, *sampling(a), "--batch_size", quick(a, 32, 4), "--minibatch_size", quick(a, 16, 2),
+            "--noptepochs", "2", "--lr", "3e-4", "--warmup_iters", quick(a, 3, 1), "--iters", quick(a, 30, 2),
+            "--eval_interval", every or quick(a, 10, 2), "--eval_prompts", quick(a, 16, 4),
+            "--sample_every", quick(a, 10, 1), "--kl_coef", str(kl_coef), "--seed", str(a.seed), *extra]
+
+
+def ptx(data):
+    """PPO-ptx: the world's corpus as the pretraining mix."""
+    return ["--ptx_coef", "1.0", "--ptx_file", f"{data}/corpus_train.jsonl", "--ptx_batch_size", "4",
+            "--ptx_max_tokens", "48"]
+
+
 def lab_steps(a):
     """The lab pipeline: [(name, argv)]."""
-    d, data, q = a.out_dir, os.path.join(a.out_dir, "data"), a.quick
-    n = lambda full, quick: str(quick if q else full)  # a step size, shrunk by --quick
-    seed = ["--seed", str(a.seed)]
-    sampling = ["--max_prompt_tokens", "32", "--max_new_tokens", n(24, 8)]
-    steps = [
-        ("world", [PY, f"{LAB}/prepare.py", "--out_dir", data, *seed] + (["--quick"] if q else [])),
-        ("pretrain", [PY, "sft.py", "--init_from", "scratch", *LAB_MODEL, "--dropout", "0", "--data_dir", data,
-                      "--train_file", "corpus_train.jsonl", "--val_file", "corpus_val.jsonl", "--out_dir", f"{d}/base",
-                      "--max_prompt_tokens", "1", "--max_response_tokens", "80", "--num_eval_samples", "0",
-                      "--batch_size", "16", "--grad_accum", "1", "--max_steps", n(600, 3), "--lr", "3e-3",
-                      "--min_lr", "3e-4", "--warmup_steps", n(10, 1), "--eval_interval", n(100, 3),
-                      "--eval_examples", n(100, 8), *seed]),
-        ("sft", [PY, "sft.py", "--init_from", f"{d}/base/ckpt.pt", "--dropout", "0", "--data_dir", data,
-                 "--out_dir", f"{d}/sft", "--max_prompt_tokens", "32", "--max_response_tokens", "40",
-                 "--max_new_tokens", "24", "--batch_size", "8", "--grad_accum", "1", "--max_steps", n(20, 2),
-                 "--lr", "3e-4", "--min_lr", "1e-4", "--warmup_steps", n(5, 1), "--eval_interval", n(10, 2), *seed]),
-    ]
-    label = lambda policy, prompts, out, noise, max_prompts, label_seed, repeat="1": [
-        PY, "label.py", "--policy", policy, "--prompts", f"{data}/{prompts}", "--k", n(8, 4),
-        "--rankings_per_prompt", repeat, "--labeler", "fn",
-        "--labeler_fn", f"{LAB}/gold.py:labeler", "--labeler_arg", data, "--label_noise", str(noise), "--out", out,
-        "--temperature", "1.0", *sampling, "--batch_size", "16", "--max_prompts", max_prompts,
-        "--seed", str(label_seed)]
-    reward = lambda train_files, out_dir: [
-        PY, "reward.py", "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", d, "--train_files", train_files,
-        "--val_files", "rankings_val.jsonl", "--demo_file", "data/sft_val.jsonl", "--out_dir", out_dir,
-        "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", n(4, 1), "--batch_size", "8",
-        "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", n(5, 1), "--eval_interval", n(10, 1), *seed]
-    ppo = lambda reward_ckpt, out_dir, *extra, kl_coef=KL_COEF, every=n(10, 2): [
-        PY, "ppo.py", "--sft_ckpt", f"{d}/sft/ckpt.pt", "--reward_ckpt", reward_ckpt, "--data_dir", data,
-        "--out_dir", out_dir, *sampling, "--batch_size", n(32, 4), "--minibatch_size", n(16, 2), "--noptepochs", "2",
-        "--lr", "3e-4", "--warmup_iters", n(3, 1), "--iters", n(30, 2), "--eval_interval", every,
-        "--eval_prompts", n(16, 4), "--sample_every", n(10, 1), "--kl_coef", str(kl_coef), *seed, *extra]
+    d, data = a.out_dir, os.path.join(a.out_dir, "data")
+    steps = [world_step(a, data), ("pretrain", pretrain(a, data, f"{d}/base", LAB_MODEL)),
+             ("sft", sft(a, data, f"{d}/base/ckpt.pt", f"{d}/sft"))]
     steps += [
         # Round 1: K samples per prompt, ranked by the noisy labelers -> reward model -> PPO.
         # DEVIATION: the paper ranks each prompt once; the world has only 115 labeling prompts, so each is ranked 4
@@ -92,42 +138,69 @@ def lab_steps(a):
         # DEVIATION: half of round 1's K samples come from the base model, half from SFT (the paper's comparisons
         # are of several models' outputs). SFT's demonstrations removed the corpus's evasive and wrong answers to
         # factual questions; an RM that never sees them ranked learns that "I don't know" is always good.
-        ("label", label(f"{d}/sft/ckpt.pt,{d}/base/ckpt.pt", "prompts_label.jsonl", f"{d}/rankings.jsonl",
-                        a.label_noise, n(0, 4), a.seed, n(4, 1))),
+        ("label", label(a, data, f"{d}/sft/ckpt.pt,{d}/base/ckpt.pt", "prompts_label.jsonl", f"{d}/rankings.jsonl",
+                        a.label_noise, quick(a, 0, 4), a.seed, quick(a, 4, 1))),
         # the reward models' validation rankings: exact gold order, on a few PPO prompts
-        ("label_val", label(f"{d}/sft/ckpt.pt", "prompts_train.jsonl", f"{d}/rankings_val.jsonl", 0, n(16, 2),
-                            a.seed + 1)),
-        ("reward_round1", reward("rankings.jsonl", f"{d}/reward_round1")),
-        ("ppo_round1", ppo(f"{d}/reward_round1/ckpt.pt", f"{d}/ppo_round1")),
+        ("label_val", label(a, data, f"{d}/sft/ckpt.pt", "prompts_train.jsonl", f"{d}/rankings_val.jsonl", 0,
+                            quick(a, 16, 2), a.seed + 1, "1")),
+        ("reward_round1", reward(a, d, f"{d}/sft/ckpt.pt", "rankings.jsonl", f"{d}/reward_round1")),
+        ("ppo_round1", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward_round1/ckpt.pt", f"{d}/ppo_round1")),
         # Round 2 (the paper's loop, section 3.1): K/2 samples of the round-1 PPO policy and K/2 of SFT per prompt,
         # ranked; the reward model retrained on both rounds learns what the first one missed (the policy's exploits)
-        ("label_round2", label(f"{d}/ppo_round1/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
-                               f"{d}/rankings_round2.jsonl", a.label_noise, n(0, 4), a.seed + 2, n(4, 1))),
-        ("reward", reward("rankings.jsonl,rankings_round2.jsonl", f"{d}/reward")),
+        ("label_round2", label(a, data, f"{d}/ppo_round1/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
+                               f"{d}/rankings_round2.jsonl", a.label_noise, quick(a, 0, 4), a.seed + 2,
+                               quick(a, 4, 1))),
+        ("reward", reward(a, d, f"{d}/sft/ckpt.pt", "rankings.jsonl,rankings_round2.jsonl", f"{d}/reward")),
         # DPO (Rafailov et al. 2023): the SFT model trained directly on every ranked pair the final reward model
         # saw, with PPO's beta, no reward model and no RL
         ("dpo", [PY, "dpo.py", "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", d,
                  "--train_files", "rankings.jsonl,rankings_round2.jsonl", "--val_files", "rankings_val.jsonl",
                  "--out_dir", f"{d}/dpo", "--max_prompt_tokens", "32", "--max_response_tokens", "40",
-                 "--beta", str(KL_COEF), "--batch_size", "32", "--max_steps", n(300, 2), "--lr", "1e-4",
-                 "--warmup_steps", n(10, 1), "--eval_interval", n(50, 1), *seed]),
-        ("ppo", ppo(f"{d}/reward/ckpt.pt", f"{d}/ppo")),
-        ("ppo_ptx", ppo(f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", "--ptx_coef", "1.0", "--ptx_file",
-                        f"{data}/corpus_train.jsonl", "--ptx_batch_size", "4", "--ptx_max_tokens", "48")),
+                 "--beta", str(KL_COEF), "--batch_size", "32", "--max_steps", quick(a, 150, 2), "--lr", "1e-4",
+                 "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 25, 1), "--seed", str(a.seed)]),
+        ("ppo", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/ppo")),
+        ("ppo_ptx", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", *ptx(data))),
         # Over-optimisation (Gao et al. 2022): the round-1 reward model, no KL penalty, the policy kept at every
         # evaluation (ckpt_NNNN.pt)
-        ("overopt", ppo(f"{d}/reward_round1/ckpt.pt", f"{d}/overopt", "--keep_checkpoints", "true", kl_coef=0,
-                        every=n(2, 1))),
+        ("overopt", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward_round1/ckpt.pt", f"{d}/overopt",
+                        "--keep_checkpoints", "true", kl_coef=0, every=quick(a, 2, 1))),
         ("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d, "--base", f"{d}/base/ckpt.pt",
                       "--sft", f"{d}/sft/ckpt.pt", "--ppo_round1", f"{d}/ppo_round1/ckpt.pt",
                       "--ppo", f"{d}/ppo/ckpt.pt", "--ppo_ptx", f"{d}/ppo_ptx/ckpt.pt", "--dpo", f"{d}/dpo/ckpt.pt",
                       "--reward", f"{d}/reward/ckpt.pt",
                       "--reward_round1", f"{d}/reward_round1/ckpt.pt", "--overopt", f"{d}/overopt",
                       "--rankings", f"{d}/rankings.jsonl", "--label_noise", str(a.label_noise),
-                      "--samples", n(4, 1), "--rm_samples", n(8, 4), "--bon_samples", n(64, 4),
-                      "--max_prompts", n(0, 6),
-                      "--max_new_tokens", n(24, 8), *seed]),
+                      "--samples", quick(a, 4, 1), "--rm_samples", quick(a, 8, 4), "--bon_samples", quick(a, 64, 4),
+                      "--max_prompts", quick(a, 0, 6), "--max_new_tokens", quick(a, 24, 8), "--seed", str(a.seed)]),
     ]
+    return steps
+
+
+def lab_sizes_steps(a):
+    """Figure 1 in miniature: the base model, SFT, PPO and PPO-ptx at each of SIZES, every policy judged by the
+    exact gold against the largest SFT model. One reward model for every size, trained from the largest SFT model
+    on rankings of the largest SFT and base models' samples (the paper's PPO models of every size used one 6B RM)."""
+    d, data = a.out_dir, os.path.join(a.out_dir, "data")
+    largest = SIZES[-1][0]
+    steps = [world_step(a, data)]
+    for name, shape in SIZES:
+        steps += [(f"pretrain_{name}", pretrain(a, data, f"{d}/{name}/base", shape)),
+                  (f"sft_{name}", sft(a, data, f"{d}/{name}/base/ckpt.pt", f"{d}/{name}/sft"))]
+    steps += [
+        ("label", label(a, data, f"{d}/{largest}/sft/ckpt.pt,{d}/{largest}/base/ckpt.pt", "prompts_label.jsonl",
+                        f"{d}/rankings.jsonl", a.label_noise, quick(a, 0, 4), a.seed, quick(a, 4, 1))),
+        ("label_val", label(a, data, f"{d}/{largest}/sft/ckpt.pt", "prompts_train.jsonl", f"{d}/rankings_val.jsonl",
+                            0, quick(a, 16, 2), a.seed + 1, "1")),
+        ("reward", reward(a, d, f"{d}/{largest}/sft/ckpt.pt", "rankings.jsonl", f"{d}/reward")),
+    ]
+    for name, _ in SIZES:
+        steps += [(f"ppo_{name}", ppo(a, data, f"{d}/{name}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/{name}/ppo")),
+                  (f"ppo_ptx_{name}", ppo(a, data, f"{d}/{name}/sft/ckpt.pt", f"{d}/reward/ckpt.pt",
+                                          f"{d}/{name}/ppo_ptx", *ptx(data)))]
+    steps.append(("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d, "--figure1", d,
+                               "--sizes", ",".join(name for name, _ in SIZES), "--reward", f"{d}/reward/ckpt.pt",
+                               "--samples", quick(a, 4, 1), "--max_prompts", quick(a, 0, 6),
+                               "--max_new_tokens", quick(a, 24, 8), "--seed", str(a.seed)]))
     return steps
 
 
@@ -243,7 +316,7 @@ def record_times(out_dir, times):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("lab", "hh"), required=True)
+    p.add_argument("--task", choices=("lab", "lab_sizes", "hh"), required=True)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out_dir", default="", help="default out/lab or out/hh")
     p.add_argument("--quick", action="store_true", help="shrink every step to seconds (tests)")
@@ -276,9 +349,9 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     os.chdir(os.path.dirname(os.path.abspath(__file__)))  # stage scripts are called by relative path
-    steps = lab_steps(a) if a.task == "lab" else hh_steps(a)
+    steps = {"lab": lab_steps, "lab_sizes": lab_sizes_steps, "hh": hh_steps}[a.task](a)
     times = run_steps(steps, a.out_dir, a.dry_run, a.from_step, a.in_process)
-    if a.task == "lab" and not a.dry_run:
+    if a.task in ("lab", "lab_sizes") and not a.dry_run:
         record_times(a.out_dir, times)
     elif not a.dry_run:
         print(f"\ndone in {sum(times.values()) / 60:.1f} min: {a.out_dir}/winrate.json")

@@ -75,7 +75,7 @@ class Config:
     n_head: int = 12  # (same)
     n_embd: int = 768  # (same)
     block_size: int = 1024  # (same) maximum sequence length
-    vocab: str = ""  # (same) a world's vocab.json (data/lab/prepare.py): rows for its tokens only; "" = GPT-2's 50257
+    vocab: str = ""  # (same) a world's vocab.json (the lab's prepare.py writes one): rows for its tokens only; "" = all
     dropout: float = 0.2  # InstructGPT 3.5: residual dropout 0.2 (this one knob also drops attention and embeddings)
     # optim
     max_steps: int = 2000  # optimizer steps; epochs = max_steps * batch_size * grad_accum / #train demonstrations

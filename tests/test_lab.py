@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -192,6 +193,36 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
         assert (out / name).is_file()
 
 
+def test_lab_sizes_quick_writes_a_figure1_block_of_the_documented_shape(tmp_path):
+    """Figure 1 in miniature: three sizes spanning >= 8x in parameters, base/sft/ppo/ppo_ptx at each, judged against
+    the largest SFT model."""
+    import pipeline
+    out = tmp_path / "sizes"
+    run = subprocess.run([sys.executable, "pipeline.py", "--task", "lab_sizes", "--quick", "--in_process",
+                          "--out_dir", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    block = results["figure1"]
+    names = [name for name, _ in pipeline.SIZES]
+    assert block["reference"] == f"sft@{names[-1]}" and [s["name"] for s in block["sizes"]] == names
+    params = [s["params"] for s in block["sizes"]]
+    assert all(isinstance(p, int) for p in params) and params == sorted(params) and params[-1] >= 8 * params[0]
+    n = results["n_prompts"] * results["samples_per_prompt"]
+    for size in block["sizes"]:
+        assert set(size["policies"]) == {"base", "sft", "ppo", "ppo_ptx"}
+        for kind, p in size["policies"].items():
+            assert 0 <= p["win_rate"] <= 1 and 0 <= p["gold_score"] <= 3, (size["name"], kind)
+            lo, hi = p["win_rate_ci"]
+            assert lo <= p["win_rate"] <= hi
+            # the interval is Wilson's for n comparisons at this win rate (ties count half, so wins = rate * n)
+            assert [lo, hi] == pytest.approx(list(wilson_interval(p["win_rate"] * n, n)))
+    reference = block["sizes"][-1]["policies"]["sft"]
+    assert reference["win_rate"] == 0.5 and reference["win_rate_ci"][0] < 0.5  # against itself: the same samples
+    assert (out / "figure1.png").is_file() and "| large |" in (out / "results.md").read_text()
+    assert isinstance(results["minutes"], float) and set(results["step_seconds"]) >= {"evaluate", "reward"}
+
+
 @pytest.mark.parametrize("in_process", [False, True])
 def test_run_steps_runs_scripts_in_order_and_stops_at_a_failure(tmp_path, in_process, capsys):
     """Each step is `python script args`, as a subprocess or through runpy: the script sees its arguments and
@@ -220,7 +251,7 @@ def test_run_steps_runs_scripts_in_order_and_stops_at_a_failure(tmp_path, in_pro
         assert "RuntimeError: a crash" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["lab", "hh"])
+@pytest.mark.parametrize("task", ["lab", "lab_sizes", "hh"])
 @pytest.mark.parametrize("quick", [False, True])
 def test_pipeline_commands_use_only_existing_flags(task, quick):
     """Every stage call pipeline.py makes parses with that stage's own Config and presets (a mistyped flag
@@ -228,10 +259,10 @@ def test_pipeline_commands_use_only_existing_flags(task, quick):
     import pipeline
     from lib.config import parse_config
     a = pipeline.parse_args(["--task", task] + (["--quick"] if quick else []))
-    steps = pipeline.lab_steps(a) if task == "lab" else pipeline.hh_steps(a)
+    steps = {"lab": pipeline.lab_steps, "lab_sizes": pipeline.lab_sizes_steps, "hh": pipeline.hh_steps}[task](a)
     checked = 0
     for name, argv in steps:
-        if argv[1] in ("sft.py", "reward.py", "ppo.py", "label.py", "evaluate.py"):
+        if argv[1] in ("sft.py", "reward.py", "ppo.py", "label.py", "evaluate.py", "dpo.py"):
             module = __import__(argv[1][:-3])
             parse_config(module.Config, module.CONFIGS, argv[2:])  # exits on an unknown flag or a bad value
             checked += 1
@@ -347,6 +378,7 @@ class Named:
 
     def __init__(self, path):
         self.path = path
+        self.config = types.SimpleNamespace(vocab=None)  # GPT-2's vocabulary
 
     def eval(self):
         return self
@@ -380,6 +412,7 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
     monkeypatch.setattr(evaluate_lab, "load_model", lambda path, kind, device: (Named(path), {}))
     monkeypatch.setattr(evaluate_lab, "sample", fake_sample)
     monkeypatch.setattr(evaluate_lab, "corpus_loss", lambda policy, enc, docs: 2.5)
+    monkeypatch.setattr(evaluate_lab, "value_check", lambda world, reward_model, enc, prompts: 0.5)
     monkeypatch.setattr(evaluate_lab, "plot_stages", lambda policies, path, title: None)
     monkeypatch.chdir(tmp_path)
     for name in ("sft.pt", "ppo.pt", "rm.pt"):  # the flags name existing files (main checks); load_model is faked
@@ -403,6 +436,28 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------------------------------- best-of-n, Gao's forms
+
+def test_value_check_counts_the_right_value_scored_above_each_wrong_one(monkeypatch):
+    """A reward model that scores exactly the right value high checks every pair (1.0); one that cannot tell values
+    apart is at chance (0.5); one that prefers a single wrong value loses that pair only."""
+    import torch
+    world, prompts, _ = small_world()
+    world["fact_sentences"] = {k: v[1] for k, v in prepare.KNOWN.items()}
+    enc = get_tokenizer()
+    q = world["questions"][prompts[0]]  # the helpful one: the capital of a land, 8 capitals in the world
+    wrong = [v for v in world["values"]["capital"] if v != q["answer"]][0]
+
+    def scorer(points):
+        def score_sequences(reward_model, ids, attention_mask):
+            texts = [enc.decode([t for t, m in zip(row, mask) if m]) for row, mask in zip(ids.tolist(),
+                                                                                         attention_mask.tolist())]
+            return torch.tensor([float(next((v for k, v in points.items() if f" {k}." in t), 0.0)) for t in texts])
+        return score_sequences
+    cases = [({q["answer"]: 1.0}, 1.0), ({}, 0.5), ({q["answer"]: 1.0, wrong: 2.0}, 6 / 7)]
+    for points, expected in cases:
+        monkeypatch.setattr(evaluate_lab, "score_sequences", scorer(points))
+        assert evaluate_lab.value_check(world, None, enc, prompts) == pytest.approx(expected), points
+
 
 def test_best_of_n_kl_in_closed_form_against_an_enumeration():
     """For a base distribution over M outcomes with distinct rewards, best-of-n picks outcome i (i-th lowest) with

@@ -52,10 +52,9 @@ import torch  # noqa: E402
 from lib.checkpoints import atomic_write_text, load_model  # noqa: E402
 from lib.config import PATH_KINDS, path_problem  # noqa: E402
 from lib.data import read_jsonl  # noqa: E402
-from lib.responses import decode_responses, sample_and_score, sequence_kl  # noqa: E402
+from lib.responses import decode_responses, sample_and_score, score_sequences, sequence_kl  # noqa: E402
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right  # noqa: E402
 from lib.winrate import wilson_interval, win_rate  # noqa: E402
-from model import token_logprobs  # noqa: E402
 
 sys.path.insert(0, HERE)
 from gold import gold_score, load_world, verdict  # noqa: E402
@@ -91,8 +90,7 @@ def corpus_loss(policy, enc, docs, max_tokens=80, batch_size=32):
     for i in range(0, len(seqs), batch_size):
         ids, mask = pad_right(seqs[i:i + batch_size])  # (B, T)
         keep = mask[:, 1:].bool()  # (B, T-1): predicted tokens
-        logits = policy.lm_head(policy.transformer(ids[:, :-1])[keep])  # (N, V): the output layer where counted
-        nll = -token_logprobs(logits, ids[:, 1:][keep])  # (N,)
+        nll = -policy(ids[:, :-1], targets=ids[:, 1:])[keep]  # (N,)
         n = int(keep.sum())
         total += (nll.sum() / n).item() * n  # (as sft.py's validation loss sums it)
         count += n
@@ -143,6 +141,27 @@ def reward_model_agreement(world, reward_model, sft, enc, prompts, k, max_new_to
             "labelers_ceiling": {"rm_vs_noisy": rm_vs_noisy / max(n_labelled, 1),
                                  "gold_vs_noisy": gold_vs_noisy / max(n_labelled, 1),
                                  "rm_vs_gold": agree / max(n, 1), "n_pairs": n_labelled}}
+
+
+@torch.no_grad()
+def value_check(world, reward_model, enc, prompts):
+    """Can the reward model check a value against the facts? For every helpful held-out prompt, the fact sentence
+    ("The flag of X is V.") with each value the world has for that attribute: the share of (right, wrong) pairs in
+    which the right value scores higher. 0.5 is chance; the sentences differ in the value only."""
+    right_higher, n = 0, 0
+    for prompt in prompts:
+        q = world["questions"][prompt]
+        if q["category"] != "helpful":
+            continue
+        values = world["values"][q["kind"]]
+        texts = [" " + world["fact_sentences"][q["kind"]].format(L=q["land"], V=v) for v in values]
+        seqs = [enc.encode_ordinary(prompt) + enc.encode_ordinary(t) + [EOS] for t in texts]
+        ids, mask = pad_right(seqs)  # (V, T)
+        scores = score_sequences(reward_model, ids, mask)  # (n_values,) each read at its EOS
+        right = scores[values.index(q["answer"])]
+        right_higher += float((right > scores).sum()) + 0.5 * (float((right == scores).sum()) - 1)
+        n += len(values) - 1
+    return right_higher / max(n, 1)
 
 
 def labeler_prefers(gold_a, gold_b, noise):
@@ -269,6 +288,105 @@ def plot_stages(policies, path, title):
     os.replace(path + ".tmp.png", path)
 
 
+# ----------------------------------------------------------------------------------------------
+# Figure 1 in miniature (pipeline.py --task lab_sizes)
+
+FIGURE1_KINDS = ("base", "sft", "ppo", "ppo_ptx")
+
+
+def figure1(args, world, prompts):
+    """InstructGPT's Figure 1 in miniature: the base model, SFT, PPO and PPO-ptx of every size in --sizes
+    (smallest first; DIR/<size>/<kind>/ckpt.pt under --figure1 DIR), each judged by the exact gold against the
+    LARGEST SFT model on the held-out prompts: win rate (ties half) with a Wilson 95% interval and the gold score.
+    Every policy samples with the same seeds, so the reference against itself is exactly 0.5. Writes
+    DIR/results.json ("figure1"), DIR/results.md and DIR/figure1.png."""
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    path = lambda size, kind: os.path.join(args.figure1, size, kind, "ckpt.pt")
+    missing = [path(s, k) for s in sizes for k in FIGURE1_KINDS if not os.path.isfile(path(s, k))]
+    if missing:
+        sys.exit(f"error: --figure1 {args.figure1} lacks {len(missing)} checkpoint(s), e.g. {missing[0]}: run "
+                 f"python pipeline.py --task lab_sizes first")
+    load = lambda p, kind="gpt": load_model(p, kind, device="cpu")[0].eval()
+    reward_model = load(args.reward, "scalar")
+    reference = load(path(sizes[-1], "sft"))
+    enc = get_tokenizer(reference.config.vocab)
+    ref_scores, _ = judge(world, prompts, sample(reference, reference, reward_model, enc, prompts, args.samples,
+                                                 args.max_new_tokens, args.seed))
+    block = {"reference": f"sft@{sizes[-1]}", "sizes": []}
+    for size in sizes:
+        sft = load(path(size, "sft"))
+        entry = {"name": size, "params": sft.num_params(), "policies": {}}
+        for kind in FIGURE1_KINDS:
+            policy = sft if kind == "sft" else load(path(size, kind))
+            rows = sample(policy, sft, reward_model, enc, prompts, args.samples, args.max_new_tokens, args.seed)
+            scores, categories = judge(world, prompts, rows)
+            wr = win_rate(scores, ref_scores)
+            ci = list(wilson_interval(wr["wins"] + 0.5 * wr["ties"], wr["n"]))
+            entry["policies"][kind] = {
+                "win_rate": wr["win_rate"], "win_rate_ci": ci,
+                "gold_score": sum(scores) / len(scores), **categories,
+                "kl_to_sft": sum(r[3] for r in rows) / len(rows), "rm_score": sum(r[4] for r in rows) / len(rows)}
+            print(f"{size} ({entry['params'] / 1e6:.2f}M) {kind}: {entry['policies'][kind]}", flush=True)
+        block["sizes"].append(entry)
+    results = {"seed": args.seed, "minutes": None, "n_prompts": len(prompts), "samples_per_prompt": args.samples,
+               "reward": args.reward, "figure1": block}
+    plot_figure1(block, os.path.join(args.figure1, "figure1.png"), f"lab, seed {args.seed}: win rate against "
+                 f"{block['reference']}, exact gold judge, {len(prompts)} held-out prompts x {args.samples}")
+    atomic_write_text(os.path.join(args.figure1, "results.json"), json.dumps(results, indent=1) + "\n")
+    atomic_write_text(os.path.join(args.figure1, "results.md"), figure1_markdown(results))
+    print(figure1_markdown(results))
+    return results
+
+
+def plot_figure1(block, path, title):
+    """Win rate against the reference vs parameters (log scale), one line per policy kind, like the paper's
+    Figure 1, with the Wilson intervals as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    params = [s["params"] for s in block["sizes"]]
+    style = {"base": ("tab:grey", "o"), "sft": ("tab:blue", "s"), "ppo": ("tab:red", "^"),
+             "ppo_ptx": ("tab:orange", "v")}
+    for kind in FIGURE1_KINDS:
+        wr = np.array([s["policies"][kind]["win_rate"] for s in block["sizes"]])
+        ci = np.array([s["policies"][kind]["win_rate_ci"] for s in block["sizes"]])
+        colour, marker = style[kind]
+        ax.errorbar(params, wr, yerr=[wr - ci[:, 0], ci[:, 1] - wr], color=colour, marker=marker, capsize=3,
+                    label={"base": "base (GPT)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}[kind])
+    ax.set_xscale("log")
+    ax.set_xticks(params)
+    ax.set_xticklabels([f"{s['name']}\n{s['params'] / 1e6:.2f}M" for s in block["sizes"]])
+    ax.minorticks_off()
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("model size (parameters)")
+    ax.set_ylabel(f"win rate against {block['reference']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def figure1_markdown(results):
+    block = results["figure1"]
+    lines = [f"# Figure 1 in miniature, seed {results['seed']}", "",
+             f"Win rate against {block['reference']} by the exact gold, {results['n_prompts']} held-out prompts x "
+             f"{results['samples_per_prompt']} samples (ties half, Wilson 95% interval).", "",
+             "| size | parameters | policy | win rate [95% CI] | gold score | helpful | truthful | harmless |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in block["sizes"]:
+        for kind, p in s["policies"].items():
+            lo, hi = p["win_rate_ci"]
+            lines.append(f"| {s['name']} | {s['params'] / 1e6:.2f}M | {kind} | {p['win_rate']:.2f} [{lo:.2f}, "
+                         f"{hi:.2f}] | {p['gold_score']:.2f} | {p['helpful']:.2f} | {p['truthful']:.2f} | "
+                         f"{p['harmless']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results):
     lines = [f"# Lab results, seed {results['seed']}", "",
              "| policy | gold score | win rate vs SFT [95% CI] | helpful | truthful | harmless | KL to SFT | RM score "
@@ -284,10 +402,14 @@ def markdown(results):
     lines += ["", f"Reward model: agreement with the exact gold {rm['gold_agreement']:.3f} on {rm['n_pairs']} held-out "
                   f"pairs of SFT samples ({rm['gold_tie_share']:.0%} of pairs tied by the gold, left out); "
                   f"'prefer the shorter' on the same pairs: {rm['length_baseline_agreement']:.3f}."]
+    if "value_check" in rm:
+        lines += [f"Value check: the right value of a fact sentence scored above a wrong one in "
+                  f"{rm['value_check']:.3f} of such pairs (0.5 is chance)."]
     if "reward_model_round1" in results:
         rm1 = results["reward_model_round1"]
         lines += [f"Round-1 reward model (first-round rankings only): agreement {rm1['gold_agreement']:.3f} on "
-                  f"{rm1['n_pairs']} pairs."]
+                  f"{rm1['n_pairs']} pairs" + (f", value check {rm1['value_check']:.3f}." if "value_check" in rm1
+                                               else ".")]
     lab = results["labeler"]
     lines += [f"Labelers: Bradley-Terry noise T = {lab['noise']}, agreement with the exact gold "
               f"{lab['agreement_with_gold']:.3f}" + (f" on {lab['n_pairs']} ranked pairs; 'prefer the shorter' on the "
@@ -320,6 +442,10 @@ def main(argv=None):
     for stage in STAGES:
         parser.add_argument(f"--{stage}", default="", help=f"{stage} policy checkpoint")
     parser.add_argument("--reward", required=True, help="the final reward model checkpoint (reward.py)")
+    parser.add_argument("--figure1", default="", help="Figure 1 instead (pipeline.py --task lab_sizes): the folder "
+                        "holding <size>/{base,sft,ppo,ppo_ptx}/ckpt.pt for every size of --sizes")
+    parser.add_argument("--sizes", default="", help="with --figure1: the size names, smallest first; the largest "
+                        "SFT model is the reference")
     parser.add_argument("--reward_round1", default="", help="the round-1 reward model, if there were two rounds: its "
                         "agreement is reported too, and the over-optimisation run, which optimised it, is scored by it")
     parser.add_argument("--overopt", default="", help="folder of ckpt_NNNN.pt checkpoints of a kl_coef 0 PPO run")
@@ -341,9 +467,12 @@ def main(argv=None):
     for flag, low in lowest.items():
         if not getattr(args, flag) >= low:  # (also refuses nan)
             parser.error(f"--{flag} {getattr(args, flag)} is out of range: it must be >= {low}")
-    if not args.sft:
+    if args.figure1 and not args.sizes:
+        parser.error("--figure1 needs --sizes: the size names under it, smallest first")
+    if not args.sft and not args.figure1:
         parser.error("--sft is required: the SFT policy every other policy is compared with")
     for flag, kind in (("data_dir", "dir"), ("out_dir", "out_dir"), ("overopt", "dir"), ("rankings", "file"),
+                       ("figure1", "dir"),
                        ("reward", "model"), ("reward_round1", "model"), *((stage, "model") for stage in STAGES)):
         problem = (getattr(args, flag) or flag == "out_dir") and path_problem(getattr(args, flag), kind)
         if problem:
@@ -352,7 +481,6 @@ def main(argv=None):
     t0 = time.time()
     os.makedirs(args.out_dir, exist_ok=True)
     world = load_world(args.data_dir)
-    enc = get_tokenizer()
     # strictly: the held-out files define what every number below is measured on
     rows = read_jsonl(os.path.join(args.data_dir, "prompts_val.jsonl"), "held-out prompts", {"prompt": str},
                       strict=True)
@@ -362,19 +490,24 @@ def main(argv=None):
     docs = [r["response"] for r in read_jsonl(os.path.join(args.data_dir, "corpus_val.jsonl"), "held-out corpus",
                                               {"response": str}, strict=True)]
     docs = docs[:args.corpus_docs]
+    if args.figure1:
+        return figure1(args, world, prompts)
     load = lambda path, kind: load_model(path, kind, device="cpu")[0].eval()
     sft = load(args.sft, "gpt")
+    enc = get_tokenizer(sft.config.vocab)  # the world's vocabulary, which every model of the lab shares
     reward_model = load(args.reward, "scalar")
     reward_round1 = load(args.reward_round1, "scalar") if args.reward_round1 else reward_model
 
     results = {"seed": args.seed, "minutes": None,
                "labeler": {"noise": args.label_noise, "agreement_with_gold": float("nan")},
-               "reward_model": reward_model_agreement(world, reward_model, sft, enc, prompts, args.rm_samples,
-                                                      args.max_new_tokens, args.seed, args.label_noise),
+               "reward_model": {**reward_model_agreement(world, reward_model, sft, enc, prompts, args.rm_samples,
+                                                         args.max_new_tokens, args.seed, args.label_noise),
+                                "value_check": value_check(world, reward_model, enc, prompts)},
                "policies": {}, "overoptimisation": [], "n_prompts": len(prompts), "samples_per_prompt": args.samples}
     if args.reward_round1:
-        results["reward_model_round1"] = reward_model_agreement(world, reward_round1, sft, enc, prompts,
-                                                                args.rm_samples, args.max_new_tokens, args.seed)
+        results["reward_model_round1"] = {**reward_model_agreement(world, reward_round1, sft, enc, prompts,
+                                                                   args.rm_samples, args.max_new_tokens, args.seed),
+                                          "value_check": value_check(world, reward_round1, enc, prompts)}
         results["reward_model_round1"].pop("labelers_ceiling")
         print(f"round-1 reward model: {results['reward_model_round1']}")
     if args.rankings and os.path.isfile(args.rankings):
