@@ -125,6 +125,12 @@ def plot_metrics(metrics_path, png_path, panels, title=None):
         ax.axis("off")
     if title:
         fig.suptitle(title)
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path):
+    """Lay out a matplotlib figure and write it atomically (temp file + rename), then free it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = png_path + ".tmp.png"
     fig.savefig(tmp, dpi=90)

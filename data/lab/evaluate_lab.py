@@ -54,6 +54,7 @@ from lib.config import PATH_KINDS, path_problem  # noqa: E402
 from lib.data import read_jsonl  # noqa: E402
 from lib.responses import decode_responses, sample_and_score, score_sequences, sequence_kl  # noqa: E402
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right  # noqa: E402
+from lib.tracking import save_figure  # noqa: E402
 from lib.winrate import wilson_interval, win_rate  # noqa: E402
 
 sys.path.insert(0, HERE)
@@ -259,10 +260,7 @@ def plot_overoptimisation(points, bon, fits, path, title):
     ax2.set_ylabel("gold score (0..3)", color="tab:red")
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
 
 
 def plot_stages(policies, path, title):
@@ -282,10 +280,7 @@ def plot_stages(policies, path, title):
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.legend(fontsize=8, ncol=4)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,10 +360,7 @@ def plot_figure1(block, path, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
 
 
 def figure1_markdown(results):
