@@ -144,7 +144,7 @@ def main(cfg):
     for name, ckpt in (("a", cfg.policy_a), ("b", cfg.policy_b)):
         policy, _ = load_model(ckpt, kind="gpt", device=device)
         policy.eval()
-        enc = get_tokenizer(policy.config.vocab)  # GPT-2's, or refusing words outside a world's vocabulary
+        enc = get_tokenizer(policy.config.vocab)  # GPT-2's, or the world's of a lab model (config.vocab)
         require(cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size,
                 f"max_prompt_tokens + max_new_tokens exceeds the block_size {policy.config.block_size} of {ckpt}")
         t0 = time.time()

@@ -358,7 +358,7 @@ def label(cfg, input_fn):
                 f"block_size {policy.config.block_size} of {path}")
     require(len({tuple(policy.config.vocab or ()) for policy in policies}) == 1, f"the --policy checkpoints "
             f"({', '.join(paths)}) have different vocabularies: rank samples of models of one vocabulary")
-    enc = get_tokenizer(policies[0].config.vocab)  # GPT-2's, or refusing words outside a world's vocabulary
+    enc = get_tokenizer(policies[0].config.vocab)  # GPT-2's, or the world's of a lab model (config.vocab)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_rng = random.Random(cfg.seed)
 

@@ -109,7 +109,7 @@ def chat_answer(model, enc, turns, message, cfg, generator, device):
 @torch.no_grad()
 def chat(cfg, reward_model, rm_config, device):
     """Talk to one or several models; each keeps its own side of the conversation within its block_size, in its
-    own vocabulary (a message with words a world's model does not know is refused, and the chat goes on)."""
+    own vocabulary (a message with characters a world's model never saw is refused, and the chat goes on)."""
     models, encs = {}, {}
     for init_from in [p.strip() for p in cfg.init_from.split(",") if p.strip()]:
         model, _ = load_model(init_from, kind="gpt", device=device)
@@ -137,7 +137,7 @@ def chat(cfg, reward_model, rm_config, device):
                 try:
                     reply, ids, dropped = chat_answer(model, encs[name], turns[name], message, cfg, generators[name],
                                                       device)
-                except UsageError as e:  # words outside a world's vocabulary: say so, and wait for the next message
+                except UsageError as e:  # characters outside a world's vocabulary: say so, wait for the next
                     print(f"({e})")
                     continue
                 if dropped and not noticed:
@@ -174,7 +174,7 @@ def main(cfg):
     for init_from in [p.strip() for p in cfg.init_from.split(",") if p.strip()]:
         model, _ = load_model(init_from, kind="gpt", device=device)
         model.eval()
-        enc = get_tokenizer(model.config.vocab)  # GPT-2's, or refusing words outside a world's vocabulary
+        enc = get_tokenizer(model.config.vocab)  # GPT-2's, or the world's of a lab model (config.vocab)
         budget = model.config.block_size - cfg.max_new_tokens
         if budget <= 0:
             sys.exit(f"error: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "

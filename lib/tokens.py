@@ -5,8 +5,8 @@ lib/responses.py. The mask convention is model.py's: 1 on real tokens, 0 on padd
 
 A world's vocabulary (the lab's, data/lab/prepare.py's vocab.json) is a subset of GPT-2's ids: text is still
 GPT-2 BPE and ids stay GPT-2's everywhere outside the model, which holds rows for those ids only (model.py's
-Transformer.rows). It travels in the checkpoint (config.vocab), and `get_tokenizer(model.config.vocab)` refuses
-text the model has no rows for, naming it.
+Transformer.rows). It travels in the checkpoint (config.vocab); `get_tokenizer(model.config.vocab)` spells a token
+outside it with the vocabulary's own tokens and refuses text with characters the world never uses, naming them.
 """
 import json
 import sys
