@@ -305,15 +305,18 @@ def figure1(args, world, prompts):
     reward_model = load(args.reward, "scalar")
     reference = load(path(sizes[-1], "sft"))
     enc = get_tokenizer(reference.config.vocab)
-    ref_scores, _ = judge(world, prompts, sample(reference, reference, reward_model, enc, prompts, args.samples,
-                                                 args.max_new_tokens, args.seed))
+    ref_rows = sample(reference, reference, reward_model, enc, prompts, args.samples, args.max_new_tokens, args.seed)
+    ref_scores, _ = judge(world, prompts, ref_rows)
     block = {"reference": f"sft@{sizes[-1]}", "sizes": []}
     for size in sizes:
-        sft = load(path(size, "sft"))
+        sft = reference if size == sizes[-1] else load(path(size, "sft"))
         entry = {"name": size, "params": sft.num_params(), "policies": {}}
         for kind in FIGURE1_KINDS:
             policy = sft if kind == "sft" else load(path(size, kind))
-            rows = sample(policy, sft, reward_model, enc, prompts, args.samples, args.max_new_tokens, args.seed)
+            if policy is reference:  # sampled above, with the same seeds
+                rows = ref_rows
+            else:
+                rows = sample(policy, sft, reward_model, enc, prompts, args.samples, args.max_new_tokens, args.seed)
             scores, categories = judge(world, prompts, rows)
             wr = win_rate(scores, ref_scores)
             ci = list(wilson_interval(wr["wins"] + 0.5 * wr["ties"], wr["n"]))
@@ -479,11 +482,11 @@ def main(argv=None):
     if args.max_prompts:
         rows = rows[:args.max_prompts]
     prompts = [r["prompt"] for r in rows]
+    if args.figure1:
+        return figure1(args, world, prompts)
     docs = [r["response"] for r in read_jsonl(os.path.join(args.data_dir, "corpus_val.jsonl"), "held-out corpus",
                                               {"response": str}, strict=True)]
     docs = docs[:args.corpus_docs]
-    if args.figure1:
-        return figure1(args, world, prompts)
     load = lambda path, kind: load_model(path, kind, device="cpu")[0].eval()
     sft = load(args.sft, "gpt")
     enc = get_tokenizer(sft.config.vocab)  # the world's vocabulary, which every model of the lab shares
