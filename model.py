@@ -212,7 +212,7 @@ class Transformer(nn.Module):
     """The GPT-2 trunk: embeddings, blocks, final LayerNorm. Returns hidden states (B, T, C).
 
     A world's vocabulary (config.vocab, data/lab/prepare.py): text is still GPT-2 BPE and every token id outside
-    the model stays GPT-2's, but the model holds rows for the ids in config.vocab only (~270 for the lab's world
+    the model stays GPT-2's, but the model holds rows for the ids in config.vocab only (~290 for the lab's world
     instead of 50257, so its output layer is ~190x smaller). `rows` maps GPT-2 ids to those rows on the way in
     (embedding, targets), and GPT.generate maps a sampled row back to its GPT-2 id."""
 

@@ -2,10 +2,13 @@
 hand-written responses, the gold never reachable from the training stages, and pipeline.py --task lab
 --quick end to end producing results.json of the documented shape."""
 import ast
+import collections
 import filecmp
 import importlib.util
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import types
@@ -56,13 +59,30 @@ def test_world_is_deterministic_and_splits_are_disjoint(tmp_path):
     assert {r["category"] for r in read(a / "prompts_val.jsonl")} == {"helpful", "truthful", "harmless"}
     world = gold.load_world(str(a))
     assert all(p in world["questions"] for prompts in splits.values() for p in prompts)
-    # the labelers demonstrate only answering (helpful questions, two phrasings of five), and perfectly
+    # the labelers demonstrate only answering (helpful questions, two phrasings of ten), and perfectly
     demos = read(a / "sft_train.jsonl") + read(a / "sft_val.jsonl")
     assert len(demos) == 16
     for row in demos:
         q = world["questions"][row["prompt"]]
         assert q["category"] == "helpful" and q["template"] in (0, 1)
         assert gold.gold_score(world, row["prompt"], row["response"]) == 3, row
+
+
+def test_labeling_prompts_ask_each_fact_in_several_phrasings():
+    """A reward model learns a fact per phrasing (data/lab/README.md, "Checking a value"), so the labeling prompts
+    ask every fact in several phrasings, and the categories keep comparable shares of them."""
+    world = prepare.make_world(1)
+    questions = prepare.all_questions(world)
+    label = prepare.split_prompts(questions, random.Random(2))["label"]
+    phrasings = collections.defaultdict(set)
+    for p in label:
+        q = questions[p]
+        if q["category"] == "helpful":
+            phrasings[(q["land"], q["kind"])].add(q["template"])
+    assert len(phrasings) == len(world["lands"]) * len(prepare.KNOWN)  # every fact is asked
+    assert min(len(t) for t in phrasings.values()) >= 2 and statistics.mean(map(len, phrasings.values())) >= 3.5
+    shares = collections.Counter(questions[p]["category"] for p in label)
+    assert max(shares.values()) < 1.5 * min(shares.values()), shares
 
 
 def test_corpus_has_the_stated_habits():

@@ -276,9 +276,10 @@ def plot_stages(policies, path, title):
                label=name)
     ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))])
     ax.set_xticklabels(["win rate vs SFT", "helpful", "truthful", "harmless"])
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.18)  # room above the bars for the legend
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.legend(fontsize=8, ncol=4)
+    ax.legend(fontsize=8, ncol=len(names), loc="upper center", handlelength=1, columnspacing=0.8)
     ax.set_title(title, fontsize=9)
     save_figure(fig, path)
 
