@@ -135,7 +135,8 @@ def lab_steps(a):
         # Round 1: K samples per prompt, ranked by the noisy labelers -> reward model -> PPO.
         # DEVIATION: the paper ranks each prompt once; the world has only 283 labeling prompts, so each is ranked
         # twice with fresh samples. More comparisons per prompt raised the RM's gold agreement (0.64 -> 0.80 on an
-        # earlier world); more distinct prompts for the same comparisons let it check facts (data/lab/README.md).
+        # earlier world); more distinct prompts for the same number of comparisons show each fact in several
+        # phrasings, and kept round-2 PPO as helpful as SFT (data/lab/README.md, "Checking a value").
         # DEVIATION: half of round 1's K samples come from the base model, half from SFT (the paper's comparisons
         # are of several models' outputs). SFT's demonstrations removed the corpus's evasive and wrong answers to
         # factual questions; an RM that never sees them ranked learns that "I don't know" is always good.
