@@ -24,6 +24,13 @@ PREPARE_HINT = ("Prepare the data first: python data/hh_rlhf/prepare.py (offline
                 "of/hh-rlhf), or python data/lab/prepare.py for the lab's world")
 
 
+def warn(message):
+    """A warning about a user's file, printed once: under torchrun every rank reads the same file, and only the
+    first (RANK 0) says what is wrong with it. Errors still stop every rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 def describe(fields):
     """{"prompt": str, "ranked": list} -> '{"prompt": str, "ranked": list}', for messages."""
     return "{" + ", ".join(f'"{k}": {t.__name__}' for k, t in fields.items()) + "}"
@@ -64,8 +71,8 @@ def read_jsonl(path, what="data", fields=None, check=None, strict=False, allow_e
             continue
         row, problem = row_problem(line, fields or {}, check)
         if problem and n == len(lines) and ends_open and problem.startswith("not valid JSON"):
-            print(f"warning: {path}:{n}: the last line is cut short (no newline at its end, not valid JSON): "
-                  f"an interrupted write, not a record; skipped", file=sys.stderr)
+            warn(f"warning: {path}:{n}: the last line is cut short (no newline at its end, not valid JSON): "
+                 f"an interrupted write, not a record; skipped")
             continue
         n_lines += 1
         if problem and strict:
@@ -73,7 +80,7 @@ def read_jsonl(path, what="data", fields=None, check=None, strict=False, allow_e
         if problem:
             bad.append((n, problem))
             if len(bad) <= SHOW_BAD:
-                print(f"warning: {path}:{n}: {problem}; line skipped", file=sys.stderr)
+                warn(f"warning: {path}:{n}: {problem}; line skipped")
         else:
             rows.append(row)
     if not rows and not allow_empty:
@@ -82,8 +89,8 @@ def read_jsonl(path, what="data", fields=None, check=None, strict=False, allow_e
         sys.exit(f"error: {what} file {path}: {why}")
     if bad:
         shown = ", ".join(str(n) for n, _ in bad[:SHOW_BAD]) + (", ..." if len(bad) > SHOW_BAD else "")
-        print(f"warning: {path}: skipped {len(bad)} of {n_lines} lines that are not {what} rows (lines {shown}); "
-              f"--strict true refuses such a file", file=sys.stderr)
+        warn(f"warning: {path}: skipped {len(bad)} of {n_lines} lines that are not {what} rows (lines {shown}); "
+             f"--strict true refuses such a file")
     return rows
 
 

@@ -55,6 +55,22 @@ def test_a_torn_last_line_is_skipped_even_under_strict(tmp_path, capsys):
         read_jsonl(str(path), "demonstrations", FIELDS, strict=True)
 
 
+def test_under_torchrun_only_the_first_rank_warns_and_every_rank_stops(tmp_path, capsys, monkeypatch):
+    """Every rank reads the same file: the warnings are printed once (RANK 0), the rows are the same on every rank,
+    and an error stops every rank."""
+    path = tmp_path / "data.jsonl"
+    path.write_text(GOOD + "\n" + '{"prompt": "p"}' + "\n" + GOOD[:12])  # a bad middle line and a torn last one
+    said = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert read_jsonl(str(path), "demonstrations", FIELDS) == [json.loads(GOOD)]
+        said[rank] = capsys.readouterr().err
+        with pytest.raises(SystemExit, match=f"{path}:2: no \"response\" field"):
+            read_jsonl(str(path), "demonstrations", FIELDS, strict=True)
+    assert f"{path}:2: no" in said["0"] and f"{path}:3: the last line is cut short" in said["0"]
+    assert "skipped 1 of 2 lines" in said["0"] and said["1"] == ""
+
+
 def test_a_byte_order_mark_is_not_a_bad_first_line(tmp_path):
     path = tmp_path / "notepad.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")  # as Windows editors save
