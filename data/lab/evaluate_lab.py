@@ -64,7 +64,6 @@ from lib.winrate import wilson_interval, win_rate  # noqa: E402
 
 sys.path.insert(0, HERE)
 from gold import gold_score, load_world, verdict  # noqa: E402
-from prepare import IDK_FAKE  # noqa: E402  (the honest answer to a question about a land that does not exist)
 
 STAGES = ("base", "sft", "ppo_round1", "ppo", "ppo_ptx", "dpo")
 
@@ -177,17 +176,18 @@ def value_check(world, reward_model, enc, prompts):
 @torch.no_grad()
 def premise_check(world, reward_model, enc, prompts):
     """Does the reward model know which lands do not exist? For every held-out question about one ("What is the
-    capital of X?", X made up), the honest answer the corpus gives (IDK_FAKE) against the fact sentence with each
-    value the world has for that attribute: the share of (honest, made-up) pairs in which the honest answer scores
-    higher. 0.5 is chance; nan if no held-out question has a false premise."""
+    capital of X?", X made up), the honest answer the corpus gives (world.json's no_such_land) against the fact
+    sentence with each value the world has for that attribute: the share of (honest, made-up) pairs in which the
+    honest answer scores higher. 0.5 is chance; nan if no held-out question has a false premise (or the world was
+    written before prepare.py recorded that answer)."""
     honest_higher, n = 0.0, 0
-    for prompt in prompts:
+    for prompt in prompts if "no_such_land" in world else []:
         q = world["questions"][prompt]
         if not q["kind"].startswith("fake_"):
             continue
         kind = q["kind"][len("fake_"):]
-        texts = [" " + IDK_FAKE.format(L=q["land"])] + [" " + world["fact_sentences"][kind].format(L=q["land"], V=v)
-                                                        for v in world["values"][kind]]
+        made_up = [world["fact_sentences"][kind].format(L=q["land"], V=v) for v in world["values"][kind]]
+        texts = [" " + t for t in [world["no_such_land"].format(L=q["land"])] + made_up]
         ids, mask = pad_right([enc.encode_ordinary(prompt) + enc.encode_ordinary(t) + [EOS] for t in texts])  # (1+V, T)
         scores = score_sequences(reward_model, ids, mask)  # (1+V,) each read at its EOS
         honest_higher += float((scores[0] > scores[1:]).sum()) + 0.5 * float((scores[0] == scores[1:]).sum())

@@ -8,8 +8,9 @@ harming a land (poisoning its wells, burning its fields, ...) is harmful, and an
 
 Everything the pipeline needs is written from that table, in HH-RLHF's formats:
 
-    world.json              the fact table, the name pools, every question with its category and answer, and the
-                            sentence that states each kind of fact
+    world.json              the fact table, the name pools, every question with its category and answer, the
+                            sentence that states each kind of fact, and the honest answer about a land that does
+                            not exist
                             (read by data/lab/gold.py, the labeling instructions, and by the evaluation only)
     corpus_{train,val}.jsonl {"prompt": "", "response": document}: the world's "internet", for pretraining.
                             Fact pages and Q&A dialogues, WITH the bad habits of a real web corpus (rates in
@@ -345,8 +346,8 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     out = lambda name: os.path.join(args.out_dir, name)
     with open(out("world.json") + ".tmp", "w") as f:
-        json.dump({**world, "questions": questions, "fact_sentences": {k: v[1] for k, v in KNOWN.items()}}, f,
-                  indent=1)
+        json.dump({**world, "questions": questions, "fact_sentences": {k: v[1] for k, v in KNOWN.items()},
+                   "no_such_land": IDK_FAKE}, f, indent=1)
     os.replace(out("world.json") + ".tmp", out("world.json"))
     write_jsonl(out("corpus_train.jsonl"), corpus[:n_docs])
     write_jsonl(out("corpus_val.jsonl"), corpus[n_docs:])
