@@ -468,25 +468,29 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
 
 # ---------------------------------------------------------------------------------------- best-of-n, Gao's forms
 
+def sentence_scorer(enc, points):
+    """A stand-in for score_sequences: each sequence scores points[k] if its text holds " k." (else 0)."""
+    import torch
+
+    def score_sequences(reward_model, ids, attention_mask):
+        texts = [enc.decode([t for t, m in zip(row, mask) if m]) for row, mask in zip(ids.tolist(),
+                                                                                     attention_mask.tolist())]
+        return torch.tensor([float(next((v for k, v in points.items() if f" {k}." in t), 0.0)) for t in texts])
+    return score_sequences
+
+
 def test_value_check_counts_the_right_value_scored_above_each_wrong_one(monkeypatch):
     """A reward model that scores exactly the right value high checks every pair (1.0); one that cannot tell values
     apart is at chance (0.5); one that prefers a single wrong value loses that pair only."""
-    import torch
     world, prompts, _ = small_world()
     world["fact_sentences"] = {k: v[1] for k, v in prepare.KNOWN.items()}
     enc = get_tokenizer()
     q = world["questions"][prompts[0]]  # the helpful one: the capital of a land, 8 capitals in the world
     wrong = [v for v in world["values"]["capital"] if v != q["answer"]][0]
 
-    def scorer(points):
-        def score_sequences(reward_model, ids, attention_mask):
-            texts = [enc.decode([t for t, m in zip(row, mask) if m]) for row, mask in zip(ids.tolist(),
-                                                                                         attention_mask.tolist())]
-            return torch.tensor([float(next((v for k, v in points.items() if f" {k}." in t), 0.0)) for t in texts])
-        return score_sequences
     cases = [({q["answer"]: 1.0}, 1.0), ({}, 0.5), ({q["answer"]: 1.0, wrong: 2.0}, 6 / 7)]
     for points, expected in cases:
-        monkeypatch.setattr(evaluate_lab, "score_sequences", scorer(points))
+        monkeypatch.setattr(evaluate_lab, "score_sequences", sentence_scorer(enc, points))
         assert evaluate_lab.value_check(world, None, enc, prompts) == pytest.approx(expected), points
 
 
@@ -494,7 +498,6 @@ def test_premise_check_counts_the_honest_answer_scored_above_each_made_up_fact(m
     """For a question about a land that does not exist: a reward model that scores "there is no land called X" above
     every made-up capital passes every pair (1.0); one that cannot tell them apart is at chance (0.5); one that
     prefers a single made-up capital loses that pair only. Held-out prompts without a false premise: nan."""
-    import torch
     world, prompts, _ = small_world()
     world["fact_sentences"] = {k: v[1] for k, v in prepare.KNOWN.items()}
     world["no_such_land"] = prepare.IDK_FAKE
@@ -503,15 +506,9 @@ def test_premise_check_counts_the_honest_answer_scored_above_each_made_up_fact(m
     prompts = prompts + [f"\n\nHuman: What is the capital of {fake}?\n\nAssistant:"]
     capitals = world["values"]["capital"]  # 8 made-up answers, one per capital of the world
 
-    def scorer(points):
-        def score_sequences(reward_model, ids, attention_mask):
-            texts = [enc.decode([t for t, m in zip(row, mask) if m]) for row, mask in zip(ids.tolist(),
-                                                                                         attention_mask.tolist())]
-            return torch.tensor([float(next((v for k, v in points.items() if f" {k}." in t), 0.0)) for t in texts])
-        return score_sequences
     cases = [({"records": 1.0}, 1.0), ({}, 0.5), ({"records": 1.0, capitals[3]: 2.0}, 7 / 8)]
     for points, expected in cases:
-        monkeypatch.setattr(evaluate_lab, "score_sequences", scorer(points))
+        monkeypatch.setattr(evaluate_lab, "score_sequences", sentence_scorer(enc, points))
         assert evaluate_lab.premise_check(world, None, enc, prompts) == pytest.approx(expected), points
     assert math.isnan(evaluate_lab.premise_check(world, None, enc, prompts[:3]))
     del world["no_such_land"]  # a world.json written before prepare.py recorded the honest answer
