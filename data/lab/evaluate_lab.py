@@ -24,9 +24,9 @@ SFT policy for every held-out prompt; pairwise agreement of the RM's order with 
 the gold does not score equal (their share is reported), next to the "prefer the shorter response" baseline
 on the same pairs; value_check (the right value of a fact sentence scored above each wrong one) and premise_check
 ("there is no land called X" scored above each made-up fact about X, X a land that does not exist).
-win_rate_ceiling: the win rate over SFT of a policy that always scores 3 (the room SFT
-leaves). labelers_ceiling: on the same pairs, the expected agreement of the reward model's order with the noisy
-labelers' labels, next to the exact gold's own (the best any model can reach on noisy labels).
+win_rate_ceiling: the win rate over SFT of a policy that always scores 3 (the room SFT leaves).
+labelers_ceiling: on the same pairs, the expected agreement of the reward model's order with the noisy labelers'
+labels, next to the exact gold's own (the best any model can reach on noisy labels).
 
 PPO, DPO and best-of-n against the same gold: best_of_n, for n = 1, 2, 4, ... --bon_samples, keeps the sample of
 the SFT policy the round-1 reward model scores highest (the model the kl_coef-0 PPO run optimises) among n, with
