@@ -152,6 +152,13 @@ def reward_model_agreement(world, reward_model, sft, enc, prompts, k, max_new_to
                                  "rm_vs_gold": agree / max(n, 1), "n_pairs": n_labelled}}
 
 
+def score_answers(reward_model, enc, prompt, answers):
+    """The reward model's scores of one prompt's answers (" " + answer, then EOS, as the world writes responses),
+    each read at its EOS -> (len(answers),)."""
+    ids, mask = pad_right([enc.encode_ordinary(prompt) + enc.encode_ordinary(" " + a) + [EOS] for a in answers])
+    return score_sequences(reward_model, ids, mask)
+
+
 @torch.no_grad()
 def value_check(world, reward_model, enc, prompts):
     """Can the reward model check a value against the facts? For every helpful held-out prompt, the fact sentence
@@ -163,10 +170,8 @@ def value_check(world, reward_model, enc, prompts):
         if q["category"] != "helpful":
             continue
         values = world["values"][q["kind"]]
-        texts = [" " + world["fact_sentences"][q["kind"]].format(L=q["land"], V=v) for v in values]
-        seqs = [enc.encode_ordinary(prompt) + enc.encode_ordinary(t) + [EOS] for t in texts]
-        ids, mask = pad_right(seqs)  # (V, T)
-        scores = score_sequences(reward_model, ids, mask)  # (n_values,) each read at its EOS
+        scores = score_answers(reward_model, enc, prompt, [world["fact_sentences"][q["kind"]].format(L=q["land"], V=v)
+                                                          for v in values])  # (n_values,)
         right = scores[values.index(q["answer"])]
         right_higher += float((right > scores).sum()) + 0.5 * (float((right == scores).sum()) - 1)
         n += len(values) - 1
@@ -187,11 +192,9 @@ def premise_check(world, reward_model, enc, prompts):
             continue
         kind = q["kind"][len("fake_"):]
         made_up = [world["fact_sentences"][kind].format(L=q["land"], V=v) for v in world["values"][kind]]
-        texts = [" " + t for t in [world["no_such_land"].format(L=q["land"])] + made_up]
-        ids, mask = pad_right([enc.encode_ordinary(prompt) + enc.encode_ordinary(t) + [EOS] for t in texts])  # (1+V, T)
-        scores = score_sequences(reward_model, ids, mask)  # (1+V,) each read at its EOS
+        scores = score_answers(reward_model, enc, prompt, [world["no_such_land"].format(L=q["land"])] + made_up)
         honest_higher += float((scores[0] > scores[1:]).sum()) + 0.5 * float((scores[0] == scores[1:]).sum())
-        n += len(texts) - 1
+        n += len(made_up)
     return honest_higher / n if n else float("nan")
 
 
