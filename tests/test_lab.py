@@ -294,6 +294,27 @@ def test_pipeline_commands_use_only_existing_flags(task, quick):
     assert checked >= 5
 
 
+def test_final_ppo_takes_smaller_steps_than_round_1():
+    """The round-2 policies (ppo, ppo_ptx) train at FINAL_PPO's lr for its iterations; round 1, the kl_coef-0
+    over-optimisation run and every Figure 1 PPO keep round 1's larger, fewer steps; --quick shrinks both."""
+    import pipeline
+
+    def lr_iters(task, quick=False):
+        a = pipeline.parse_args(["--task", task] + (["--quick"] if quick else []))
+        steps = {"lab": pipeline.lab_steps, "lab_sizes": pipeline.lab_sizes_steps}[task](a)
+        return {name: (argv[argv.index("--lr") + 1], argv[argv.index("--iters") + 1])
+                for name, argv in steps if argv[1] == "ppo.py"}
+
+    lr, iters = pipeline.FINAL_PPO
+    lab = lr_iters("lab")
+    assert lab.pop("ppo") == lab.pop("ppo_ptx") == (lr, str(iters))
+    assert set(lab) == {"ppo_round1", "overopt"} and set(lab.values()) == {("3e-4", "30")}
+    assert float(lr) < 3e-4 and iters > 30
+    assert set(lr_iters("lab_sizes").values()) == {("3e-4", "30")}
+    assert {k: v[1] for k, v in lr_iters("lab", quick=True).items()} == dict.fromkeys(
+        ["ppo_round1", "ppo", "ppo_ptx", "overopt"], "2")
+
+
 # ---------------------------------------------------------------------------------------- evaluate_lab's statistics
 
 evaluate_lab = load("evaluate_lab")
