@@ -296,7 +296,7 @@ def test_pipeline_commands_use_only_existing_flags(task, quick):
 
 def test_final_ppo_takes_smaller_steps_than_round_1():
     """The round-2 policies (ppo, ppo_ptx) train at FINAL_PPO's lr for its iterations; round 1, the kl_coef-0
-    over-optimisation run and every Figure 1 PPO keep round 1's larger, fewer steps; --quick shrinks both."""
+    over-optimisation run and every Figure 1 PPO keep ROUND1_PPO's larger, fewer steps; --quick shrinks both."""
     import pipeline
 
     def lr_iters(task, quick=False):
@@ -308,9 +308,10 @@ def test_final_ppo_takes_smaller_steps_than_round_1():
     lr, iters = pipeline.FINAL_PPO
     lab = lr_iters("lab")
     assert lab.pop("ppo") == lab.pop("ppo_ptx") == (lr, str(iters))
-    assert set(lab) == {"ppo_round1", "overopt"} and set(lab.values()) == {("3e-4", "30")}
-    assert float(lr) < 3e-4 and iters > 30
-    assert set(lr_iters("lab_sizes").values()) == {("3e-4", "30")}
+    round1 = (pipeline.ROUND1_PPO[0], str(pipeline.ROUND1_PPO[1]))
+    assert set(lab) == {"ppo_round1", "overopt"} and set(lab.values()) == {round1}
+    assert float(lr) < float(round1[0]) and iters > int(round1[1])
+    assert set(lr_iters("lab_sizes").values()) == {round1}
     assert {k: v[1] for k, v in lr_iters("lab", quick=True).items()} == dict.fromkeys(
         ["ppo_round1", "ppo", "ppo_ptx", "overopt"], "2")
 
