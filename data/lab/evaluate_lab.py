@@ -185,8 +185,10 @@ def premise_check(world, reward_model, enc, prompts):
     sentence with each value the world has for that attribute: the share of (honest, made-up) pairs in which the
     honest answer scores higher. 0.5 is chance; nan if no held-out question has a false premise (or the world was
     written before prepare.py recorded that answer)."""
+    if "no_such_land" not in world:  # a world.json written before prepare.py recorded the honest answer
+        return float("nan")
     honest_higher, n = 0.0, 0
-    for prompt in prompts if "no_such_land" in world else []:
+    for prompt in prompts:
         q = world["questions"][prompt]
         if not q["kind"].startswith("fake_"):
             continue
