@@ -14,8 +14,9 @@ each step is printed, then run as a plain `python stage.py --flag value ...` sub
 prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers' few demonstrations -> round
 1: label.py ranks K = 8 samples per prompt, 4 of SFT and 4 of the base model (twice, fresh samples each),
 with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py ranks 4 samples of the round-1 PPO
-policy and 4 of SFT per prompt (twice) -> reward.py on both rounds -> ppo.py -> ppo.py with PPO-ptx (the
-corpus as pretraining mix) -> an over-optimisation run (the round-1 reward model, kl_coef 0, checkpoints every
+policy and 4 of SFT per prompt (twice) -> reward.py on both rounds -> ppo.py -> round 3: the same with the
+round-2 policy's samples -> reward.py (the round-2 model, one more epoch over all three rounds) -> the final
+ppo.py -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking -> an over-optimisation run (the round-1 reward model, kl_coef 0, checkpoints every
 2 iterations) -> data/lab/evaluate_lab.py: every policy judged by the exact gold on held-out prompts,
 DIR/results.json, DIR/results.md, plots. The gold function reaches the reward models only through label.py's
 rankings.
@@ -59,13 +60,14 @@ SIZES = [("small", ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--bloc
 # memory in the heap for reuse (1.7x faster pretraining here); it changes no result. Set for every step below.
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 33)}
 KL_COEF = 0.1  # DEVIATION: beta of every lab PPO run but the over-optimisation one (paper: 0.02, for its RM scale)
-# PPO's (lr, iters). The final (round-2) policies take smaller steps for twice as long as round 1. At round 1's
-# setting the final policy was a draw: PPO's seed alone moved its win rate over SFT by up to 0.08, and one draw went
+# PPO's (lr, iters). The round-2 and final policies take smaller steps for twice as long as round 1. At round 1's
+# setting the round-2 policy was a draw: PPO's seed alone moved its win rate over SFT by up to 0.08, and one draw went
 # back to fabricating (data/lab/README.md, "PPO's own seed"). Round 1 keeps the larger steps: its drift to wrong
 # values is what the round-2 rankings teach the reward model to penalise (seed 1 with small steps in round 1 too:
 # less drift, and the round-2 policy lost more helpfulness).
 ROUND1_PPO = ("3e-4", 30)
 FINAL_PPO = ("1e-4", 60)
+RANKINGS = "rankings.jsonl,rankings_round2.jsonl,rankings_round3.jsonl"  # the three rounds' rankings
 LABEL_NOISE = 1.5  # Bradley-Terry temperature of the labelers: ~73% agreement with the exact gold, the paper's
 # inter-labeler agreement (README)
 
@@ -111,10 +113,10 @@ def label(a, data, policy, prompts, out, noise, max_prompts, seed, repeat):
             "--batch_size", "16", "--max_prompts", max_prompts, "--seed", str(seed)]
 
 
-def reward(a, d, init_from, train_files, out_dir):
+def reward(a, d, init_from, train_files, out_dir, epochs=4):
     return [PY, "reward.py", "--init_from", init_from, "--data_dir", d, "--train_files", train_files,
             "--val_files", "rankings_val.jsonl", "--demo_file", "data/sft_val.jsonl", "--out_dir", out_dir,
-            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", quick(a, 4, 1), "--batch_size", "8",
+            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", quick(a, epochs, 1), "--batch_size", "8",
             "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", quick(a, 5, 1), "--eval_interval", quick(a, 10, 1),
             "--seed", str(a.seed)]
 
@@ -161,11 +163,24 @@ def lab_steps(a):
         ("label_round2", label(a, data, f"{d}/ppo_round1/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
                                f"{d}/rankings_round2.jsonl", a.label_noise, quick(a, 0, 4), a.seed + 2,
                                quick(a, 2, 1))),
-        ("reward", reward(a, d, f"{d}/sft/ckpt.pt", "rankings.jsonl,rankings_round2.jsonl", f"{d}/reward")),
+        ("reward_round2", reward(a, d, f"{d}/sft/ckpt.pt", "rankings.jsonl,rankings_round2.jsonl",
+                                 f"{d}/reward_round2")),
+        ("ppo_round2", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward_round2/ckpt.pt", f"{d}/ppo_round2",
+                           steps=FINAL_PPO)),
+        # Round 3: the same again with the round-2 policy's samples. The round-2 policy still finds wrong values
+        # the round-2 reward model likes ("The flag of Kaze is blue."), and ranking them is what kept the final
+        # policy as helpful as SFT in the seeds where round 2 alone did not (data/lab/README.md, "A third round").
+        ("label_round3", label(a, data, f"{d}/ppo_round2/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
+                               f"{d}/rankings_round3.jsonl", a.label_noise, quick(a, 0, 4), a.seed + 3,
+                               quick(a, 2, 1))),
+        # DEVIATION: the round-3 reward model continues the round-2 one for one epoch over all three rounds instead
+        # of training anew from SFT (4 epochs over 1,700 rankings: 4 minutes more on the development machine, for
+        # about the same final policy on the seed where both were tried)
+        ("reward", reward(a, d, f"{d}/reward_round2/ckpt.pt", RANKINGS, f"{d}/reward", epochs=1)),
         # DPO (Rafailov et al. 2023): the SFT model trained directly on every ranked pair the final reward model
         # saw, with PPO's beta, no reward model and no RL
         ("dpo", [PY, "dpo.py", "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", d,
-                 "--train_files", "rankings.jsonl,rankings_round2.jsonl", "--val_files", "rankings_val.jsonl",
+                 "--train_files", RANKINGS, "--val_files", "rankings_val.jsonl",
                  "--out_dir", f"{d}/dpo", "--max_prompt_tokens", "32", "--max_response_tokens", "40",
                  "--beta", str(KL_COEF), "--batch_size", "32", "--max_steps", quick(a, 150, 2), "--lr", "1e-4",
                  "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 25, 1), "--seed", str(a.seed)]),
@@ -178,6 +193,7 @@ def lab_steps(a):
                         "--keep_checkpoints", "true", kl_coef=0, every=quick(a, 2, 1))),
         ("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d, "--base", f"{d}/base/ckpt.pt",
                       "--sft", f"{d}/sft/ckpt.pt", "--ppo_round1", f"{d}/ppo_round1/ckpt.pt",
+                      "--ppo_round2", f"{d}/ppo_round2/ckpt.pt",
                       "--ppo", f"{d}/ppo/ckpt.pt", "--ppo_ptx", f"{d}/ppo_ptx/ckpt.pt", "--dpo", f"{d}/dpo/ckpt.pt",
                       "--reward", f"{d}/reward/ckpt.pt",
                       "--reward_round1", f"{d}/reward_round1/ckpt.pt", "--overopt", f"{d}/overopt",

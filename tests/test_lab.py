@@ -189,7 +189,7 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
     assert isinstance(results["seed"], int) and isinstance(results["minutes"], float)
     assert set(results["labeler"]) >= {"noise", "agreement_with_gold"}
     assert set(results["reward_model"]) >= {"gold_agreement", "n_pairs"}
-    assert set(results["policies"]) == {"base", "sft", "ppo_round1", "ppo", "ppo_ptx", "dpo"}
+    assert set(results["policies"]) == {"base", "sft", "ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "dpo"}
     assert set(results["reward_model_round1"]) >= {"gold_agreement", "n_pairs"}
     for name, policy in results["policies"].items():
         for key in ("gold_score", "win_rate_vs_sft", "helpful", "truthful", "harmless", "kl_to_sft", "rm_score",
@@ -295,8 +295,9 @@ def test_pipeline_commands_use_only_existing_flags(task, quick):
 
 
 def test_final_ppo_takes_smaller_steps_than_round_1():
-    """The round-2 policies (ppo, ppo_ptx) train at FINAL_PPO's lr for its iterations; round 1, the kl_coef-0
-    over-optimisation run and every Figure 1 PPO keep ROUND1_PPO's larger, fewer steps; --quick shrinks both."""
+    """The round-2 and final policies (ppo_round2, ppo, ppo_ptx) train at FINAL_PPO's lr for its iterations; round 1,
+    the kl_coef-0 over-optimisation run and every Figure 1 PPO keep ROUND1_PPO's larger, fewer steps; --quick
+    shrinks both."""
     import pipeline
 
     def lr_iters(task, quick=False):
@@ -307,13 +308,45 @@ def test_final_ppo_takes_smaller_steps_than_round_1():
 
     lr, iters = pipeline.FINAL_PPO
     lab = lr_iters("lab")
-    assert lab.pop("ppo") == lab.pop("ppo_ptx") == (lr, str(iters))
+    assert lab.pop("ppo_round2") == lab.pop("ppo") == lab.pop("ppo_ptx") == (lr, str(iters))
     round1 = (pipeline.ROUND1_PPO[0], str(pipeline.ROUND1_PPO[1]))
     assert set(lab) == {"ppo_round1", "overopt"} and set(lab.values()) == {round1}
     assert float(lr) < float(round1[0]) and iters > int(round1[1])
     assert set(lr_iters("lab_sizes").values()) == {round1}
     assert {k: v[1] for k, v in lr_iters("lab", quick=True).items()} == dict.fromkeys(
-        ["ppo_round1", "ppo", "ppo_ptx", "overopt"], "2")
+        ["ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "overopt"], "2")
+
+
+def test_each_round_ranks_the_previous_rounds_policy():
+    """The paper's loop, three times: round r ranks samples of the round r-1 PPO policy (and of SFT), its reward
+    model is trained on every round so far, its PPO optimises that model; the final reward model continues the
+    round-2 one for one epoch; DPO sees exactly the final reward model's rankings."""
+    import pipeline
+    a = pipeline.parse_args(["--task", "lab"])
+    steps = dict(pipeline.lab_steps(a))
+    d = a.out_dir
+
+    def flag(step, name):
+        argv = steps[step]
+        return argv[argv.index(name) + 1]
+
+    assert flag("label", "--policy") == f"{d}/sft/ckpt.pt,{d}/base/ckpt.pt"
+    files = ["rankings.jsonl"]
+    for r, reward_step, ppo_step in ((1, "reward_round1", "ppo_round1"), (2, "reward_round2", "ppo_round2"),
+                                     (3, "reward", "ppo")):
+        if r > 1:
+            label_step = f"label_round{r}"
+            assert flag(label_step, "--policy") == f"{d}/ppo_round{r - 1}/ckpt.pt,{d}/sft/ckpt.pt"
+            files.append(os.path.basename(flag(label_step, "--out")))
+        assert flag(reward_step, "--train_files").split(",") == files, reward_step
+        assert flag(ppo_step, "--reward_ckpt") == f"{d}/{reward_step}/ckpt.pt"
+    assert len(set(files)) == 3
+    assert flag("reward", "--init_from") == f"{d}/reward_round2/ckpt.pt" and flag("reward", "--epochs") == "1"
+    assert flag("reward_round2", "--init_from") == flag("reward_round1", "--init_from") == f"{d}/sft/ckpt.pt"
+    assert flag("dpo", "--train_files") == flag("reward", "--train_files")
+    assert flag("ppo_ptx", "--reward_ckpt") == f"{d}/reward/ckpt.pt"
+    names = list(steps)
+    assert names.index("ppo_round2") < names.index("label_round3") < names.index("reward") < names.index("ppo")
 
 
 # ---------------------------------------------------------------------------------------- evaluate_lab's statistics

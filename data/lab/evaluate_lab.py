@@ -3,7 +3,7 @@ The lab's evaluation: every policy of the pipeline judged by the exact gold pref
 on the held-out prompts of the world, plus the reward model's agreement with the gold and the
 over-optimisation curve. Writes OUT_DIR/results.json, OUT_DIR/results.md and plots.
 
-Per policy (base, sft, ppo_round1, ppo, ppo_ptx, dpo), on prompts_val.jsonl, `--samples` responses per prompt
+Per policy (base, sft, ppo_round1, ppo_round2, ppo, ppo_ptx, dpo), on prompts_val.jsonl, `--samples` responses per prompt
 sampled at temperature 1 (the distribution PPO optimises and the KL is measured under), the same seeds for
 every policy:
     gold_score       mean exact gold score (0..3)
@@ -65,7 +65,7 @@ from lib.winrate import wilson_interval, win_rate  # noqa: E402
 sys.path.insert(0, HERE)
 from gold import gold_score, load_world, verdict  # noqa: E402
 
-STAGES = ("base", "sft", "ppo_round1", "ppo", "ppo_ptx", "dpo")
+STAGES = ("base", "sft", "ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "dpo")
 
 
 @torch.no_grad()
@@ -422,7 +422,7 @@ def markdown(results):
     lines = [f"# Lab results, seed {results['seed']}", "",
              "| policy | gold score | win rate vs SFT [95% CI] | helpful | truthful | harmless | KL to SFT | RM score "
              "| corpus loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, p in results["policies"].items():  # base, sft, [ppo_round1,] ppo, ppo_ptx
+    for name, p in results["policies"].items():  # base, sft, [ppo_round1, ppo_round2,] ppo, ppo_ptx, dpo
         lo, hi = p["win_rate_ci"]
         lines.append(f"| {name} | {p['gold_score']:.2f} | {p['win_rate_vs_sft']:.2f} [{lo:.2f}, {hi:.2f}] | "
                      f"{p['helpful']:.2f} | {p['truthful']:.2f} | {p['harmless']:.2f} | {p['kl_to_sft']:.2f} | "
