@@ -2,7 +2,7 @@
 The whole of InstructGPT in one command, as a visible sequence of stage-script calls (like a Makefile):
 each step is printed, then run as a plain `python stage.py --flag value ...` subprocess, and timed.
 
-    python pipeline.py --task lab                      # the lab: a miniature world, ~10 min on a 2-core CPU
+    python pipeline.py --task lab                      # the lab: a miniature world, ~16 min on a 2-core CPU
     python pipeline.py --task lab_sizes                # Figure 1 in miniature: three model sizes
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
     python pipeline.py --task lab --quick --in_process # every step shrunk to seconds, run in one process (the test)
@@ -16,10 +16,10 @@ prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers
 with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py ranks 4 samples of the round-1 PPO
 policy and 4 of SFT per prompt (twice) -> reward.py on both rounds -> ppo.py -> round 3: the same with the
 round-2 policy's samples -> reward.py (the round-2 model, one more epoch over all three rounds) -> the final
-ppo.py -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking -> an over-optimisation run (the round-1 reward model, kl_coef 0, checkpoints every
-2 iterations) -> data/lab/evaluate_lab.py: every policy judged by the exact gold on held-out prompts,
-DIR/results.json, DIR/results.md, plots. The gold function reaches the reward models only through label.py's
-rankings.
+ppo.py -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking -> an over-optimisation
+run (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) -> data/lab/evaluate_lab.py: every
+policy judged by the exact gold on held-out prompts, DIR/results.json, DIR/results.md, plots. The gold function
+reaches the reward models only through label.py's rankings.
 
 --task lab_sizes: the paper's Figure 1 in miniature. The same world; the base model, SFT, PPO and PPO-ptx at
 each of three model sizes (SIZES, ~20x apart in parameters), PPO of every size against one reward model (from the
@@ -116,9 +116,9 @@ def label(a, data, policy, prompts, out, noise, max_prompts, seed, repeat):
 def reward(a, d, init_from, train_files, out_dir, epochs=4):
     return [PY, "reward.py", "--init_from", init_from, "--data_dir", d, "--train_files", train_files,
             "--val_files", "rankings_val.jsonl", "--demo_file", "data/sft_val.jsonl", "--out_dir", out_dir,
-            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", quick(a, epochs, 1), "--batch_size", "8",
-            "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", quick(a, 5, 1), "--eval_interval", quick(a, 10, 1),
-            "--seed", str(a.seed)]
+            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", quick(a, epochs, 1),
+            "--batch_size", "8", "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", quick(a, 5, 1),
+            "--eval_interval", quick(a, 10, 1), "--seed", str(a.seed)]
 
 
 def ppo(a, data, sft_ckpt, reward_ckpt, out_dir, *extra, kl_coef=KL_COEF, every=None, steps=ROUND1_PPO):

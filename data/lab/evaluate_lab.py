@@ -3,8 +3,8 @@ The lab's evaluation: every policy of the pipeline judged by the exact gold pref
 on the held-out prompts of the world, plus the reward model's agreement with the gold and the
 over-optimisation curve. Writes OUT_DIR/results.json, OUT_DIR/results.md and plots.
 
-Per policy (base, sft, ppo_round1, ppo_round2, ppo, ppo_ptx, dpo), on prompts_val.jsonl, `--samples` responses per prompt
-sampled at temperature 1 (the distribution PPO optimises and the KL is measured under), the same seeds for
+Per policy (base, sft, ppo_round1, ppo_round2, ppo, ppo_ptx, dpo), on prompts_val.jsonl, `--samples` responses per
+prompt sampled at temperature 1 (the distribution PPO optimises and the KL is measured under), the same seeds for
 every policy:
     gold_score       mean exact gold score (0..3)
     win_rate_vs_sft  how often the gold judge prefers the policy's response to the SFT policy's response
