@@ -1,6 +1,7 @@
 """dpo.py: eq. (7) against a hand computation, sequence log-probabilities against a token-by-token loop, the
 exact optimum of the micro-world (the same pi* = pi_ref exp(r / beta) / Z that PPO reaches), and train() learning a
 synthetic preference."""
+import contextlib
 import copy
 import itertools
 import math
@@ -44,6 +45,24 @@ def test_sequence_logprobs_sum_the_response_tokens_only():
             logits = model(torch.tensor([tokens[:t]]))[0, -1]
             expected += torch.log_softmax(logits, -1)[tokens[t]].item()
         assert abs(got[b].item() - expected) < 1e-4, (b, got[b].item(), expected)
+
+
+def test_pair_logprobs_score_each_distinct_sequence_once_and_give_every_pairs_own():
+    # every pair of a 4-way ranking and of another prompt's 3-way one: 9 pairs, 7 distinct sequences. Scored in
+    # batches of 3 sequences, each side must equal its own pair scored alone.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=EOS + 1)).eval()
+    rankings = [([5, 6], [[8, EOS], [9, 9, EOS], [10, EOS], [11, 12, 13]]), ([7], [[8, EOS], [14, EOS], [15]])]
+    pairs = [(p, ys[w], ys[l]) for p, ys in rankings for w, l in itertools.combinations(range(len(ys)), 2)]
+    calls = []
+    counting = lambda module, args: calls.append(args[0].shape[0])
+    handle = model.register_forward_pre_hook(counting)
+    chosen, rejected = dpo.pair_logprobs(model, pairs, "cpu", contextlib.nullcontext(), batch_size=3)
+    handle.remove()
+    assert sum(calls) == 7 and max(calls) <= 3
+    for i, pair in enumerate(pairs):
+        alone = dpo.sequence_logprobs(model, *dpo.collate([pair]))  # (2,): this pair's chosen, rejected
+        torch.testing.assert_close(torch.stack([chosen[i], rejected[i]]), alone, atol=1e-5, rtol=1e-5)
 
 
 # The micro-world of tests/test_optimum.py: 2 one-token prompts, every response of 2 tokens over 4 tokens.

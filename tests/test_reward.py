@@ -59,7 +59,46 @@ def test_ties_are_dropped_and_counted():
     rankings = [("p", ["a", "b", "a", "c"]), ("q", ["same", "same"])]
     examples, counts = reward.tokenize_rankings(rankings, get_tokenizer(), reward.Config(**REWARD_TINY))
     assert counts["ties"] == 2 and counts["pairs"] == 5 and counts["prompts"] == 1
-    assert (0, 2) not in examples[0]["pairs"]
+    # "a" is one sequence, scored once; both of its pairs with "c" point to it
+    assert len(examples[0]["seqs"]) == 3
+    assert examples[0]["pairs"] == [(0, 1), (0, 2), (1, 0), (1, 2), (0, 2)]
+
+
+def test_repeated_responses_scored_once_give_the_loss_and_gradient_of_scoring_each():
+    # eq. (1) with every response of a ranking scored separately (the naive reading), against the batches of
+    # tokenize_rankings + collate, where a repeated response is one sequence; a pair pointing at the wrong
+    # sequence, or a lost repeat, changes the loss
+    torch.manual_seed(0)
+    cfg = reward.Config(**REWARD_TINY)
+    model = ScalarGPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    enc = get_tokenizer()
+    rankings = [("the sky is", ["blue", "green", "blue", "red", "green"]), ("two plus two", ["four", "five"]),
+                ("name a fruit", ["pear", "pear", "plum", "pear"])]
+    examples, counts = reward.tokenize_rankings(rankings, enc, cfg)
+    assert [len(ex["seqs"]) for ex in examples] == [3, 2, 2] and counts["ties"] == 2 + 3
+    ids, attention_mask, winner, loser, prompt_index = reward.collate(examples)
+    assert ids.shape[0] == 7  # not the 11 responses
+    scores = responses.score_sequences(model, ids, attention_mask)
+    ours = reward.preference_loss(scores[winner], scores[loser], prompt_index)
+    ours_grad = torch.autograd.grad(ours, list(model.parameters()))
+
+    def score_alone(prompt, response):  # one response, one forward pass, no padding
+        ids = torch.tensor([responses.rm_tokens(enc, prompt, response, cfg.max_prompt_tokens,
+                                                cfg.max_response_tokens)])  # (1, T)
+        return responses.score_sequences(model, ids, torch.ones_like(ids))[0]
+
+    per_prompt = []
+    for prompt, ranked in rankings:
+        r = [score_alone(prompt, y) for y in ranked]
+        losses = [-F.logsigmoid(r[w] - r[l]) for w, l in itertools.combinations(range(len(ranked)), 2)
+                  if ranked[w] != ranked[l]]
+        per_prompt.append(sum(losses) / len(losses))
+    naive = sum(per_prompt) / len(per_prompt)
+    naive_grad = torch.autograd.grad(naive, list(model.parameters()))
+    print(f"ours {ours.item():.6f} naive {naive.item():.6f}")
+    torch.testing.assert_close(ours, naive)
+    for a, b in zip(ours_grad, naive_grad):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- score at EOS
