@@ -113,10 +113,11 @@ def label(a, data, policy, prompts, out, noise, max_prompts, seed, repeat):
             "--batch_size", "16", "--max_prompts", max_prompts, "--seed", str(seed)]
 
 
-def reward(a, d, init_from, train_files, out_dir, epochs=4):
+def reward(a, d, init_from, train_files, out_dir):
+    """A reward model from `init_from` (the SFT model), 4 epochs over the rankings of `train_files`."""
     return [PY, "reward.py", "--init_from", init_from, "--data_dir", d, "--train_files", train_files,
             "--val_files", "rankings_val.jsonl", "--demo_file", "data/sft_val.jsonl", "--out_dir", out_dir,
-            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", quick(a, epochs, 1),
+            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", quick(a, 4, 1),
             "--batch_size", "8", "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", quick(a, 5, 1),
             "--eval_interval", quick(a, 10, 1), "--seed", str(a.seed)]
 
@@ -174,10 +175,7 @@ def lab_steps(a):
         ("label_round3", label(a, data, f"{d}/ppo_round2/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
                                f"{d}/rankings_round3.jsonl", a.label_noise, quick(a, 0, 4), a.seed + 3,
                                quick(a, 2, 1))),
-        # DEVIATION: the round-3 reward model continues the round-2 one for one epoch over all three rounds instead
-        # of a new one from SFT (4 epochs over ~1,500 rankings: 3 minutes more on the development machine, past the
-        # lab's time budget, for about the same final policy on the seed where both were tried)
-        ("reward", reward(a, d, f"{d}/reward_round2/ckpt.pt", RANKINGS, f"{d}/reward", epochs=1)),
+        ("reward", reward(a, d, f"{d}/sft/ckpt.pt", RANKINGS, f"{d}/reward")),
         # DPO (Rafailov et al. 2023): the SFT model trained directly on every ranked pair the final reward model
         # saw, with PPO's beta, no reward model and no RL
         ("dpo", [PY, "dpo.py", "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", d,
