@@ -169,9 +169,9 @@ def lab_steps(a):
         ("ppo_round2", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward_round2/ckpt.pt", f"{d}/ppo_round2",
                            steps=FINAL_PPO)),
         # Round 3: the same again with the round-2 policy's samples. The round-2 policy still finds wrong values
-        # the round-2 reward model likes ("The flag of Kaze is blue."); ranking them raised the final policy's
-        # helpfulness and win rate in the four seeds where round 2 alone lost helpfulness (data/lab/README.md,
-        # "A third round").
+        # the round-2 reward model likes ("The flag of Kaze is blue."); ranking them, and a new reward model from
+        # SFT on all three rounds, raised the final policy's helpfulness over the round-2 one's in eight of ten
+        # seeds (seed 6: 0.72 -> 0.90; data/lab/README.md, "A third round").
         ("label_round3", label(a, data, f"{d}/ppo_round2/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
                                f"{d}/rankings_round3.jsonl", a.label_noise, quick(a, 0, 4), a.seed + 3,
                                quick(a, 2, 1))),
