@@ -15,7 +15,7 @@ prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers
 1: label.py ranks K = 8 samples per prompt, 4 of SFT and 4 of the base model (twice, fresh samples each),
 with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py ranks 4 samples of the round-1 PPO
 policy and 4 of SFT per prompt (twice) -> reward.py on both rounds -> ppo.py -> round 3: the same with the
-round-2 policy's samples -> reward.py (the round-2 model, one more epoch over all three rounds) -> the final
+round-2 policy's samples -> reward.py (anew from SFT, on all three rounds) -> the final
 ppo.py -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking -> an over-optimisation
 run (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) -> data/lab/evaluate_lab.py: every
 policy judged by the exact gold on held-out prompts, DIR/results.json, DIR/results.md, plots. The gold function

@@ -167,7 +167,7 @@ def tokenize_rankings(rankings, enc, cfg):
 
     Pair (w, l) means sequence w is ranked above l. A response that occurs more than once in a ranking (a
     sampler repeating itself) is one sequence, scored once, and each of its pairs points to it: eq. (1) is the
-    same sum over the same pairs, for fewer forward passes (about 40% fewer on the lab's rankings). A pair of
+    same sum over the same pairs, for fewer forward passes (about 45% fewer on the lab's rankings). A pair of
     identical responses is a tie and dropped; so is a pair that becomes identical once cut to
     max_response_tokens (it carries no preference).
     """
