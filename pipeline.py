@@ -297,6 +297,8 @@ def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
                 times = {k: v for k, v in json.load(f).items() if k in names[:names.index(from_step)]}
         except (ValueError, AttributeError):  # a damaged times.json only loses the earlier steps' wall times
             print(f"note: {times_path} is not readable; the earlier steps' times are not carried over")
+    if not dry_run:
+        refuse_stale_rankings(steps, names.index(from_step) if from_step else 0)
     t_start = time.time()
     if in_process:  # glibc reads its malloc settings at start-up: they would not reach the steps
         print("every step runs in this Python process (--in_process)", flush=True)
@@ -323,6 +325,22 @@ def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
             json.dump(times, f, indent=1)
         os.replace(times_path + ".tmp", times_path)
     return times
+
+
+def refuse_stale_rankings(steps, first):
+    """label.py resumes a file it finds (a human labeler's work is never redone), so a label step after the first
+    step of this invocation would add this run's rankings to an earlier run's, of other policies. Stop before
+    anything runs, naming the files. The first step itself may be a label step: that continues its own file."""
+    stale = []
+    for name, command in steps[first + 1:]:
+        out = command[command.index("--out") + 1] if command[1] == "label.py" else ""
+        if out and os.path.isfile(out) and os.path.getsize(out) > 0:
+            stale.append((name, out))
+    if stale:
+        sys.exit("error: these rankings are from an earlier run, and the steps that write them would add this run's "
+                 "rankings to them: " + ", ".join(f"{path} ({name})" for name, path in stale) + ". Use a new "
+                 "--out_dir, or move those files away; to continue an interrupted run, rerun from its first "
+                 "unfinished step with --from_step.")
 
 
 def record_times(out_dir, times):

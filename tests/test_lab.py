@@ -276,6 +276,27 @@ def test_run_steps_runs_scripts_in_order_and_stops_at_a_failure(tmp_path, in_pro
         assert "RuntimeError: a crash" in capsys.readouterr().err
 
 
+def test_a_new_run_refuses_an_earlier_runs_rankings_before_anything_runs(tmp_path):
+    """label.py resumes a rankings file it finds, so a run into an out_dir that holds an earlier run's rankings
+    would rank only what is missing and mix two runs' policies. pipeline.py stops before the first step, naming
+    every such file; the step --from_step names may continue its own file, and a fresh out_dir runs."""
+    import pipeline
+    out = tmp_path / "lab"
+    out.mkdir()
+    (out / "rankings_round2.jsonl").write_text('{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]}\n')
+    (out / "rankings_round3.jsonl").write_text("")  # an empty file holds nothing to mix in
+    with pytest.raises(SystemExit, match="rankings_round2.jsonl \\(label_round2\\).*new --out_dir"):
+        pipeline.main(["--task", "lab", "--quick", "--out_dir", str(out)])
+    assert sorted(os.listdir(out)) == ["rankings_round2.jsonl", "rankings_round3.jsonl"]  # nothing ran or moved
+    steps = pipeline.lab_steps(pipeline.parse_args(["--task", "lab", "--out_dir", str(out)]))
+    names = [name for name, _ in steps]
+    pipeline.refuse_stale_rankings(steps, names.index("label_round2"))  # continuing its own file: allowed
+    with pytest.raises(SystemExit, match="label_round2"):
+        pipeline.refuse_stale_rankings(steps, names.index("ppo_round1"))  # a new round-1 policy: refused
+    pipeline.refuse_stale_rankings(pipeline.lab_steps(pipeline.parse_args(["--task", "lab", "--out_dir",
+                                                                          str(tmp_path / "new")])), 0)
+
+
 @pytest.mark.parametrize("task", ["lab", "lab_sizes", "hh"])
 @pytest.mark.parametrize("quick", [False, True])
 def test_pipeline_commands_use_only_existing_flags(task, quick):
