@@ -240,3 +240,33 @@ def test_lora_ppo_with_a_programmatic_reward_gives_the_critic_its_own_base(tmp_p
     trained = {n for n, p in critic.named_parameters() if p.requires_grad}
     assert trained == {n for n, _ in critic.named_parameters() if "lora_" in n or n.startswith("score_head")}
     assert torch.isfinite(torch.tensor(result["vf_loss"]))
+
+
+def test_full_finetuning_saves_the_ema_as_the_policy_every_script_loads(tmp_path, monkeypatch):
+    """Without LoRA (the lab's final policies: --ema_decay 0.992 on every weight), ckpt.pt's policy, as load_model
+    gives it to sample.py and the evaluation, is the EMA of the weights after every optimizer step, starting at
+    the initial policy; the trained weights are kept beside it for --resume."""
+    decay, record = 0.6, {}
+    make_optimizer = ppo.make_optimizer
+
+    def recording_optimizer(policy, critic, cfg, device):
+        optimizer = make_optimizer(policy, critic, cfg, device)
+        trained = {k: p for k, p in policy.named_parameters() if p.requires_grad}
+        record["ema"] = {k: p.detach().clone() for k, p in trained.items()}
+        step = optimizer.step
+
+        def step_and_average(*args, **kwargs):
+            out = step(*args, **kwargs)
+            for k, p in trained.items():
+                record["ema"][k] = decay * record["ema"][k] + (1 - decay) * p.detach()
+            return out
+        optimizer.step = step_and_average
+        return optimizer
+    monkeypatch.setattr(ppo, "make_optimizer", recording_optimizer)
+    result = ppo.train(ppo_tiny_config(tmp_path, ema_decay=decay, iters=2, batch_size=4, minibatch_size=2))
+    policy = load_model(result["ckpt_path"], "gpt")[0].state_dict()
+    trained = torch.load(result["ckpt_path"], weights_only=True)["trained"]
+    assert set(record["ema"]) <= set(policy) and len(record["ema"]) > 10
+    for k, average in record["ema"].items():
+        torch.testing.assert_close(policy[k], average, atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(policy[k], trained[k]) for k in record["ema"])
