@@ -15,11 +15,11 @@ prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers
 1: label.py ranks K = 8 samples per prompt, 4 of SFT and 4 of the base model (twice, fresh samples each),
 with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py ranks 4 samples of the round-1 PPO
 policy and 4 of SFT per prompt (twice) -> reward.py on both rounds -> ppo.py -> round 3: the same with the
-round-2 policy's samples -> reward.py (anew from SFT, on all three rounds) -> the final
-ppo.py -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking -> an over-optimisation
-run (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) -> data/lab/evaluate_lab.py: every
-policy judged by the exact gold on held-out prompts, DIR/results.json, DIR/results.md, plots. The gold function
-reaches the reward models only through label.py's rankings.
+round-2 policy's samples -> reward.py (anew from SFT, on all three rounds) -> the final ppo.py (saving its EMA
+of the weights, as in the paper) -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking
+-> an over-optimisation run (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) ->
+data/lab/evaluate_lab.py: every policy judged by the exact gold on held-out prompts, DIR/results.json,
+DIR/results.md, plots. The gold function reaches the reward models only through label.py's rankings.
 
 --task lab_sizes: the paper's Figure 1 in miniature. The same world; the base model, SFT, PPO and PPO-ptx at
 each of three model sizes (SIZES, ~20x apart in parameters), PPO of every size against one reward model (from the
@@ -29,7 +29,9 @@ exact gold against the largest SFT model: DIR/results.json ("figure1"), DIR/resu
 --task hh: prepare HH-RLHF -> sft.py -> reward.py (PPO's reward model, train split) -> a judge reward model
 trained on the validation comparisons only -> ppo.py -> evaluate.py: win rate of PPO over SFT by that judge.
 
-The wall time of every step is printed and saved in DIR/times.json (and, for the lab, in results.json).
+The wall time of every step is printed and saved in DIR/times.json (and, for the lab, in results.json). A new
+run needs a new --out_dir: label.py continues a rankings file it finds, so a DIR that holds an earlier run's
+rankings is refused before the first step (--from_step continues a run).
 """
 import argparse
 import json
