@@ -5,7 +5,7 @@ each step is printed, then run as a plain `python stage.py --flag value ...` sub
     python pipeline.py --task lab                      # the lab: a miniature world, ~15 min on a 2-core CPU
     python pipeline.py --task lab_sizes                # Figure 1 in miniature: three model sizes
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
-    python pipeline.py --task lab --quick --in_process # every step shrunk to seconds, run in one process (the test)
+    python pipeline.py --task lab --quick --in_process --out_dir out/lab_quick   # every step shrunk, one process
     python pipeline.py --task lab --dry_run            # print the commands only
     python pipeline.py --task hh --source path/to/hh-rlhf --subsets harmless-base   # HH-RLHF from a local copy, CPU
     python pipeline.py --task hh --config small        # HH-RLHF with GPT-2 124M on one GPU
