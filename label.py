@@ -4,12 +4,14 @@ and Figure 2): the current policy samples K responses to a prompt (K = 4..9 in t
 them best to worst, and the rankings train the reward model; steps 2 (reward.py) and 3 (ppo.py) can then
 be repeated with the improved policy. This script does the sampling and the asking, and appends one line
 
-    {"prompt": "...", "ranked": [best, ..., worst]}
+    {"prompt": "...", "ranked": [best, ..., worst], "policy": "<fingerprint of the --policy checkpoints>"}
 
 per ranked prompt to --out, which reward.py trains on as it is (--train_files rankings.jsonl, mixable with
 HH comparison files). Each line is flushed to disk as soon as it is given: a crash or Ctrl-C loses nothing
 already ranked, and a rerun with the same --out skips the rankings already there (resumable); a last line cut
-short by a kill is moved to --out.torn first. One label.py at a time writes a file: a second one on the same
+short by a kill is moved to --out.torn first. A rerun continues only the samples of the same --policy
+checkpoints: a file holding rankings of other checkpoints (a retrained policy at the same path) is refused
+rather than mixed. One label.py at a time writes a file: a second one on the same
 --out stops (a lock on --out.lock, released whenever the first ends, even by kill -9).
 
 Labelers, behind one interface: a callable (prompt, responses) -> ranking (indices into responses, best
@@ -34,6 +36,7 @@ j with probability sigmoid((s_i - s_j) / T), the preference model eq. (1) fits; 
 import collections
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -253,15 +256,41 @@ def one_writer(path):
         yield  # the lock goes with the file when it is closed
 
 
-def already_ranked(path, strict=False):
-    """How many rankings `path` already holds for each prompt (a missing file has none). Read as reward.py
-    reads it; a torn last line (an interrupted write) was set aside before (set_aside_torn_tail)."""
+def policy_fingerprint(paths):
+    """Which checkpoints a file's samples came from: the SHA-256 of the --policy files' bytes, in --policy order
+    (the order decides which policy gives the extra sample), first 16 hex digits. Every appended line carries it.
+    Reading the files costs about a second per GB, once per run."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def rankings_in(path, strict=False):
+    """The rankings `path` already holds (a missing file has none), read as reward.py reads it; a torn last line
+    (an interrupted write) was set aside before (set_aside_torn_tail)."""
     if not os.path.isfile(path):
-        return collections.Counter()
+        return []
     rows = read_jsonl(path, "rankings", {"prompt": str, "ranked": list}, strict=strict, allow_empty=True, hint="")
     if not rows and open(path, "rb").read().strip():
         sys.exit(f"error: --out {path} holds lines, but not one ranking {{\"prompt\", \"ranked\"}}: is it the "
                  f"right file? label.py appends its rankings to it")
+    return rows
+
+
+def already_ranked(rows, path, policy, policy_paths):
+    """How many of the rankings `rows` (of the file `path`) each prompt has. A file holding rankings of other
+    checkpoints than `policy_paths` (fingerprint `policy`) stops the run: continuing it would hand reward.py two
+    policies' rankings as one (a policy retrained at the same path, a second run into the same --out). Lines
+    without a "policy" (written by hand, or by label.py before it kept one) count as they are."""
+    others = collections.Counter(row["policy"] for row in rows if row.get("policy", policy) != policy)
+    if others:
+        sys.exit(f"error: --out {path} holds {sum(others.values())} rankings of samples from other checkpoints "
+                 f"than --policy {','.join(policy_paths)} (fingerprint {', '.join(others)} in the file, {policy} "
+                 f"now): a policy retrained at the same path, or an earlier run's file. label.py continues a file "
+                 f"only for the checkpoints that began it. Rank into a new --out (reward.py --train_files takes "
+                 f"several files), or move {path} away to start it again")
     return collections.Counter(row["prompt"] for row in rows)
 
 
@@ -323,20 +352,15 @@ def main(cfg, input_fn=input):
 
 
 def label(cfg, input_fn):
-    """main()'s work, under the lock on cfg.out: the prompts not yet ranked there, the labeler, the policies, then
-    sample -> rank -> append, prompt by prompt."""
+    """main()'s work, under the lock on cfg.out: the prompts and the rankings already in cfg.out, the labeler, the
+    policies, the prompts not yet ranked from their samples, then sample -> rank -> append, prompt by prompt."""
     t_start = time.time()
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
 
-    # prompts not yet ranked in --out
     prompts = read_prompts(cfg.prompts, cfg.max_prompts, cfg.strict)
     set_aside_torn_tail(cfg.out)  # a line cut short by a killed run: the next ranking starts on a line of its own
-    done = already_ranked(cfg.out, cfg.strict)
-    todo = [p for r in range(cfg.rankings_per_prompt) for p in prompts if done[p] <= r]  # pass by pass
-    wanted = len(prompts) * cfg.rankings_per_prompt
-    print(f"{len(prompts)} prompts in {cfg.prompts}, {cfg.rankings_per_prompt} ranking(s) each; "
-          f"{wanted - len(todo)} already in {cfg.out}; {len(todo)} to go, {cfg.k} responses each")
+    existing = rankings_in(cfg.out, cfg.strict)
 
     # the labeler
     if cfg.labeler == "human":
@@ -349,6 +373,7 @@ def label(cfg, input_fn):
             score_fn = lambda prompt, responses: [fn(prompt, r) for r in responses]
         labeler = ScoreLabeler(score_fn, cfg.label_noise, cfg.seed)
 
+    # the policies whose samples are ranked
     paths = [path for path in cfg.policy.split(",") if path]
     require(1 <= len(paths) <= cfg.k, f"--policy names {len(paths)} checkpoints; give 1 to k = {cfg.k}")
     policies = [load_model(path, kind="gpt", device=device)[0].eval() for path in paths]
@@ -359,6 +384,15 @@ def label(cfg, input_fn):
     require(len({tuple(policy.config.vocab or ()) for policy in policies}) == 1, f"the --policy checkpoints "
             f"({', '.join(paths)}) have different vocabularies: rank samples of models of one vocabulary")
     enc = get_tokenizer(policies[0].config.vocab)  # GPT-2's, or the world's of a lab model (config.vocab)
+    fingerprint = policy_fingerprint(paths)
+
+    # the prompts not yet ranked in --out from these checkpoints' samples
+    done = already_ranked(existing, cfg.out, fingerprint, paths)
+    todo = [p for r in range(cfg.rankings_per_prompt) for p in prompts if done[p] <= r]  # pass by pass
+    wanted = len(prompts) * cfg.rankings_per_prompt
+    print(f"{len(prompts)} prompts in {cfg.prompts}, {cfg.rankings_per_prompt} ranking(s) each; "
+          f"{wanted - len(todo)} already in {cfg.out}; {len(todo)} to go, {cfg.k} responses each")
+
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_rng = random.Random(cfg.seed)
 
@@ -383,7 +417,7 @@ def label(cfg, input_fn):
                         skipped += 1
                         continue
                     require(sorted(ranking) == list(range(cfg.k)), f"labeler returned {ranking}, not a ranking")
-                    append_line(f, {"prompt": prompt, "ranked": [responses[i] for i in ranking]})
+                    append_line(f, {"prompt": prompt, "ranked": [responses[i] for i in ranking], "policy": fingerprint})
                     ranked += 1
                     human_ties += tied_pairs(responses)
                 if cfg.labeler != "human":

@@ -30,8 +30,8 @@ exact gold against the largest SFT model: DIR/results.json ("figure1"), DIR/resu
 trained on the validation comparisons only -> ppo.py -> evaluate.py: win rate of PPO over SFT by that judge.
 
 The wall time of every step is printed and saved in DIR/times.json (and, for the lab, in results.json). A new
-run needs a new --out_dir: label.py continues a rankings file it finds, so a DIR that holds an earlier run's
-rankings is refused before the first step (--from_step continues a run).
+run needs a new --out_dir: a DIR that holds an earlier run's rankings is refused before the first step, rather than
+by label.py minutes later, once the new policies exist (--from_step continues a run).
 """
 import argparse
 import json
@@ -336,9 +336,10 @@ def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
 
 
 def refuse_stale_rankings(steps, first):
-    """label.py resumes a file it finds (a human labeler's work is never redone), so a label step after the first
-    step of this invocation would add this run's rankings to an earlier run's, of other policies. Stop before
-    anything runs, naming the files. The first step itself may be a label step: that continues its own file."""
+    """A label step after the first step of this invocation would find an earlier run's rankings, of other
+    policies, in its --out. label.py refuses such a file (it continues a file only for the checkpoints that began
+    it), but only after the steps before it have run; stop before anything runs instead, naming the files. The
+    first step itself may be a label step: that continues its own file."""
     stale = []
     for name, command in steps[first + 1:]:
         out = command[command.index("--out") + 1] if command[1] == "label.py" else ""

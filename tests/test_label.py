@@ -2,6 +2,7 @@
 Bradley-Terry programmatic labeler against its probabilities, and reward-labeler rankings that reward.py trains on."""
 import collections
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -130,8 +131,9 @@ def test_human_session_writes_exactly_the_rankings_given_and_resumes(ckpts, tmp_
     summary = label.main(cfg, input_fn=scripted(["3 3 1 2", "4 3 2 1", "s", "2 4 1 3", "q"]))
     assert summary["ranked"] == 2 and summary["skipped"] == 1 and summary["stopped"] and summary["ties"] == 0
     rows = read_lines(cfg.out)
-    assert rows == [{"prompt": prompts[0], "ranked": [samples[0][i] for i in (3, 2, 1, 0)]},
-                    {"prompt": prompts[2], "ranked": [samples[2][i] for i in (1, 3, 0, 2)]}]
+    fingerprint = label.policy_fingerprint([cfg.policy])
+    assert rows == [{"prompt": prompts[0], "ranked": [samples[0][i] for i in (3, 2, 1, 0)], "policy": fingerprint},
+                    {"prompt": prompts[2], "ranked": [samples[2][i] for i in (1, 3, 0, 2)], "policy": fingerprint}]
     assert "3 appears twice" in capsys.readouterr().out
     # a rerun skips the ranked prompts: it asks about prompt 2 (skipped before) first, then prompt 4
     summary = label.main(cfg, input_fn=scripted(["1 2 3 4", "s", "q"]))
@@ -193,6 +195,37 @@ def test_rankings_per_prompt_ranks_fresh_samples_and_resumes(ckpts, tmp_path):
     cfg.rankings_per_prompt = 3  # a rerun asking for more adds only the missing third ranking of each prompt
     summary = label.main(cfg)
     assert summary["already_ranked"] == 6 and summary["ranked"] == 3 and len(read_lines(cfg.out)) == 9
+
+
+def test_a_file_of_other_checkpoints_is_refused_and_kept(ckpts, tmp_path):
+    """A policy retrained at the same path (or an earlier run's file): its rankings are not continued as if they
+    were this policy's, and the file is left as it was. The same checkpoints continue it; lines written without a
+    fingerprint count as they are."""
+    path = tmp_path / "policy.pt"
+    path.write_bytes(open(ckpts["policy"], "rb").read())
+    cfg = config(ckpts, tmp_path, policy=str(path), labeler="fn", labeler_fn=f"{__file__}:length_score",
+                 max_prompts=3)
+    assert label.main(cfg)["ranked"] == 3
+    fingerprint = hashlib.sha256(hashlib.sha256(path.read_bytes()).digest()).hexdigest()[:16]
+    assert {row["policy"] for row in read_lines(cfg.out)} == {fingerprint}
+    assert label.main(cfg)["already_ranked"] == 3  # the same checkpoint continues its file
+
+    torch.manual_seed(2)  # retrained: other weights at the same path
+    save_checkpoint(str(path), GPT(GPTConfig(**SHAPE)), label.Config())
+    before = open(cfg.out, "rb").read()
+    cfg.max_prompts = 6
+    with pytest.raises(SystemExit, match=f"holds 3 rankings of samples from other checkpoints than --policy {path} "
+                                         f"\\(fingerprint {fingerprint} in the file"):
+        label.main(cfg)
+    assert open(cfg.out, "rb").read() == before
+
+    old = tmp_path / "old.jsonl"  # a file from before fingerprints (or written by hand)
+    old.write_text("".join(json.dumps({"prompt": row["prompt"], "ranked": row["ranked"]}) + "\n"
+                           for row in read_lines(cfg.out)))
+    summary = label.main(label.Config(**{**cfg.__dict__, "out": str(old)}))
+    assert summary["already_ranked"] == 3 and summary["ranked"] == 3
+    assert label.policy_fingerprint([str(path), ckpts["policy"]]) != label.policy_fingerprint([ckpts["policy"],
+                                                                                                str(path)])
 
 
 def length_score(prompt, response):
