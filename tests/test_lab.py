@@ -338,16 +338,6 @@ def test_final_ppo_takes_smaller_steps_than_round_1():
         ["ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "overopt"], "2")
 
 
-def test_the_final_policies_are_the_papers_ema_and_the_rounds_policies_are_not():
-    """ppo and ppo_ptx keep and save the EMA of their weights at the paper's decay (0.992); the round-1 and round-2
-    policies, whose samples the next round ranks, and the over-optimisation run save their live weights."""
-    import pipeline
-    a = pipeline.parse_args(["--task", "lab"])
-    ema = {name: argv[argv.index("--ema_decay") + 1] if "--ema_decay" in argv else None
-           for name, argv in pipeline.lab_steps(a) if argv[1] == "ppo.py"}
-    assert ema == {"ppo_round1": None, "ppo_round2": None, "ppo": "0.992", "ppo_ptx": "0.992", "overopt": None}
-
-
 def test_each_round_ranks_the_previous_rounds_policy():
     """The paper's loop, three times: round r ranks samples of the round r-1 PPO policy (and of SFT), its reward
     model is trained from SFT on every round so far, its PPO optimises that model; DPO sees exactly the final

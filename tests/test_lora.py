@@ -243,7 +243,7 @@ def test_lora_ppo_with_a_programmatic_reward_gives_the_critic_its_own_base(tmp_p
 
 
 def test_full_finetuning_saves_the_ema_as_the_policy_every_script_loads(tmp_path, monkeypatch):
-    """Without LoRA (the lab's final policies: --ema_decay 0.992 on every weight), ckpt.pt's policy, as load_model
+    """Without LoRA (--ema_decay on every weight, as the paper's full fine-tuning), ckpt.pt's policy, as load_model
     gives it to sample.py and the evaluation, is the EMA of the weights after every optimizer step, starting at
     the initial policy; the trained weights are kept beside it for --resume."""
     decay, record = 0.6, {}
