@@ -11,8 +11,8 @@ HH comparison files). Each line is flushed to disk as soon as it is given: a cra
 already ranked, and a rerun with the same --out skips the rankings already there (resumable); a last line cut
 short by a kill is moved to --out.torn first. A rerun continues only the samples of the same --policy
 checkpoints: a file holding rankings of other checkpoints (a retrained policy at the same path) is refused
-rather than mixed. One label.py at a time writes a file: a second one on the same
---out stops (a lock on --out.lock, released whenever the first ends, even by kill -9).
+rather than mixed. One label.py at a time writes a file: a second one on the same --out stops (a lock on
+--out.lock, released whenever the first ends, even by kill -9).
 
 Labelers, behind one interface: a callable (prompt, responses) -> ranking (indices into responses, best
 first) or None (skip this prompt).
@@ -284,7 +284,7 @@ def already_ranked(rows, path, policy, policy_paths):
     checkpoints than `policy_paths` (fingerprint `policy`) stops the run: continuing it would hand reward.py two
     policies' rankings as one (a policy retrained at the same path, a second run into the same --out). Lines
     without a "policy" (written by hand, or by label.py before it kept one) count as they are."""
-    others = collections.Counter(row["policy"] for row in rows if row.get("policy", policy) != policy)
+    others = collections.Counter(str(row["policy"]) for row in rows if row.get("policy", policy) != policy)
     if others:
         sys.exit(f"error: --out {path} holds {sum(others.values())} rankings of samples from other checkpoints "
                  f"than --policy {','.join(policy_paths)} (fingerprint {', '.join(others)} in the file, {policy} "

@@ -224,6 +224,10 @@ def test_a_file_of_other_checkpoints_is_refused_and_kept(ckpts, tmp_path):
                            for row in read_lines(cfg.out)))
     summary = label.main(label.Config(**{**cfg.__dict__, "out": str(old)}))
     assert summary["already_ranked"] == 3 and summary["ranked"] == 3
+    edited = tmp_path / "edited.jsonl"  # a hand-edited fingerprint of another type: the message, not a traceback
+    edited.write_text(json.dumps({"prompt": "p", "ranked": ["a", "b"], "policy": ["x"]}) + "\n")
+    with pytest.raises(SystemExit, match="holds 1 rankings of samples from other checkpoints"):
+        label.main(label.Config(**{**cfg.__dict__, "out": str(edited)}))
     assert label.policy_fingerprint([str(path), ckpts["policy"]]) != label.policy_fingerprint([ckpts["policy"],
                                                                                                 str(path)])
 
