@@ -15,11 +15,11 @@ prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers
 1: label.py ranks K = 8 samples per prompt, 4 of SFT and 4 of the base model (twice, fresh samples each),
 with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py ranks 4 samples of the round-1 PPO
 policy and 4 of SFT per prompt (twice) -> reward.py on both rounds -> ppo.py -> round 3: the same with the
-round-2 policy's samples -> reward.py (anew from SFT, on all three rounds) -> the final
-ppo.py -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking -> an over-optimisation
-run (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) -> data/lab/evaluate_lab.py: every
-policy judged by the exact gold on held-out prompts, DIR/results.json, DIR/results.md, plots. The gold function
-reaches the reward models only through label.py's rankings.
+round-2 policy's samples -> reward.py (anew from SFT, on all three rounds) -> the final ppo.py (saving its EMA
+of the weights, as in the paper) -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking
+-> an over-optimisation run (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) ->
+data/lab/evaluate_lab.py: every policy judged by the exact gold on held-out prompts, DIR/results.json,
+DIR/results.md, plots. The gold function reaches the reward models only through label.py's rankings.
 
 --task lab_sizes: the paper's Figure 1 in miniature. The same world; the base model, SFT, PPO and PPO-ptx at
 each of three model sizes (SIZES, ~20x apart in parameters), PPO of every size against one reward model (from the
@@ -62,18 +62,22 @@ SIZES = [("small", ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--bloc
 # memory in the heap for reuse (1.7x faster pretraining here); it changes no result. Set for every step below.
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 33)}
 KL_COEF = 0.1  # DEVIATION: beta of every lab PPO run but the over-optimisation one (paper: 0.02, for its RM scale)
-# PPO's (lr, iters). The round-2 and final policies take smaller steps for twice as long as round 1. At round 1's
+# PPO's (lr, iters). The round-2 and final policies take smaller steps for longer than round 1. At round 1's
 # setting the round-2 policy was a draw: PPO's seed alone moved its win rate over SFT by up to 0.08, and one draw went
 # back to fabricating (data/lab/README.md, "PPO's own seed"). Round 1 keeps the larger steps: its drift to wrong
 # values is what the round-2 rankings teach the reward model to penalise (seed 1 with small steps in round 1 too:
 # less drift, and the round-2 policy lost more helpfulness).
 ROUND1_PPO = ("3e-4", 30)
-FINAL_PPO = ("1e-4", 60)
-# DEVIATION: every lab policy is its live weights at the last step; the paper evaluates an EMA of the policy's
-# weights (decay 0.992, appendix C.4; ppo.py --ema_decay). On the ten seeds' final policies the EMA sat nearer SFT:
-# it kept helpfulness where the live weights lost it (seeds 4 and 5), but won less, fabricated more and complied
-# more in nine seeds each, and on seeds 6-10, where it was not chosen, it missed two targets the live weights reach
-# (data/lab/README.md, "The paper's EMA of the final policies").
+ROUND2_PPO = ("1e-4", 60)
+FINAL_PPO = ("1e-4", 90)
+# The final policies (ppo, ppo_ptx) are the paper's EMA of the policy weights, decay 0.992 (appendix C.4): the
+# rollouts come from the live weights, the EMA is what is saved and evaluated. At 0.992 the EMA averages over about
+# the last 125 optimizer steps, so the final run is 90 iterations (360 steps) instead of round 2's 60: on the ten
+# seeds' final reward models the EMA at 60 kept helpfulness but won less than the live weights; 30 more iterations
+# raise the win rate, the average keeps helpfulness (data/lab/README.md, "The paper's EMA of the final policies").
+# DEVIATION: the round-1 and round-2 policies are their live weights; their exploits are what the next round's
+# rankings teach the reward model to penalise.
+FINAL_EMA = ["--ema_decay", "0.992"]
 RANKINGS = "rankings.jsonl,rankings_round2.jsonl,rankings_round3.jsonl"  # the three rounds' rankings
 LABEL_NOISE = 1.5  # Bradley-Terry temperature of the labelers: ~73% agreement with the exact gold, the paper's
 # inter-labeler agreement (README)
@@ -174,7 +178,7 @@ def lab_steps(a):
         ("reward_round2", reward(a, d, f"{d}/sft/ckpt.pt", "rankings.jsonl,rankings_round2.jsonl",
                                  f"{d}/reward_round2")),
         ("ppo_round2", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward_round2/ckpt.pt", f"{d}/ppo_round2",
-                           steps=FINAL_PPO)),
+                           steps=ROUND2_PPO)),
         # Round 3: the same again with the round-2 policy's samples. The round-2 policy still finds wrong values
         # the round-2 reward model likes ("The flag of Kaze is blue."); ranking them, and a new reward model from
         # SFT on all three rounds, raised the final policy's helpfulness over the round-2 one's in eight of ten
@@ -190,8 +194,8 @@ def lab_steps(a):
                  "--out_dir", f"{d}/dpo", "--max_prompt_tokens", "32", "--max_response_tokens", "40",
                  "--beta", str(KL_COEF), "--batch_size", "32", "--max_steps", quick(a, 150, 2), "--lr", "1e-4",
                  "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 25, 1), "--seed", str(a.seed)]),
-        ("ppo", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/ppo", steps=FINAL_PPO)),
-        ("ppo_ptx", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", *ptx(data),
+        ("ppo", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/ppo", *FINAL_EMA, steps=FINAL_PPO)),
+        ("ppo_ptx", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", *ptx(data), *FINAL_EMA,
                         steps=FINAL_PPO)),
         # Over-optimisation (Gao et al. 2022): the round-1 reward model, no KL penalty, the policy kept at every
         # evaluation (ckpt_NNNN.pt)

@@ -315,10 +315,10 @@ def test_pipeline_commands_use_only_existing_flags(task, quick):
     assert checked >= 5
 
 
-def test_final_ppo_takes_smaller_steps_than_round_1():
-    """The round-2 and final policies (ppo_round2, ppo, ppo_ptx) train at FINAL_PPO's lr for its iterations; round 1,
-    the kl_coef-0 over-optimisation run and every Figure 1 PPO keep ROUND1_PPO's larger, fewer steps; --quick
-    shrinks both."""
+def test_later_ppo_runs_take_smaller_steps_for_longer_than_round_1():
+    """The round-2 policy trains at ROUND2_PPO's lr for its iterations, the final policies (ppo, ppo_ptx) at the same
+    lr for FINAL_PPO's longer run; round 1, the kl_coef-0 over-optimisation run and every Figure 1 PPO keep
+    ROUND1_PPO's larger, fewer steps; --quick shrinks all of them."""
     import pipeline
 
     def lr_iters(task, quick=False):
@@ -327,15 +327,28 @@ def test_final_ppo_takes_smaller_steps_than_round_1():
         return {name: (argv[argv.index("--lr") + 1], argv[argv.index("--iters") + 1])
                 for name, argv in steps if argv[1] == "ppo.py"}
 
-    lr, iters = pipeline.FINAL_PPO
+    as_argv = lambda steps: (steps[0], str(steps[1]))  # noqa: E731
     lab = lr_iters("lab")
-    assert lab.pop("ppo_round2") == lab.pop("ppo") == lab.pop("ppo_ptx") == (lr, str(iters))
-    round1 = (pipeline.ROUND1_PPO[0], str(pipeline.ROUND1_PPO[1]))
+    assert lab.pop("ppo_round2") == as_argv(pipeline.ROUND2_PPO)
+    assert lab.pop("ppo") == lab.pop("ppo_ptx") == as_argv(pipeline.FINAL_PPO)
+    round1 = as_argv(pipeline.ROUND1_PPO)
     assert set(lab) == {"ppo_round1", "overopt"} and set(lab.values()) == {round1}
-    assert float(lr) < float(round1[0]) and iters > int(round1[1])
+    for later in (pipeline.ROUND2_PPO, pipeline.FINAL_PPO):
+        assert float(later[0]) < float(round1[0]) and later[1] > int(round1[1])
+    assert pipeline.FINAL_PPO[0] == pipeline.ROUND2_PPO[0] and pipeline.FINAL_PPO[1] > pipeline.ROUND2_PPO[1]
     assert set(lr_iters("lab_sizes").values()) == {round1}
     assert {k: v[1] for k, v in lr_iters("lab", quick=True).items()} == dict.fromkeys(
         ["ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "overopt"], "2")
+
+
+def test_the_final_policies_are_the_papers_ema_and_the_rounds_policies_are_not():
+    """ppo and ppo_ptx keep and save the EMA of their weights at the paper's decay (0.992); the round-1 and round-2
+    policies, whose samples the next round ranks, and the over-optimisation run save their live weights."""
+    import pipeline
+    a = pipeline.parse_args(["--task", "lab"])
+    ema = {name: argv[argv.index("--ema_decay") + 1] if "--ema_decay" in argv else None
+           for name, argv in pipeline.lab_steps(a) if argv[1] == "ppo.py"}
+    assert ema == {"ppo_round1": None, "ppo_round2": None, "ppo": "0.992", "ppo_ptx": "0.992", "overopt": None}
 
 
 def test_each_round_ranks_the_previous_rounds_policy():
