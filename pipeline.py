@@ -75,6 +75,7 @@ FINAL_PPO = ("1e-4", 90)
 # the last 125 optimizer steps, so the final run is 90 iterations (360 steps) instead of round 2's 60: on the ten
 # seeds' final reward models the EMA at 60 kept helpfulness but won less than the live weights; 30 more iterations
 # raise the win rate, the average keeps helpfulness (data/lab/README.md, "The paper's EMA of the final policies").
+# Whole runs with it on seeds 1-5 and on seeds 11-15, never run before: data/lab/README.md, "What it shows".
 # DEVIATION: the round-1 and round-2 policies are their live weights; their exploits are what the next round's
 # rankings teach the reward model to penalise.
 FINAL_EMA = ["--ema_decay", "0.992"]
