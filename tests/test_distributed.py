@@ -107,8 +107,11 @@ def test_reward_two_processes_match_one_process_on_the_same_global_batch(tmp_pat
     single = reward.train(reward.Config(**cfg, out_dir=str(tmp_path / "single")))
     assert_ranks_equal_and_close_to(copies, "ckpt.pt", load_checkpoint(single["ckpt_path"])["model"], atol=1e-5)
     ddp_rows, single_rows = metrics(tmp_path / "ddp" / "metrics.jsonl"), metrics(single["metrics_path"])
+    # the weights agree to 1e-5, not to the last bit (the two ranks' gradients are summed in another order), and
+    # the scores (|mean| ~2) inherit that: 2.6e-5 apart on an AVX-512 CPU. A rank that normalised by its own
+    # demonstrations instead of all of them is caught above: the ranks' biases differ (1.11 against 2.32 here).
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/chosen_mean", "val/chosen_std"):
-        assert ddp_rows[-1][key] == pytest.approx(single_rows[-1][key], abs=1e-5), key
+        assert ddp_rows[-1][key] == pytest.approx(single_rows[-1][key], rel=1e-4, abs=1e-5), key
 
 
 def test_whitening_over_two_processes_equals_whitening_the_concatenated_batch(tmp_path):
