@@ -2,7 +2,7 @@
 The whole of InstructGPT in one command, as a visible sequence of stage-script calls (like a Makefile):
 each step is printed, then run as a plain `python stage.py --flag value ...` subprocess, and timed.
 
-    python pipeline.py --task lab                      # the lab: a miniature world, ~15 min on a 2-core CPU
+    python pipeline.py --task lab                      # the lab: a miniature world, ~13 min on a 2-core CPU
     python pipeline.py --task lab_sizes                # Figure 1 in miniature: three model sizes
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
     python pipeline.py --task lab --quick --in_process --out_dir out/lab_quick   # every step shrunk, one process
