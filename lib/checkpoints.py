@@ -213,12 +213,9 @@ def load_model(init_from, kind="gpt", model_cfg=None, dropout=0.0, device="cpu",
             load_state(model, state, init_from)
         else:
             model = _transplant(state, config, cls)
-    if model_cfg:
-        mismatch = {k: (v, getattr(model.config, k)) for k, v in model_cfg.items()
-                    if k in ("n_layer", "n_head", "n_embd") and getattr(model.config, k) != v}
-        if mismatch and init_from != "scratch":
-            print(f"note: model shape comes from {init_from}: "
-                  + ", ".join(f"{k}={b} (config said {a})" for k, (a, b) in mismatch.items()))
+    if model_cfg and init_from != "scratch":  # the shape print_config shows as "(from init_from)"
+        shape = ", ".join(f"{k}={getattr(model.config, k)}" for k in ("n_layer", "n_head", "n_embd", "block_size"))
+        print(f"model shape from {init_from}: {shape}")
     return model.to(device), ckpt
 
 

@@ -32,6 +32,15 @@ MODEL_PRESETS = {
 }
 GPT2_NAMES = {"tiny": "scratch", "small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large", "xl": "gpt2-xl"}
 
+# `preset`, the name of the --config preset, is a field of every stage's Config that parse_config sets
+# itself (recorded for the run): a flag, but not one --help lists.
+INTERNAL_FIELDS = ("preset",)
+
+# A model's shape fields are used for a model drawn from scratch only: one loaded from a checkpoint, a
+# GPT-2 name or folder (the stage's model source field) has its own shape, which load_model prints.
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
+MODEL_SOURCES = ("init_from", "sft_ckpt")
+
 # The range of every numeric (and choice) config field, by name, for all scripts: parse_config refuses a value
 # outside it with one message. A stage's Config may override a rule with a class attribute
 # `RANGES = {field: rule}`. A rule is a bound (">= 1", "> 0"), an interval ("(0, 1]": round bracket = open
@@ -101,13 +110,13 @@ def _field_comments(config_cls):
 def parse_config(config_cls, presets, argv=None):
     """Build a `config_cls` from `--config NAME` (a key of `presets`) and `--field value` overrides."""
     fields = dataclasses.fields(config_cls)
-    names = ", ".join(f"--{f.name}" for f in fields)
+    names = ", ".join(f"--{f.name}" for f in fields if f.name not in INTERNAL_FIELDS)
     parser = argparse.ArgumentParser(
         description=sys.modules["__main__"].__doc__ if argv is None else None,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.error = lambda msg: (parser.print_usage(sys.stderr),
                                 sys.exit(f"error: {msg}\nvalid options: --config, {names}"))
-    parser.add_argument("--config", choices=sorted(presets), help="named preset (applied before the flags)")
+    parser.add_argument("--config", choices=sorted(presets), help="named configuration (applied before the flags)")
     defaults = config_cls()
     docs = _field_comments(config_cls)
     for f in fields:
@@ -115,8 +124,9 @@ def parse_config(config_cls, presets, argv=None):
         parse = _parse_bool if t is bool else _parse_optional(t) if getattr(defaults, f.name) is None else t
         doc = f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".lstrip()
         flag = dict(nargs="?", const=True) if t is bool else {}  # a bare --chat means --chat true
+        shown = argparse.SUPPRESS if f.name in INTERNAL_FIELDS else doc.replace("%", "%%")  # argparse
         parser.add_argument(f"--{f.name}", type=parse, default=None, metavar=t.__name__.upper(),
-                            help=doc.replace("%", "%%"), **flag)  # argparse %-formats help strings
+                            help=shown, **flag)  # %-formats help strings
     args = parser.parse_args(argv)
     values = dict(presets[args.config]) if args.config else {}
     unknown = set(values) - {f.name for f in fields}
@@ -265,9 +275,15 @@ def run(train, config_cls, presets):
 
 
 def print_config(cfg, out_dir=None):
-    """Print the resolved config and save it as out_dir/config.json."""
+    """Print the resolved config and save it as out_dir/config.json. When the model comes from a checkpoint
+    or GPT-2 rather than scratch, its shape is that source's: the shape fields print as "(from init_from)"
+    and load_model prints the shape it loaded; config.json keeps the values as given."""
     d = dataclasses.asdict(cfg)
-    print("config: " + " ".join(f"{k}={v}" for k, v in d.items()))
+    shown = dict(d)
+    source = next((name for name in MODEL_SOURCES if name in d), None)
+    if source and d[source] != "scratch":
+        shown.update({k: f"(from {source})" for k in SHAPE_FIELDS if k in d})
+    print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
     if out_dir and is_main():
         atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(d, indent=2) + "\n")
 

@@ -8,7 +8,9 @@ from typing import Optional
 import pytest
 
 from conftest import REPO
-from lib.config import MODEL_PRESETS, parse_config
+from lib.checkpoints import load_model, save_checkpoint
+from lib.config import INTERNAL_FIELDS, MODEL_PRESETS, parse_config, print_config
+from model import GPT, GPTConfig
 
 
 @dataclass
@@ -54,10 +56,25 @@ def test_help_lists_every_field_with_its_meaning_and_default(script):
     assert out.returncode == 0, out.stderr
     module = __import__(script[:-3])
     for field in dataclasses.fields(module.Config):
-        assert f"--{field.name} " in out.stdout
+        assert (f"--{field.name} " in out.stdout) == (field.name not in INTERNAL_FIELDS)
+    assert "--preset" not in out.stdout  # set by --config, not by a user
     assert "--config" in out.stdout and "(default: " in out.stdout
     if script == "sample.py":
         assert "0 = greedy (default: 0.8)" in " ".join(out.stdout.split())  # the field's comment is its help
+
+
+def test_printed_shape_is_the_loaded_models_not_the_configs(tmp_path, capsys):
+    """A model from a checkpoint has the checkpoint's shape: the printed config does not claim another."""
+    shape = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    path = save_checkpoint(str(tmp_path / "ckpt.pt"), GPT(shape), Config())
+    cfg = Config(init_from=path)  # its n_layer 4 is the scratch shape, unused here
+    print_config(cfg)
+    load_model(cfg.init_from, "gpt", dict(n_layer=cfg.n_layer))
+    out = capsys.readouterr().out
+    assert "n_layer=(from init_from)" in out and "n_layer=4" not in out
+    assert f"model shape from {path}: n_layer=1, n_head=2, n_embd=32, block_size=16" in out
+    print_config(Config())  # scratch: the config's shape is the model's
+    assert "n_layer=4" in capsys.readouterr().out
 
 
 def test_model_size_presets_are_gpt2_shapes():
