@@ -1,40 +1,54 @@
 """
-The whole of InstructGPT in one command, as a visible sequence of stage-script calls (like a Makefile):
-each step is printed, then run as a plain `python stage.py --flag value ...` subprocess, and timed.
+The whole of InstructGPT in one command, as a visible sequence of stage-script calls (like a
+Makefile): each step is printed, then run as a plain `python stage.py --flag value ...` subprocess,
+and timed.
 
-    python pipeline.py --task lab                      # the lab: a miniature world, ~13 min on a 2-core CPU
-    python pipeline.py --task lab_sizes                # Figure 1 in miniature: three model sizes
+    python pipeline.py --task lab                  # the lab: a miniature world, ~13 min, 2-core CPU
+    python pipeline.py --task lab --config class   # the class lab: one round, shorter runs, ~5 min
+    python pipeline.py --task lab --config class --kl_coef 0 --out_dir out/kl0   # change a knob
+    python pipeline.py --task lab_sizes            # Figure 1 in miniature: three model sizes
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
-    python pipeline.py --task lab --quick --in_process --out_dir out/lab_quick   # every step shrunk, one process
-    python pipeline.py --task lab --dry_run            # print the commands only
-    python pipeline.py --task hh --source path/to/hh-rlhf --subsets harmless-base   # HH-RLHF from a local copy, CPU
-    python pipeline.py --task hh --config small        # HH-RLHF with GPT-2 124M on one GPU
+    python pipeline.py --task lab --quick --in_process --out_dir out/lab_quick   # a smoke test
+    python pipeline.py --task lab --dry_run        # print the commands only
+    python pipeline.py --task hh --source path/to/hh-rlhf --subsets harmless-base   # HH-RLHF, CPU
+    python pipeline.py --task hh --config small    # HH-RLHF with GPT-2 124M on one GPU
 
---task lab (data/lab/): generate the world -> pretrain the base model on the world's corpus (sft.py with
-prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers' few demonstrations -> round
-1: label.py ranks K = 8 samples per prompt, 4 of SFT and 4 of the base model (twice, fresh samples each),
-with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py ranks 4 samples of the round-1 PPO
-policy and 4 of SFT per prompt (twice) -> reward.py on both rounds -> ppo.py -> round 3: the same with the
-round-2 policy's samples -> reward.py (anew from SFT, on all three rounds) -> the final ppo.py (saving its EMA
-of the weights, as in the paper) -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking
--> an over-optimisation run (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) ->
-data/lab/evaluate_lab.py: every policy judged by the exact gold on held-out prompts, DIR/results.json,
-DIR/results.md, plots. The gold function reaches the reward models only through label.py's rankings.
+--task lab (data/lab/): generate the world -> pretrain the base model on the world's corpus (sft.py
+with prompt "": plain language modelling, the paper's "GPT-3") -> SFT on the labelers' few
+demonstrations -> round 1: label.py ranks K = 8 samples per prompt, 4 of SFT and 4 of the base model
+(twice, fresh samples each), with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py
+ranks 4 samples of the round-1 PPO policy and 4 of SFT per prompt (twice) -> reward.py on both
+rounds -> ppo.py -> round 3: the same with the round-2 policy's samples -> reward.py (anew from SFT,
+on all three rounds) -> the final ppo.py (saving its EMA of the weights, as in the paper) -> ppo.py
+with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking -> an over-optimisation run
+(the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) -> data/lab/evaluate_lab.py:
+every policy judged by the exact gold on held-out prompts, DIR/results.json, DIR/results.md, plots.
+The gold function reaches the reward models only through label.py's rankings.
 
---task lab_sizes: the paper's Figure 1 in miniature. The same world; the base model, SFT, PPO and PPO-ptx at
-each of three model sizes (SIZES, ~20x apart in parameters), PPO of every size against one reward model (from the
-largest SFT model, as the paper's PPO models of every size used one 6B reward model); every policy judged by the
-exact gold against the largest SFT model: DIR/results.json ("figure1"), DIR/results.md, DIR/figure1.png.
+The lab's experimental settings are flags (--kl_coef, --ptx_coef, --rounds, --k,
+--rankings_per_prompt, --label_noise, --ppo_iters), each recorded in results.json ("settings").
+--config class (LAB_CONFIGS) is the class lab: one labeling round instead of three and shorter runs
+(see LAB_CONFIGS for what it shrinks and why); flags override the config's values. --quick shrinks
+every step to seconds: a smoke test whose numbers mean nothing.
 
---task hh: prepare HH-RLHF -> sft.py -> reward.py (PPO's reward model, train split) -> a judge reward model
-trained on the validation comparisons only -> ppo.py -> evaluate.py: win rate of PPO over SFT by that judge.
+--task lab_sizes: the paper's Figure 1 in miniature. The same world; the base model, SFT, PPO and
+PPO-ptx at each of three model sizes (SIZES, ~20x apart in parameters), PPO of every size against
+one reward model (from the largest SFT model, as the paper's PPO models of every size used one 6B
+reward model); every policy judged by the exact gold against the largest SFT model:
+DIR/results.json ("figure1"), DIR/results.md, DIR/figure1.png.
 
-The wall time of every step is printed and saved in DIR/times.json (and, for the lab, in results.json). A new
-run needs a new --out_dir: a DIR that holds an earlier run's rankings is refused before the first step, rather than
-by label.py minutes later, once the new policies exist (--from_step continues a run).
+--task hh: prepare HH-RLHF -> sft.py -> reward.py (PPO's reward model, train split) -> a judge
+reward model trained on the validation comparisons only -> ppo.py -> evaluate.py: win rate of PPO
+over SFT by that judge.
+
+The wall time of every step is printed and saved in DIR/times.json (and, for the lab, in
+results.json). A new run needs a new --out_dir: a DIR that holds an earlier run's rankings is
+refused before the first step, rather than by label.py minutes later, once the new policies exist
+(--from_step continues a run).
 """
 import argparse
 import json
+import math
 import os
 import runpy
 import shlex
@@ -45,10 +59,10 @@ import traceback
 
 PY = sys.executable
 LAB = "data/lab"
-# The lab's model: 6 layers of width 192 (2.7M parameters) with rows for the world's ~290 GPT-2 tokens only
-# (prepare.py's vocab.json). With GPT-2's 50257-token output layer, that layer was 94% of a 4x64 model's compute;
-# on the world's vocabulary the same compute buys a trunk 13x larger, which states the world's facts (SFT answers
-# 93-97% of held-out factual questions right in seeds 1-4).
+# The lab's model: 6 layers of width 192 (2.7M parameters) with rows for the world's ~290 GPT-2
+# tokens only (prepare.py's vocab.json). GPT-2's 50257-token output layer would take most of the
+# compute of a model this small; on the world's vocabulary the same compute buys a trunk large
+# enough for SFT to state the world's facts.
 LAB_MODEL = ["--n_layer", "6", "--n_head", "6", "--n_embd", "192", "--block_size", "128"]
 PRETRAIN_STEPS = 600
 # --task lab_sizes: three sizes of the lab's model, smallest first, spanning ~20x in parameters
@@ -56,32 +70,69 @@ SIZES = [("small", ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--bloc
          ("medium", ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "128"]),
          ("large", LAB_MODEL)]
 
-# glibc returns every tensor larger than its mmap threshold (at most 32 MB by default) to the kernel when it is
-# freed, and the next step's tensor of the same size comes back as fresh zeroed pages: with the lab's
-# (batch x tokens x 50257) logits that page-faulting is ~40% of a CPU step. Raising the thresholds keeps freed
-# memory in the heap for reuse (1.7x faster pretraining here); it changes no result. Set for every step below.
+# glibc returns every tensor larger than its mmap threshold (at most 32 MB by default) to the kernel
+# when it is freed, and the next step's tensor of the same size comes back as fresh zeroed pages:
+# with (batch x tokens x 50257) logits that page-faulting is a large share of a CPU step. Raising
+# the thresholds keeps freed memory in the heap for reuse; it changes no result. Set for every step.
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 33)}
-KL_COEF = 0.1  # DEVIATION: beta of every lab PPO run but the over-optimisation one (paper: 0.02, for its RM scale)
-# PPO's (lr, iters). The round-2 and final policies take smaller steps for longer than round 1. At round 1's
-# setting the round-2 policy was a draw: PPO's seed alone moved its win rate over SFT by up to 0.08, and one draw went
-# back to fabricating (data/lab/README.md, "PPO's own seed"). Round 1 keeps the larger steps: its drift to wrong
-# values is what the round-2 rankings teach the reward model to penalise (seed 1 with small steps in round 1 too:
-# less drift, and the round-2 policy lost more helpfulness).
+# DEVIATION: beta of every lab PPO run but the over-optimisation one, and DPO's beta (paper: 0.02,
+# for its reward model's scale)
+KL_COEF = 0.1
+# PPO's (lr, iters). The round-2 and final policies take smaller steps for longer than round 1: at
+# round 1's step size, PPO's own seed alone decided whether the round-2 policy won or went back to
+# fabricating (data/lab/README.md, "PPO's own seed"). Round 1 keeps the larger steps: its drift to
+# wrong values is what the round-2 rankings teach the reward model to penalise.
 ROUND1_PPO = ("3e-4", 30)
 ROUND2_PPO = ("1e-4", 60)
 FINAL_PPO = ("1e-4", 90)
-# The final policies (ppo, ppo_ptx) are the paper's EMA of the policy weights, decay 0.992 (appendix C.4): the
-# rollouts come from the live weights, the EMA is what is saved and evaluated. At 0.992 the EMA averages over about
-# the last 125 optimizer steps, so the final run is 90 iterations (360 steps) instead of round 2's 60: on the ten
-# seeds' final reward models the EMA at 60 kept helpfulness but won less than the live weights; 30 more iterations
-# raise the win rate, the average keeps helpfulness (data/lab/README.md, "The paper's EMA of the final policies").
-# Whole runs with it on seeds 1-5 and on seeds 11-15, never run before: data/lab/README.md, "What it shows".
-# DEVIATION: the round-1 and round-2 policies are their live weights; their exploits are what the next round's
-# rankings teach the reward model to penalise.
+# The final policies (ppo, ppo_ptx) are the paper's EMA of the policy weights, decay 0.992
+# (appendix C.4): the rollouts come from the live weights, the EMA is what is saved and evaluated.
+# At 0.992 the EMA averages over about the last 125 optimizer steps, so the final run is 90
+# iterations (360 steps) rather than round 2's 60, for the average to catch up with the live
+# weights (data/lab/README.md, "The paper's EMA of the final policies").
+# DEVIATION: the round-1 and round-2 policies are their live weights; their exploits are what the
+# next round's rankings teach the reward model to penalise.
 FINAL_EMA = ["--ema_decay", "0.992"]
-RANKINGS = "rankings.jsonl,rankings_round2.jsonl,rankings_round3.jsonl"  # the three rounds' rankings
-LABEL_NOISE = 1.5  # Bradley-Terry temperature of the labelers: ~73% agreement with the exact gold, the paper's
+# Bradley-Terry temperature of the labelers: ~73% agreement with the exact gold, the paper's
 # inter-labeler agreement (README)
+LABEL_NOISE = 1.5
+
+# The lab's settings. "full" is the lab; "class" the class lab, within 5 minutes on a 2-core CPU:
+# - one labeling round (the final reward model on round 1's rankings): rounds 2 and 3 and their
+#   reward models are half of the full lab's time; one round already turns fabrication into
+#   "I don't know" and harmful compliance into refusals, and PPO beats SFT by the gold;
+# - the final PPO runs take round 1's larger steps for ppo_iters iterations and keep their live
+#   weights: a 0.992 EMA needs more steps than a short run has to catch up;
+# - a shorter pretraining, DPO and over-optimisation run, and fewer evaluation samples and best-of-n
+#   samples: each still gives numbers whose intervals answer the lab's questions.
+# Flags override these values: `--config class --rounds 3` is the class lab with three rounds.
+LAB_CONFIGS = {
+    "full": dict(kl_coef=KL_COEF, ptx_coef=1.0, rounds=3, k=8, rankings_per_prompt=2,
+                 label_noise=LABEL_NOISE, ppo_iters=FINAL_PPO[1], ppo_lr=FINAL_PPO[0], ema=True,
+                 pretrain_steps=PRETRAIN_STEPS, dpo_steps=150, overopt_iters=ROUND1_PPO[1],
+                 eval_samples=4, rm_samples=8, bon_samples=64),
+    "class": dict(kl_coef=KL_COEF, ptx_coef=1.0, rounds=1, k=8, rankings_per_prompt=2,
+                  label_noise=LABEL_NOISE, ppo_iters=30, ppo_lr=ROUND1_PPO[0], ema=False,
+                  pretrain_steps=400, dpo_steps=50, overopt_iters=24,
+                  eval_samples=2, rm_samples=4, bon_samples=16),
+}
+# The knobs a user sets by flag: (type, check, what the check requires).
+KNOBS = {
+    "kl_coef": (float, lambda v: 0 <= v <= 10, "a number in [0, 10] (the KL penalty's beta; 0 is "
+                "no penalty); DPO's beta too"),
+    "ptx_coef": (float, lambda v: 0 < v <= 100, "a number in (0, 100] (PPO-ptx's weight of the "
+                 "pretraining loss; ptx off is the ppo row)"),
+    "rounds": (int, lambda v: 1 <= v <= 3, "1, 2 or 3 (labeling rounds)"),
+    "k": (int, lambda v: 2 <= v <= 64 and v % 2 == 0, "an even number in [2, 64] (samples ranked "
+          "per prompt, half from each of two policies)"),
+    "rankings_per_prompt": (int, lambda v: 1 <= v <= 8, "an integer in [1, 8] (rankings of fresh "
+                            "samples per labeling prompt and round)"),
+    "label_noise": (float, lambda v: 0 <= v <= 100, "a number in [0, 100] (the labelers' "
+                    "Bradley-Terry temperature; 0 = exact labelers)"),
+    "ppo_iters": (int, lambda v: 1 <= v <= 1000, "an integer in [1, 1000] (the final PPO runs' "
+                  "iterations)"),
+}
+HH_CONFIGS = ("tiny", "small", "medium", "large", "xl")
 
 
 def quick(a, full, small):
@@ -94,178 +145,228 @@ def sampling(a):
 
 
 def world_step(a, data):
-    return ("world", [PY, f"{LAB}/prepare.py", "--out_dir", data, "--seed", str(a.seed), *(["--quick"] * a.quick)])
+    return ("world", [PY, f"{LAB}/prepare.py", "--out_dir", data, "--seed", str(a.seed),
+                      *(["--quick"] * a.quick)])
 
 
 def pretrain(a, data, out_dir, shape):
-    """The base model ("GPT-3"): sft.py with prompt "", plain language modelling on the world's corpus, on a model
-    with rows for the world's vocabulary only."""
-    return [PY, "sft.py", "--init_from", "scratch", *shape, "--vocab", f"{data}/vocab.json", "--dropout", "0",
-            "--data_dir", data, "--train_file", "corpus_train.jsonl", "--val_file", "corpus_val.jsonl",
-            "--out_dir", out_dir, "--max_prompt_tokens", "1", "--max_response_tokens", "80", "--num_eval_samples", "0",
-            "--batch_size", "16", "--grad_accum", "1", "--max_steps", quick(a, PRETRAIN_STEPS, 3), "--lr", "3e-3",
-            "--min_lr", "3e-4", "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 100, 3),
-            "--eval_examples", quick(a, 100, 8), "--seed", str(a.seed)]
+    """The base model ("GPT-3"): sft.py with prompt "", plain language modelling on the world's
+    corpus, on a model with rows for the world's vocabulary only."""
+    return [PY, "sft.py", "--init_from", "scratch", *shape, "--vocab", f"{data}/vocab.json",
+            "--dropout", "0", "--data_dir", data, "--train_file", "corpus_train.jsonl",
+            "--val_file", "corpus_val.jsonl", "--out_dir", out_dir, "--max_prompt_tokens", "1",
+            "--max_response_tokens", "80", "--num_eval_samples", "0", "--batch_size", "16",
+            "--grad_accum", "1", "--max_steps", quick(a, a.lab["pretrain_steps"], 3),
+            "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", quick(a, 10, 1),
+            "--eval_interval", quick(a, 100, 3), "--eval_examples", quick(a, 100, 8),
+            "--seed", str(a.seed)]
 
 
 def sft(a, data, base, out_dir):
     """SFT on the labelers' few demonstrations."""
-    return [PY, "sft.py", "--init_from", base, "--dropout", "0", "--data_dir", data, "--out_dir", out_dir,
-            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--max_new_tokens", "24", "--batch_size", "8",
-            "--grad_accum", "1", "--max_steps", quick(a, 20, 2), "--lr", "3e-4", "--min_lr", "1e-4",
-            "--warmup_steps", quick(a, 5, 1), "--eval_interval", quick(a, 10, 2), "--seed", str(a.seed)]
+    return [PY, "sft.py", "--init_from", base, "--dropout", "0", "--data_dir", data,
+            "--out_dir", out_dir, "--max_prompt_tokens", "32", "--max_response_tokens", "40",
+            "--max_new_tokens", "24", "--batch_size", "8", "--grad_accum", "1",
+            "--max_steps", quick(a, 20, 2), "--lr", "3e-4", "--min_lr", "1e-4",
+            "--warmup_steps", quick(a, 5, 1), "--eval_interval", quick(a, 10, 2),
+            "--seed", str(a.seed)]
 
 
 def label(a, data, policy, prompts, out, noise, max_prompts, seed, repeat):
-    """K samples per prompt of `policy` (comma-separated: shared out), ranked by the gold labeler of temperature
-    `noise` (label.py --labeler fn)."""
-    return [PY, "label.py", "--policy", policy, "--prompts", f"{data}/{prompts}", "--k", quick(a, 8, 4),
-            "--rankings_per_prompt", repeat, "--labeler", "fn", "--labeler_fn", f"{LAB}/gold.py:labeler",
-            "--labeler_arg", data, "--label_noise", str(noise), "--out", out, "--temperature", "1.0", *sampling(a),
+    """K samples per prompt of `policy` (comma-separated: shared out), ranked by the gold labeler of
+    temperature `noise` (label.py --labeler fn)."""
+    return [PY, "label.py", "--policy", policy, "--prompts", f"{data}/{prompts}",
+            "--k", quick(a, a.k, 4), "--rankings_per_prompt", repeat, "--labeler", "fn",
+            "--labeler_fn", f"{LAB}/gold.py:labeler", "--labeler_arg", data,
+            "--label_noise", str(noise), "--out", out, "--temperature", "1.0", *sampling(a),
             "--batch_size", "16", "--max_prompts", max_prompts, "--seed", str(seed)]
 
 
 def reward(a, d, init_from, train_files, out_dir):
-    """A reward model from `init_from` (the SFT model), 4 epochs over the rankings of `train_files`."""
-    return [PY, "reward.py", "--init_from", init_from, "--data_dir", d, "--train_files", train_files,
-            "--val_files", "rankings_val.jsonl", "--demo_file", "data/sft_val.jsonl", "--out_dir", out_dir,
-            "--max_prompt_tokens", "32", "--max_response_tokens", "40", "--epochs", quick(a, 4, 1),
-            "--batch_size", "8", "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", quick(a, 5, 1),
+    """A reward model from `init_from` (the SFT model), 4 epochs over the rankings of
+    `train_files`."""
+    return [PY, "reward.py", "--init_from", init_from, "--data_dir", d,
+            "--train_files", train_files, "--val_files", "rankings_val.jsonl",
+            "--demo_file", "data/sft_val.jsonl", "--out_dir", out_dir, "--max_prompt_tokens", "32",
+            "--max_response_tokens", "40", "--epochs", quick(a, 4, 1), "--batch_size", "8",
+            "--grad_accum", "1", "--lr", "3e-4", "--warmup_steps", quick(a, 5, 1),
             "--eval_interval", quick(a, 10, 1), "--seed", str(a.seed)]
 
 
-def ppo(a, data, sft_ckpt, reward_ckpt, out_dir, *extra, kl_coef=KL_COEF, every=None, steps=ROUND1_PPO):
-    """A lab PPO run; `steps` = (lr, iters)."""
+def ppo(a, data, sft_ckpt, reward_ckpt, out_dir, *extra, kl_coef=None, every=None,
+        steps=ROUND1_PPO):
+    """A lab PPO run; `steps` = (lr, iters); kl_coef defaults to --kl_coef."""
     lr, iters = steps
+    kl_coef = a.kl_coef if kl_coef is None else kl_coef
     return [PY, "ppo.py", "--sft_ckpt", sft_ckpt, "--reward_ckpt", reward_ckpt, "--data_dir", data,
-            "--out_dir", out_dir, *sampling(a), "--batch_size", quick(a, 32, 4), "--minibatch_size", quick(a, 16, 2),
-            "--noptepochs", "2", "--lr", lr, "--warmup_iters", quick(a, 3, 1), "--iters", quick(a, iters, 2),
+            "--out_dir", out_dir, *sampling(a), "--batch_size", quick(a, 32, 4),
+            "--minibatch_size", quick(a, 16, 2), "--noptepochs", "2", "--lr", lr,
+            "--warmup_iters", quick(a, 3, 1), "--iters", quick(a, iters, 2),
             "--eval_interval", every or quick(a, 10, 2), "--eval_prompts", quick(a, 16, 4),
-            "--sample_every", quick(a, 10, 1), "--kl_coef", str(kl_coef), "--seed", str(a.seed), *extra]
+            "--sample_every", quick(a, 10, 1), "--kl_coef", str(kl_coef), "--seed", str(a.seed),
+            *extra]
 
 
-def ptx(data):
+def ptx(a, data):
     """PPO-ptx: the world's corpus as the pretraining mix."""
-    return ["--ptx_coef", "1.0", "--ptx_file", f"{data}/corpus_train.jsonl", "--ptx_batch_size", "4",
-            "--ptx_max_tokens", "48"]
+    return ["--ptx_coef", str(a.ptx_coef), "--ptx_file", f"{data}/corpus_train.jsonl",
+            "--ptx_batch_size", "4", "--ptx_max_tokens", "48"]
+
+
+def rankings_file(r):
+    """The rankings of labeling round r."""
+    return "rankings.jsonl" if r == 1 else f"rankings_round{r}.jsonl"
 
 
 def lab_steps(a):
-    """The lab pipeline: [(name, argv)]."""
+    """The lab pipeline: [(name, argv)]. A round r before the last ends in reward_round{r} and
+    ppo_round{r}; the last round's reward model is `reward` (anew from SFT, on every round's
+    rankings), and the final policies (dpo, ppo, ppo_ptx) are trained on it."""
     d, data = a.out_dir, os.path.join(a.out_dir, "data")
+    lab = a.lab
+    sft_ckpt = f"{d}/sft/ckpt.pt"
     steps = [world_step(a, data), ("pretrain", pretrain(a, data, f"{d}/base", LAB_MODEL)),
              ("sft", sft(a, data, f"{d}/base/ckpt.pt", f"{d}/sft"))]
+    repeat = quick(a, a.rankings_per_prompt, 1)
+    files = []
+    for r in range(1, a.rounds + 1):
+        files.append(rankings_file(r))
+        if r == 1:
+            # Round 1: K samples per prompt, ranked by the noisy labelers -> reward model -> PPO.
+            # DEVIATION: the paper ranks each prompt once; the world has only 283 labeling prompts,
+            # so each is ranked twice with fresh samples. More comparisons per prompt raise the
+            # reward model's agreement with the gold; more distinct prompts for the same number of
+            # comparisons show each fact in several phrasings (data/lab/README.md, "Checking a
+            # value").
+            # DEVIATION: half of round 1's K samples come from the base model, half from SFT (the
+            # paper's comparisons are of several models' outputs). SFT's demonstrations removed the
+            # corpus's evasive and wrong answers to factual questions; a reward model that never
+            # sees them ranked learns that "I don't know" is always good.
+            steps += [
+                ("label", label(a, data, f"{sft_ckpt},{d}/base/ckpt.pt", "prompts_label.jsonl",
+                                f"{d}/{files[-1]}", a.label_noise, quick(a, 0, 4), a.seed,
+                                repeat)),
+                # the reward models' validation rankings: exact gold order, on a few PPO prompts
+                ("label_val", label(a, data, sft_ckpt, "prompts_train.jsonl",
+                                    f"{d}/rankings_val.jsonl", 0, quick(a, 16, 2), a.seed + 1,
+                                    "1"))]
+        else:
+            # Round r (the paper's loop, section 3.1): K/2 samples of the round r-1 PPO policy and
+            # K/2 of SFT per prompt, ranked; the reward model retrained on every round so far
+            # learns what the previous one missed (the policy's exploits). A third round ranks the
+            # wrong values the round-2 policy still finds ("The flag of Kaze is blue."), which
+            # raises the final policy's helpfulness (data/lab/README.md, "A third round").
+            steps.append((f"label_round{r}", label(
+                a, data, f"{d}/ppo_round{r - 1}/ckpt.pt,{sft_ckpt}", "prompts_label.jsonl",
+                f"{d}/{files[-1]}", a.label_noise, quick(a, 0, 4), a.seed + r, repeat)))
+        if r < a.rounds:
+            steps += [(f"reward_round{r}", reward(a, d, sft_ckpt, ",".join(files),
+                                                  f"{d}/reward_round{r}")),
+                      (f"ppo_round{r}", ppo(a, data, sft_ckpt, f"{d}/reward_round{r}/ckpt.pt",
+                                            f"{d}/ppo_round{r}",
+                                            steps=ROUND1_PPO if r == 1 else ROUND2_PPO))]
+    rankings = ",".join(files)
+    final = (lab["ppo_lr"], a.ppo_iters)
+    ema = FINAL_EMA if lab["ema"] else []
+    # the reward model the over-optimisation run optimises and best-of-n selects with
+    reward_round1 = f"{d}/reward_round1" if a.rounds > 1 else f"{d}/reward"
     steps += [
-        # Round 1: K samples per prompt, ranked by the noisy labelers -> reward model -> PPO.
-        # DEVIATION: the paper ranks each prompt once; the world has only 283 labeling prompts, so each is ranked
-        # twice with fresh samples. More comparisons per prompt raised the RM's gold agreement (0.64 -> 0.80 on an
-        # earlier world); more distinct prompts for the same number of comparisons show each fact in several
-        # phrasings, and kept round-2 PPO as helpful as SFT (data/lab/README.md, "Checking a value").
-        # DEVIATION: half of round 1's K samples come from the base model, half from SFT (the paper's comparisons
-        # are of several models' outputs). SFT's demonstrations removed the corpus's evasive and wrong answers to
-        # factual questions; an RM that never sees them ranked learns that "I don't know" is always good.
-        ("label", label(a, data, f"{d}/sft/ckpt.pt,{d}/base/ckpt.pt", "prompts_label.jsonl", f"{d}/rankings.jsonl",
-                        a.label_noise, quick(a, 0, 4), a.seed, quick(a, 2, 1))),
-        # the reward models' validation rankings: exact gold order, on a few PPO prompts
-        ("label_val", label(a, data, f"{d}/sft/ckpt.pt", "prompts_train.jsonl", f"{d}/rankings_val.jsonl", 0,
-                            quick(a, 16, 2), a.seed + 1, "1")),
-        ("reward_round1", reward(a, d, f"{d}/sft/ckpt.pt", "rankings.jsonl", f"{d}/reward_round1")),
-        ("ppo_round1", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward_round1/ckpt.pt", f"{d}/ppo_round1")),
-        # Round 2 (the paper's loop, section 3.1): K/2 samples of the round-1 PPO policy and K/2 of SFT per prompt,
-        # ranked; the reward model retrained on both rounds learns what the first one missed (the policy's exploits)
-        ("label_round2", label(a, data, f"{d}/ppo_round1/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
-                               f"{d}/rankings_round2.jsonl", a.label_noise, quick(a, 0, 4), a.seed + 2,
-                               quick(a, 2, 1))),
-        ("reward_round2", reward(a, d, f"{d}/sft/ckpt.pt", "rankings.jsonl,rankings_round2.jsonl",
-                                 f"{d}/reward_round2")),
-        ("ppo_round2", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward_round2/ckpt.pt", f"{d}/ppo_round2",
-                           steps=ROUND2_PPO)),
-        # Round 3: the same again with the round-2 policy's samples. The round-2 policy still finds wrong values
-        # the round-2 reward model likes ("The flag of Kaze is blue."); ranking them, and a new reward model from
-        # SFT on all three rounds, raised the final policy's helpfulness over the round-2 one's in eight of ten
-        # seeds (seed 6: 0.72 -> 0.90; data/lab/README.md, "A third round").
-        ("label_round3", label(a, data, f"{d}/ppo_round2/ckpt.pt,{d}/sft/ckpt.pt", "prompts_label.jsonl",
-                               f"{d}/rankings_round3.jsonl", a.label_noise, quick(a, 0, 4), a.seed + 3,
-                               quick(a, 2, 1))),
-        ("reward", reward(a, d, f"{d}/sft/ckpt.pt", RANKINGS, f"{d}/reward")),
-        # DPO (Rafailov et al. 2023): the SFT model trained directly on every ranked pair the final reward model
-        # saw, with PPO's beta, no reward model and no RL
-        ("dpo", [PY, "dpo.py", "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", d,
-                 "--train_files", RANKINGS, "--val_files", "rankings_val.jsonl",
-                 "--out_dir", f"{d}/dpo", "--max_prompt_tokens", "32", "--max_response_tokens", "40",
-                 "--beta", str(KL_COEF), "--batch_size", "32", "--max_steps", quick(a, 150, 2), "--lr", "1e-4",
-                 "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 25, 1), "--seed", str(a.seed)]),
-        ("ppo", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/ppo", *FINAL_EMA, steps=FINAL_PPO)),
-        ("ppo_ptx", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", *ptx(data), *FINAL_EMA,
-                        steps=FINAL_PPO)),
-        # Over-optimisation (Gao et al. 2022): the round-1 reward model, no KL penalty, the policy kept at every
-        # evaluation (ckpt_NNNN.pt)
-        ("overopt", ppo(a, data, f"{d}/sft/ckpt.pt", f"{d}/reward_round1/ckpt.pt", f"{d}/overopt",
-                        "--keep_checkpoints", "true", kl_coef=0, every=quick(a, 2, 1))),
-        ("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d, "--base", f"{d}/base/ckpt.pt",
-                      "--sft", f"{d}/sft/ckpt.pt", "--ppo_round1", f"{d}/ppo_round1/ckpt.pt",
-                      "--ppo_round2", f"{d}/ppo_round2/ckpt.pt",
-                      "--ppo", f"{d}/ppo/ckpt.pt", "--ppo_ptx", f"{d}/ppo_ptx/ckpt.pt", "--dpo", f"{d}/dpo/ckpt.pt",
-                      "--reward", f"{d}/reward/ckpt.pt",
-                      "--reward_round1", f"{d}/reward_round1/ckpt.pt", "--overopt", f"{d}/overopt",
-                      "--rankings", f"{d}/rankings.jsonl", "--label_noise", str(a.label_noise),
-                      "--samples", quick(a, 4, 1), "--rm_samples", quick(a, 8, 4), "--bon_samples", quick(a, 64, 4),
-                      "--max_prompts", quick(a, 0, 6), "--max_new_tokens", quick(a, 24, 8), "--seed", str(a.seed)]),
+        ("reward", reward(a, d, sft_ckpt, rankings, f"{d}/reward")),
+        # DPO (Rafailov et al. 2023): the SFT model trained directly on every ranked pair the final
+        # reward model saw, with PPO's beta, no reward model and no RL
+        ("dpo", [PY, "dpo.py", "--init_from", sft_ckpt, "--data_dir", d,
+                 "--train_files", rankings, "--val_files", "rankings_val.jsonl",
+                 "--out_dir", f"{d}/dpo", "--max_prompt_tokens", "32",
+                 "--max_response_tokens", "40", "--beta", str(a.kl_coef), "--batch_size", "32",
+                 "--max_steps", quick(a, lab["dpo_steps"], 2), "--lr", "1e-4",
+                 "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 25, 1),
+                 "--seed", str(a.seed)]),
+        ("ppo", ppo(a, data, sft_ckpt, f"{d}/reward/ckpt.pt", f"{d}/ppo", *ema, steps=final)),
+        ("ppo_ptx", ppo(a, data, sft_ckpt, f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", *ptx(a, data),
+                        *ema, steps=final)),
+        # Over-optimisation (Gao et al. 2022): the round-1 reward model, no KL penalty, the policy
+        # kept at every evaluation (ckpt_NNNN.pt)
+        ("overopt", ppo(a, data, sft_ckpt, f"{reward_round1}/ckpt.pt", f"{d}/overopt",
+                        "--keep_checkpoints", "true", kl_coef=0, every=quick(a, 2, 1),
+                        steps=(ROUND1_PPO[0], lab["overopt_iters"]))),
     ]
+    rounds = [flag for r in range(1, a.rounds)
+              for flag in (f"--ppo_round{r}", f"{d}/ppo_round{r}/ckpt.pt")]
+    steps.append(("evaluate", [
+        PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d,
+        "--base", f"{d}/base/ckpt.pt", "--sft", sft_ckpt, *rounds, "--ppo", f"{d}/ppo/ckpt.pt",
+        "--ppo_ptx", f"{d}/ppo_ptx/ckpt.pt", "--dpo", f"{d}/dpo/ckpt.pt",
+        "--reward", f"{d}/reward/ckpt.pt",
+        *(["--reward_round1", f"{reward_round1}/ckpt.pt"] if a.rounds > 1 else []),
+        "--overopt", f"{d}/overopt", "--rankings", f"{d}/rankings.jsonl",
+        "--label_noise", str(a.label_noise), "--samples", quick(a, lab["eval_samples"], 1),
+        "--rm_samples", quick(a, lab["rm_samples"], 4),
+        "--bon_samples", quick(a, lab["bon_samples"], 4), "--max_prompts", quick(a, 0, 6),
+        "--max_new_tokens", quick(a, 24, 8), "--seed", str(a.seed)]))
     return steps
 
 
 def lab_sizes_steps(a):
-    """Figure 1 in miniature: the base model, SFT, PPO and PPO-ptx at each of SIZES, every policy judged by the
-    exact gold against the largest SFT model. One reward model for every size, trained from the largest SFT model
-    on rankings of the largest SFT and base models' samples (the paper's PPO models of every size used one 6B RM)."""
+    """Figure 1 in miniature: the base model, SFT, PPO and PPO-ptx at each of SIZES, every policy
+    judged by the exact gold against the largest SFT model. One reward model for every size, trained
+    from the largest SFT model on rankings of the largest SFT and base models' samples (the paper's
+    PPO models of every size used one 6B RM)."""
     d, data = a.out_dir, os.path.join(a.out_dir, "data")
-    largest = SIZES[-1][0]
+    largest = f"{d}/{SIZES[-1][0]}"
     steps = [world_step(a, data)]
     for name, shape in SIZES:
         steps += [(f"pretrain_{name}", pretrain(a, data, f"{d}/{name}/base", shape)),
                   (f"sft_{name}", sft(a, data, f"{d}/{name}/base/ckpt.pt", f"{d}/{name}/sft"))]
     steps += [
-        ("label", label(a, data, f"{d}/{largest}/sft/ckpt.pt,{d}/{largest}/base/ckpt.pt", "prompts_label.jsonl",
-                        f"{d}/rankings.jsonl", a.label_noise, quick(a, 0, 4), a.seed, quick(a, 2, 1))),
-        ("label_val", label(a, data, f"{d}/{largest}/sft/ckpt.pt", "prompts_train.jsonl", f"{d}/rankings_val.jsonl",
-                            0, quick(a, 16, 2), a.seed + 1, "1")),
-        ("reward", reward(a, d, f"{d}/{largest}/sft/ckpt.pt", "rankings.jsonl", f"{d}/reward")),
+        ("label", label(a, data, f"{largest}/sft/ckpt.pt,{largest}/base/ckpt.pt",
+                        "prompts_label.jsonl", f"{d}/rankings.jsonl", a.label_noise,
+                        quick(a, 0, 4), a.seed, quick(a, a.rankings_per_prompt, 1))),
+        ("label_val", label(a, data, f"{largest}/sft/ckpt.pt", "prompts_train.jsonl",
+                            f"{d}/rankings_val.jsonl", 0, quick(a, 16, 2), a.seed + 1, "1")),
+        ("reward", reward(a, d, f"{largest}/sft/ckpt.pt", "rankings.jsonl", f"{d}/reward")),
     ]
     for name, _ in SIZES:
-        steps += [(f"ppo_{name}", ppo(a, data, f"{d}/{name}/sft/ckpt.pt", f"{d}/reward/ckpt.pt", f"{d}/{name}/ppo")),
-                  (f"ppo_ptx_{name}", ppo(a, data, f"{d}/{name}/sft/ckpt.pt", f"{d}/reward/ckpt.pt",
-                                          f"{d}/{name}/ppo_ptx", *ptx(data)))]
-    steps.append(("evaluate", [PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d, "--figure1", d,
-                               "--sizes", ",".join(name for name, _ in SIZES), "--reward", f"{d}/reward/ckpt.pt",
-                               "--samples", quick(a, 4, 1), "--max_prompts", quick(a, 0, 6),
-                               "--max_new_tokens", quick(a, 24, 8), "--seed", str(a.seed)]))
+        sft_ckpt, reward_ckpt = f"{d}/{name}/sft/ckpt.pt", f"{d}/reward/ckpt.pt"
+        steps += [(f"ppo_{name}", ppo(a, data, sft_ckpt, reward_ckpt, f"{d}/{name}/ppo")),
+                  (f"ppo_ptx_{name}", ppo(a, data, sft_ckpt, reward_ckpt, f"{d}/{name}/ppo_ptx",
+                                          *ptx(a, data)))]
+    steps.append(("evaluate", [
+        PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d, "--figure1", d,
+        "--sizes", ",".join(name for name, _ in SIZES), "--reward", f"{d}/reward/ckpt.pt",
+        "--samples", quick(a, 4, 1), "--max_prompts", quick(a, 0, 6),
+        "--max_new_tokens", quick(a, 24, 8), "--seed", str(a.seed)]))
     return steps
 
 
 def hh_steps(a):
-    """HH-RLHF: the same stages with the stage scripts' presets; win rate of PPO over SFT by a judge RM."""
+    """HH-RLHF: the same stages with the stage scripts' presets; win rate of PPO over SFT by a judge
+    RM."""
     d, data = a.out_dir, os.path.join(a.out_dir, "data")
     cfg = ["--config", a.config]
     source = ["--source", a.source] if a.source else []
     quick = (lambda *flags: list(flags)) if a.quick else (lambda *flags: [])
     return [
-        ("prepare", [PY, "data/hh_rlhf/prepare.py", "--out_dir", data, "--subsets", a.subsets, *source]),
+        ("prepare", [PY, "data/hh_rlhf/prepare.py", "--out_dir", data, "--subsets", a.subsets,
+                     *source]),
         ("sft", [PY, "sft.py", *cfg, "--data_dir", data, "--out_dir", f"{d}/sft",
                  *quick("--max_steps", "2", "--eval_interval", "2", "--eval_examples", "4")]),
         ("reward", [PY, "reward.py", *cfg, "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", data,
-                    "--out_dir", f"{d}/reward", *quick("--max_steps", "2", "--eval_interval", "2")]),
-        # an independent judge: trained on the validation comparisons only, which PPO's reward model never saw
+                    "--out_dir", f"{d}/reward",
+                    *quick("--max_steps", "2", "--eval_interval", "2")]),
+        # an independent judge: trained on the validation comparisons only, which PPO's reward
+        # model never saw
         ("judge", [PY, "reward.py", *cfg, "--init_from", f"{d}/sft/ckpt.pt", "--data_dir", data,
                    "--train_files", "comparisons_val.jsonl", "--out_dir", f"{d}/judge",
                    *quick("--max_steps", "2", "--eval_interval", "2")]),
-        ("ppo", [PY, "ppo.py", *cfg, "--sft_ckpt", f"{d}/sft/ckpt.pt", "--reward_ckpt", f"{d}/reward/ckpt.pt",
-                 "--data_dir", data, "--out_dir", f"{d}/ppo",
-                 *quick("--iters", "2", "--batch_size", "4", "--minibatch_size", "2", "--eval_interval", "2",
-                        "--eval_prompts", "4")]),
-        ("evaluate", [PY, "evaluate.py", *cfg, "--policy_a", f"{d}/ppo/ckpt.pt", "--policy_b", f"{d}/sft/ckpt.pt",
-                      "--prompts", f"{data}/prompts_val.jsonl", "--judge_ckpt", f"{d}/judge/ckpt.pt",
-                      "--ref_ckpt", f"{d}/sft/ckpt.pt", "--out", f"{d}/winrate.json",
+        ("ppo", [PY, "ppo.py", *cfg, "--sft_ckpt", f"{d}/sft/ckpt.pt",
+                 "--reward_ckpt", f"{d}/reward/ckpt.pt", "--data_dir", data,
+                 "--out_dir", f"{d}/ppo",
+                 *quick("--iters", "2", "--batch_size", "4", "--minibatch_size", "2",
+                        "--eval_interval", "2", "--eval_prompts", "4")]),
+        ("evaluate", [PY, "evaluate.py", *cfg, "--policy_a", f"{d}/ppo/ckpt.pt",
+                      "--policy_b", f"{d}/sft/ckpt.pt", "--prompts", f"{data}/prompts_val.jsonl",
+                      "--judge_ckpt", f"{d}/judge/ckpt.pt", "--ref_ckpt", f"{d}/sft/ckpt.pt",
+                      "--out", f"{d}/winrate.json",
                       *quick("--max_prompts", "4", "--max_new_tokens", "8")]),
     ]
 
@@ -275,15 +376,16 @@ def show(command):
 
 
 def run_in_process(command):
-    """Run `python script.py args...` in this interpreter, as `python` would run it (runpy, __name__ ==
-    "__main__"); returns its exit code. The same script and arguments as a subprocess, without the few seconds
-    of start-up (importing torch, tiktoken, matplotlib) that each step would pay again."""
+    """Run `python script.py args...` in this interpreter, as `python` would run it (runpy, __name__
+    == "__main__"); returns its exit code. The same script and arguments as a subprocess, without
+    the few seconds of start-up (importing torch, tiktoken, matplotlib) that each step would pay
+    again."""
     argv = sys.argv
     sys.argv = command[1:]
     try:
         runpy.run_path(command[1], run_name="__main__")
         return 0
-    except SystemExit as e:  # sys.exit("error: ...") prints its message and exits 1, as python would
+    except SystemExit as e:  # sys.exit("error: ...") prints its message, exits 1, as python would
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
         print(e.code, file=sys.stderr)
@@ -297,25 +399,30 @@ def run_in_process(command):
 
 def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
     """Print and run each step in order (from `from_step` on, if given); stop at the first failure.
-    Returns {step: seconds}, also written to out_dir/times.json (kept from earlier runs for skipped steps)."""
+    Returns {step: seconds}, also written to out_dir/times.json (kept from earlier runs for skipped
+    steps)."""
     names = [name for name, _ in steps]
     if from_step and from_step not in names:
-        sys.exit(f"error: --from_step {from_step} is not a step of this task; the steps are: {', '.join(names)}")
+        sys.exit(f"error: --from_step {from_step} is not a step of this task; the steps are: "
+                 f"{', '.join(names)}")
     times_path = os.path.join(out_dir, "times.json")
     times = {}
     if from_step and os.path.isfile(times_path):
         try:
             with open(times_path) as f:
-                times = {k: v for k, v in json.load(f).items() if k in names[:names.index(from_step)]}
-        except (ValueError, AttributeError):  # a damaged times.json only loses the earlier steps' wall times
-            print(f"note: {times_path} is not readable; the earlier steps' times are not carried over")
+                earlier = names[:names.index(from_step)]
+                times = {k: v for k, v in json.load(f).items() if k in earlier}
+        except (ValueError, AttributeError):  # a damaged times.json loses the earlier times only
+            print(f"note: {times_path} is not readable; the earlier steps' times are not "
+                  f"carried over")
     if not dry_run:
         refuse_stale_rankings(steps, names.index(from_step) if from_step else 0)
     t_start = time.time()
     if in_process:  # glibc reads its malloc settings at start-up: they would not reach the steps
         print("every step runs in this Python process (--in_process)", flush=True)
     else:
-        print("every step runs with " + " ".join(f"{k}={v}" for k, v in CPU_MALLOC_ENV.items()), flush=True)
+        print("every step runs with " + " ".join(f"{k}={v}" for k, v in CPU_MALLOC_ENV.items()),
+              flush=True)
     for i, (name, command) in enumerate(steps, 1):
         if from_step and i - 1 < names.index(from_step):
             continue
@@ -328,10 +435,11 @@ def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
         else:
             returncode = subprocess.run(command, env={**os.environ, **CPU_MALLOC_ENV}).returncode
         if returncode != 0:
-            sys.exit(f"error: step '{name}' failed (exit code {returncode}); its command is above. Fix it, "
-                     f"then rerun from this step with --from_step {name}.")
+            sys.exit(f"error: step '{name}' failed (exit code {returncode}); its command is above. "
+                     f"Fix it, then rerun from this step with --from_step {name}.")
         times[name] = round(time.time() - t0, 1)
-        print(f"=== {name} done in {times[name]:.0f}s (total {(time.time() - t_start) / 60:.1f} min)", flush=True)
+        print(f"=== {name} done in {times[name]:.0f}s (total "
+              f"{(time.time() - t_start) / 60:.1f} min)", flush=True)
         os.makedirs(out_dir, exist_ok=True)
         with open(times_path + ".tmp", "w") as f:
             json.dump(times, f, indent=1)
@@ -340,77 +448,142 @@ def run_steps(steps, out_dir, dry_run=False, from_step="", in_process=False):
 
 
 def refuse_stale_rankings(steps, first):
-    """A label step after the first step of this invocation would find an earlier run's rankings, of other
-    policies, in its --out. label.py refuses such a file (it continues a file only for the checkpoints that began
-    it), but only after the steps before it have run; stop before anything runs instead, naming the files. The
-    first step itself may be a label step: that continues its own file."""
+    """A label step after the first step of this invocation would find an earlier run's rankings, of
+    other policies, in its --out. label.py refuses such a file (it continues a file only for the
+    checkpoints that began it), but only after the steps before it have run; stop before anything
+    runs instead, naming the files. The first step itself may be a label step: that continues its
+    own file."""
     stale = []
     for name, command in steps[first + 1:]:
         out = command[command.index("--out") + 1] if command[1] == "label.py" else ""
         if out and os.path.isfile(out) and os.path.getsize(out) > 0:
             stale.append((name, out))
     if stale:
-        sys.exit("error: these rankings are from an earlier run, and the steps that write them would add this run's "
-                 "rankings to them: " + ", ".join(f"{path} ({name})" for name, path in stale) + ". Use a new "
-                 "--out_dir, or move those files away; to continue an interrupted run, rerun from its first "
+        sys.exit("error: these rankings are from an earlier run, and the steps that write them "
+                 "would add this run's rankings to them: "
+                 + ", ".join(f"{path} ({name})" for name, path in stale) + ". Use a new --out_dir, "
+                 "or move those files away; to continue an interrupted run, rerun from its first "
                  "unfinished step with --from_step.")
 
 
-def record_times(out_dir, times):
-    """Add the wall times to the lab's results.json and results.md."""
+SMOKE_TEST = ("--quick: a smoke test that every step runs; every step is shrunk to seconds, so its "
+              "numbers mean nothing (the class lab is --config class).")
+
+
+def settings(a):
+    """The lab's settings of this run, as results.json records them."""
+    return {"config": a.config, **{k: getattr(a, k) for k in KNOBS}, "quick": a.quick}
+
+
+def record_run(out_dir, times, a):
+    """Add the wall times and the settings to the lab's results.json and results.md; a --quick run's
+    results.md opens with the warning that its numbers mean nothing."""
     path = os.path.join(out_dir, "results.json")
     with open(path) as f:
         results = json.load(f)
     results["minutes"] = round(sum(times.values()) / 60, 2)
     results["step_seconds"] = times
+    results["settings"] = settings(a)
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(path + ".tmp", path)
-    with open(os.path.join(out_dir, "results.md"), "a") as f:
-        f.write(f"\nWall time: {results['minutes']:.1f} min. Per step (s): "
-                + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
+    md_path = os.path.join(out_dir, "results.md")
+    with open(md_path) as f:
+        md = f.read()
+    if a.quick and SMOKE_TEST not in md:
+        md = f"**{SMOKE_TEST}**\n\n" + md
+    md += ("\nSettings: " + ", ".join(f"{k} {v}" for k, v in results["settings"].items())
+           + f" (python pipeline.py --task {a.task} ... --help: what each means).\n"
+           + f"\nWall time: {results['minutes']:.1f} min. Per step (s): "
+           + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
+    with open(md_path + ".tmp", "w") as f:
+        f.write(md)
+    os.replace(md_path + ".tmp", md_path)
     print(f"\nresults: {path} ({results['minutes']:.1f} min)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("lab", "lab_sizes", "hh"), required=True)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out_dir", default="", help="default out/lab or out/hh")
-    p.add_argument("--quick", action="store_true", help="shrink every step to seconds (tests)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: every step shrunk to seconds, its numbers mean nothing")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--from_step", default="", help="start at this step, reusing the outputs of the earlier ones")
+    p.add_argument("--from_step", default="",
+                   help="start at this step, reusing the outputs of the earlier ones")
     p.add_argument("--in_process", action="store_true",
-                   help="run each step's script in this Python process (runpy) instead of a subprocess: saves each "
-                        "step's start-up, a few seconds (the --quick test uses it)")
-    p.add_argument("--label_noise", type=float, default=LABEL_NOISE,
-                   help="lab: Bradley-Terry temperature of the labelers")
-    p.add_argument("--config", default="tiny", choices=("tiny", "small", "medium", "large", "xl"),
-                   help="hh: preset of every stage (tiny on a CPU, small on one GPU)")
-    p.add_argument("--source", default="", help="hh: a local copy of HH-RLHF (its folder of *.jsonl.gz files)")
+                   help="run each step's script in this Python process (runpy) instead of a "
+                        "subprocess: saves each step's start-up, a few seconds (the --quick test "
+                        "uses it)")
+    p.add_argument("--config", default=None, choices=(*LAB_CONFIGS, *HH_CONFIGS),
+                   help="lab: full (default) or class (the ~5-minute class lab); hh: preset of "
+                        "every stage (tiny, the default, on a CPU; small on one GPU)")
+    full = LAB_CONFIGS["full"]
+    lab_help = {
+        "kl_coef": "beta of the KL penalty of every PPO run but the over-optimisation one, and "
+                   "DPO's beta",
+        "ptx_coef": "PPO-ptx: weight of the pretraining loss (the ppo_ptx policy)",
+        "rounds": "labeling rounds, 1..3; the final reward model is trained on every round run",
+        "k": "samples ranked per prompt (even: half from each of two policies)",
+        "rankings_per_prompt": "rankings of fresh samples per labeling prompt and round",
+        "label_noise": "Bradley-Terry temperature of the labelers (0 = exact)",
+        "ppo_iters": "iterations of the final PPO runs (ppo, ppo_ptx)",
+    }
+    for name, (kind, _, _) in KNOBS.items():
+        p.add_argument(f"--{name}", type=kind, default=None,
+                       help=f"lab: {lab_help[name]} (full: {full[name]}, class: "
+                            f"{LAB_CONFIGS['class'][name]})")
+    p.add_argument("--source", default="",
+                   help="hh: a local copy of HH-RLHF (its folder of *.jsonl.gz files)")
     p.add_argument("--subsets", default="helpful-base", help="hh: comma-separated HH-RLHF subsets")
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or f"out/{a.task}"
-    if not a.label_noise >= 0:
-        p.error(f"--label_noise {a.label_noise} is out of range: it must be >= 0 (0 = exact labelers)")
+    configs = {"lab": tuple(LAB_CONFIGS), "lab_sizes": ("full",), "hh": HH_CONFIGS}[a.task]
+    a.config = a.config or configs[0]
+    if a.config not in configs:
+        p.error(f"--config {a.config} is not a config of --task {a.task}; it takes "
+                f"{', '.join(configs)}")
+    given = [name for name in KNOBS if getattr(a, name) is not None]
+    only_lab = [name for name in given if a.task == "hh" or (a.task == "lab_sizes"
+                                                             and name in ("rounds", "ppo_iters"))]
+    if only_lab:
+        p.error(f"--{only_lab[0]} is a setting of --task lab" + (" or lab_sizes" if only_lab[0]
+                not in ("rounds", "ppo_iters") else "") + f", not of --task {a.task}")
+    a.lab = LAB_CONFIGS[a.config] if a.task != "hh" else LAB_CONFIGS["full"]
+    for name, (_, check, requirement) in KNOBS.items():
+        value = getattr(a, name)
+        if value is None:
+            setattr(a, name, a.lab[name])
+        elif not (math.isfinite(value) and check(value)):
+            p.error(f"--{name} {value} is out of range: it must be {requirement}")
     if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
-        p.error(f"--out_dir {a.out_dir} is a file; it must be a folder to write to (it may not exist yet)")
+        p.error(f"--out_dir {a.out_dir} is a file; it must be a folder to write to (it may not "
+                f"exist yet)")
     if a.source and not os.path.isdir(a.source):
-        p.error(f"--source {a.source} is not a folder; it must be a local copy of HH-RLHF (its <subset>/ folders)")
-    # the steps run from the repository's folder: a relative path the user gave is made relative to it
+        p.error(f"--source {a.source} is not a folder; it must be a local copy of HH-RLHF (its "
+                f"<subset>/ folders)")
+    # the steps run from the repository's folder: a relative path the user gave is made relative
+    # to it
     here = os.path.dirname(os.path.abspath(__file__))
-    from_here = lambda path: path if not path or os.path.isabs(path) else os.path.relpath(os.path.abspath(path), here)
+
+    def from_here(path):
+        return path if not path or os.path.isabs(path) else os.path.relpath(os.path.abspath(path),
+                                                                             here)
     a.out_dir, a.source = from_here(a.out_dir), from_here(a.source)
     return a
 
 
 def main(argv=None):
     a = parse_args(argv)
-    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # stage scripts are called by relative path
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # the stage scripts' paths are relative
+    if a.quick and a.task != "hh":
+        print(SMOKE_TEST, flush=True)
     steps = {"lab": lab_steps, "lab_sizes": lab_sizes_steps, "hh": hh_steps}[a.task](a)
     times = run_steps(steps, a.out_dir, a.dry_run, a.from_step, a.in_process)
     if a.task in ("lab", "lab_sizes") and not a.dry_run:
-        record_times(a.out_dir, times)
+        record_run(a.out_dir, times, a)
     elif not a.dry_run:
         print(f"\ndone in {sum(times.values()) / 60:.1f} min: {a.out_dir}/winrate.json")
     return times
