@@ -29,8 +29,8 @@ import torch
 from lib.checkpoints import atomic_write_text, load_model
 from lib.config import load_function, require, run
 from lib.data import read_prompts
-from lib.responses import decode_responses, sample_and_score, sequence_kl
-from lib.tokens import decode_response, encode_prompt, get_tokenizer, pad_left
+from lib.responses import decode_responses, sample_and_judge
+from lib.tokens import decode_response, encode_prompt, get_tokenizer
 from lib.training import autocast, setup_device
 from lib.winrate import wilson_interval, win_rate
 
@@ -68,36 +68,28 @@ CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # ppo.py's t
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling and judging
+# Judging: lib/responses.py's sample_and_judge, the one implementation ppo.py's evaluation shares
 
 def text_judge(fn, enc, prompt_texts):
-    """A function (prompt, response) -> float as ppo's reward_fn (token batches in, scores (B,) out), for the
-    prompts `prompt_texts` of one batch (their full text, not the cut tokens)."""
-    def reward_fn(queries, query_mask, responses, response_mask):
-        texts = [decode_response(enc, row) for row in responses.tolist()]
-        return torch.tensor([float(fn(p, r)) for p, r in zip(prompt_texts, texts)])
-    return reward_fn
+    """A function (prompt, response) -> float as a judge of sample_and_judge: scores (B,) of a
+    batch of responses to prompt_texts[rows] (the prompts' full text, not the cut tokens)."""
+    def judge(batch, rows):
+        texts = decode_responses(enc, batch)
+        return torch.tensor([float(fn(prompt_texts[i], t)) for i, t in zip(rows, texts)])
+    return judge
 
 
-@torch.no_grad()
-def sample_and_judge(policy, judge_model, judge_fn, enc, prompts, cfg, device, ref_policy=None):
-    """The policy's responses to `prompts` (text), judged; each batch b sampled with seed cfg.seed + b.
-    Returns {responses, scores, lengths, eos, kl (None without ref_policy)}, one entry per prompt."""
-    out = {"responses": [], "scores": [], "lengths": [], "eos": [], "kl": [] if ref_policy is not None else None}
-    for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
-        texts = prompts[i:i + cfg.batch_size]
-        queries, query_mask = pad_left([encode_prompt(enc, p, cfg.max_prompt_tokens) for p in texts])
-        generator = torch.Generator(device=device).manual_seed(cfg.seed + b)
-        reward_fn = text_judge(judge_fn, enc, texts) if judge_fn is not None else None
-        batch = sample_and_score(policy, queries.to(device), query_mask.to(device), cfg.max_new_tokens,
-                                 cfg.temperature, generator, judge_model, reward_fn)
-        out["responses"] += decode_responses(enc, batch)
-        out["scores"] += batch["scores"].tolist()
-        out["lengths"] += batch["response_mask"].sum(1).tolist()
-        out["eos"] += batch["has_eos"].tolist()
-        if ref_policy is not None:  # sum over the response of log pi(y_t) - log pi_ref(y_t): KL of the sequence
-            out["kl"] += sequence_kl(policy, ref_policy, batch, cfg.temperature).tolist()
-    return out
+def answer_and_judge(policy, judge, enc, prompts, cfg, ref_policy=None):
+    """The policy's responses to `prompts` (text), judged (sample_and_judge: batch b sampled with
+    seed cfg.seed + b). Returns {responses (text), scores, lengths, eos, kl (None without
+    ref_policy)}, one entry per prompt."""
+    tokens = [encode_prompt(enc, p, cfg.max_prompt_tokens) for p in prompts]
+    out = sample_and_judge(policy, tokens, {"score": judge}, cfg.max_new_tokens,
+                           temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
+                           ref_policy=ref_policy)
+    return {"responses": [decode_response(enc, r) for r in out["responses"]],
+            "scores": out["score"], "lengths": out["lengths"], "eos": out["has_eos"],
+            "kl": out["kl"] if ref_policy is not None else None}
 
 
 def mean(xs):
@@ -126,15 +118,15 @@ def main(cfg):
     ctx = autocast(device, cfg.dtype)
     prompts = read_prompts(cfg.prompts, cfg.max_prompts, strict=True)  # a skipped prompt would change the win rate
 
-    judge_model, judge_fn = None, None
     if cfg.judge_ckpt:
-        judge_model, _ = load_model(cfg.judge_ckpt, kind="scalar", device=device)
-        judge_model.eval()
+        judge, _ = load_model(cfg.judge_ckpt, kind="scalar", device=device)
+        judge.eval()
         longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS the judge reads its score at
-        require(longest <= judge_model.config.block_size, f"max_prompt_tokens + max_new_tokens + 1 = {longest} "
-                f"exceeds the judge's block_size {judge_model.config.block_size}")
+        require(longest <= judge.config.block_size, f"max_prompt_tokens + max_new_tokens + 1 = {longest} "
+                f"exceeds the judge's block_size {judge.config.block_size}")
     else:
         judge_fn = load_function(cfg.judge_fn, cfg.judge_arg, takes=("prompt", "response"))
+        judge = None  # made for each policy's tokenizer below
     ref_policy = None
     if cfg.ref_ckpt:
         ref_policy, _ = load_model(cfg.ref_ckpt, kind="gpt", device=device)
@@ -149,7 +141,7 @@ def main(cfg):
                 f"max_prompt_tokens + max_new_tokens exceeds the block_size {policy.config.block_size} of {ckpt}")
         t0 = time.time()
         with ctx:
-            results[name] = sample_and_judge(policy, judge_model, judge_fn, enc, prompts, cfg, device, ref_policy)
+            results[name] = answer_and_judge(policy, judge if judge is not None else text_judge(judge_fn, enc, prompts), enc, prompts, cfg, ref_policy)
         print(f"policy {name.upper()} {ckpt}: {len(prompts)} responses sampled and judged in {time.time() - t0:.0f}s")
 
     a, b = results["a"], results["b"]

@@ -42,18 +42,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lib import ddp
 from lib.checkpoints import check_resumable, load_model, lora_base, lora_settings, save_checkpoint
 from lib.config import MODEL_PRESETS, print_config, require, run
 from lib.data import data_paths, ranking_problem, read_jsonl, read_rankings
 from lib.ddp import (
     all_gather_cat,
-    all_reduce_sum,
     get_rank,
     get_world_size,
     init_distributed,
-    no_sync,
     shard,
-    step_total,
     wrap_ddp,
 )
 from lib.responses import rm_tokens, score_sequences, score_token_lists
@@ -246,26 +244,26 @@ def evaluate(reward_model, examples, device, batch_size, ctx):
 # ----------------------------------------------------------------------------------------------
 # One optimizer step's gradient, and the normalisation at the end
 
-def accumulate_gradients(model, prompts, micro_batch_size, ctx, device):
-    """Backpropagate eq. (1) over this rank's share `prompts` of a step's rankings, in micro-batches of
-    `micro_batch_size` prompts; return (loss, pairs ranked right, pairs) of the step on all ranks. Each
-    micro-batch's loss, a mean over its prompts, is weighted by its share of the step's prompts on every rank
-    (lib/ddp.py's step_total says why), so the gradient is that of the whole step however it is split."""
-    total = step_total(len(prompts))  # the step's prompts / world_size
-    loss_sum, correct, n_pairs = 0.0, 0, 0
-    for m in range(0, len(prompts), micro_batch_size):
-        micro = prompts[m:m + micro_batch_size]
-        ids, attention_mask, winner, loser, prompt_index = [t.to(device) for t in collate(micro)]
-        with no_sync(model, enabled=m + micro_batch_size < len(prompts)):  # DDP: all-reduce after the last one
-            with ctx:
-                scores = score_sequences(model, ids, attention_mask)  # (N,) all K responses of each prompt
-            loss = preference_loss(scores[winner], scores[loser], prompt_index) * len(micro) / total
-            loss.backward()
-        loss_sum += loss.item() / get_world_size()
-        correct += (scores[winner] > scores[loser]).sum().item()
-        n_pairs += len(winner)
-    loss_sum, correct, n_pairs = all_reduce_sum([loss_sum, float(correct), float(n_pairs)])  # all ranks
-    return loss_sum, correct, n_pairs
+def accumulate_gradients(model, prompts, micro_batch_size, ctx, device, step="?"):
+    """Backpropagate eq. (1) over this rank's share `prompts` of a step's rankings, in micro-batches
+    of `micro_batch_size` prompts; return the step's (loss, accuracy) on all ranks. Eq. (1) is a mean
+    over the step's prompts, the accuracy one over its pairs: lib/ddp.py's accumulate_gradients
+    weights each micro-batch's means by its share of them, so the gradient is that of the whole
+    step however it is split."""
+    micro = [[t.to(device) for t in collate(prompts[m:m + micro_batch_size])]
+             for m in range(0, len(prompts), micro_batch_size)]
+
+    def loss_fn(mb, share):
+        ids, attention_mask, winner, loser, prompt_index = mb
+        with ctx:
+            scores = score_sequences(model, ids, attention_mask)  # (N,) every response of a prompt
+        loss = preference_loss(scores[winner], scores[loser], prompt_index)
+        acc = (scores[winner] > scores[loser]).float().mean()
+        return share["prompts"] * loss, {"pairs": {"acc": acc}}
+    counts = [{"prompts": len(prompts[m:m + micro_batch_size]), "pairs": len(mb[2])}
+              for m, mb in zip(range(0, len(prompts), micro_batch_size), micro)]
+    stats = ddp.accumulate_gradients(loss_fn, micro, counts, (model,), step)
+    return stats["loss"], stats["acc"]
 
 
 @torch.no_grad()
@@ -376,7 +374,8 @@ def train(cfg):
                 group["lr"] = lr
             batch = [train_set[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
             # 1. eq. (1) on the step's rankings: every response of a prompt scored in one forward, all its pairs
-            loss_sum, correct, n_pairs = accumulate_gradients(model, shard(batch), micro_batch_size, ctx, device)
+            loss_sum, acc = accumulate_gradients(model, shard(batch), micro_batch_size, ctx, device,
+                                                 step + 1)
             # 2. AdamW step
             check_finite(loss_sum, step + 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -384,10 +383,10 @@ def train(cfg):
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            metrics = {"train/loss": loss_sum, "train/acc": correct / n_pairs, "lr": lr,
+            metrics = {"train/loss": loss_sum, "train/acc": acc, "lr": lr,
                        "grad_norm": grad_norm.item(), "epoch": epoch + (b + 1) / steps_per_epoch,
                        "ms_per_step": 1000 * (time.time() - t0)}
-            window.append((loss_sum, correct / n_pairs))
+            window.append((loss_sum, acc))
             # 3. validation, progress line, the state --resume continues from
             if step % cfg.eval_interval == 0 or step == total_steps:
                 # a batch holds only batch_size rankings: average the train metrics over the window

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lib import ddp
 from lib.checkpoints import check_resumable, load_model, lora_base, lora_settings, save_checkpoint
 from lib.config import GPT2_NAMES, MODEL_PRESETS, print_config, require, run
 from lib.data import index_batches, read_jsonl
-from lib.ddp import all_reduce_sum, get_world_size, init_distributed, no_sync, shard, step_total, wrap_ddp
+from lib.ddp import all_reduce_sum, init_distributed, shard, wrap_ddp
 from lib.responses import decode_responses, sample_responses
 from lib.tokens import EOS, encode_prompt, encode_response, get_tokenizer, load_vocab, pad_left, pad_right
 from lib.tracking import MetricsLog, plot_metrics
@@ -154,21 +155,17 @@ def batch_loss(trunk, model, x, y, loss_mask):
     return sft_loss(logprobs, loss_mask[keep])
 
 
-def accumulate_gradients(trunk, model, micro, ctx):
-    """Backpropagate the SFT loss of one optimizer step made of micro-batches [(x, y, loss_mask)]; return it.
-
-    The loss is the mean over all the step's response tokens, on every rank, exactly as if the micro-batches
-    were one batch: each micro-batch's mean is weighted by its share of them (lib/ddp.py's step_total says why).
-    """
-    total = step_total(sum(int(loss_mask.sum()) for _, _, loss_mask in micro))  # the step's tokens / world_size
-    loss = 0.0
-    for i, (x, y, loss_mask) in enumerate(micro):
-        with no_sync(trunk, enabled=i < len(micro) - 1):  # DDP: all-reduce once, after the last micro-batch
-            with ctx:
-                mb_loss = batch_loss(trunk, model, x, y, loss_mask) * int(loss_mask.sum()) / total
-            mb_loss.backward()
-        loss += mb_loss.item()
-    return all_reduce_sum(loss) / get_world_size()  # the step's loss over all ranks
+def accumulate_gradients(trunk, model, micro, ctx, step="?"):
+    """Backpropagate the SFT loss of one optimizer step made of micro-batches [(x, y, loss_mask)];
+    return it. The loss is the mean over all the step's response tokens, on every rank, exactly as
+    if the micro-batches were one batch (lib/ddp.py's accumulate_gradients weights each
+    micro-batch's mean by its share of them)."""
+    def loss_fn(mb, share):
+        with ctx:
+            loss = batch_loss(trunk, model, *mb)  # mean over the micro-batch's response tokens
+        return share["tokens"] * loss, {"tokens": {}}
+    counts = [{"tokens": int(loss_mask.sum())} for _, _, loss_mask in micro]
+    return ddp.accumulate_gradients(loss_fn, micro, counts, (trunk,), step)["loss"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +333,7 @@ def train(cfg):
                      for j in range(0, len(step_idx), cfg.batch_size)]
             data_position += demos_per_step
             # 2. the loss on their response tokens, backpropagated micro-batch by micro-batch
-            loss = accumulate_gradients(trunk, model, micro, ctx)
+            loss = accumulate_gradients(trunk, model, micro, ctx, step)
             # 3. AdamW step
             check_finite(loss, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))

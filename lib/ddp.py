@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from lib.training import check_finite
+
 
 def init_distributed(device="auto"):
     """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE in the environment):
@@ -137,3 +139,32 @@ def step_total(n_local):
     contributes world_size * sum_r / N, and the average over ranks is sum / N, the mean over the whole global
     step, the same gradient as one process running all of it. Without torchrun total = N = n_local."""
     return max(all_reduce_sum(float(n_local)), 1.0) / get_world_size()  # (a step without items: no division by 0)
+
+
+def accumulate_gradients(loss_fn, micro_batches, counts, modules, step="?", what="the loss"):
+    """Forward and backward of one optimizer step run as micro-batches; returns the step's statistics.
+
+    The step's data comes in parts, each with a loss that is a mean over its own items (SFT: the response
+    tokens; PPO: the rollouts' response tokens and, for PPO-ptx, the pretraining text's tokens).
+    counts[j] = {part: items of micro-batch j}. For each micro-batch, loss_fn(mb, share) -> (loss, stats),
+    where share[part] is the micro-batch's part of the step's items (step_total above: on all ranks, divided
+    by world_size), and the loss weights each part's mean by it. stats = {part: {name: mean over the
+    micro-batch's items}}. The gradient and every statistic are then those of the whole step on one process.
+
+    DDP: modules (the trained, DDP-wrapped models) all-reduce once, in the last micro-batch's backward.
+    A loss that is NaN or inf stops the run before the optimizer can apply it (lib/training.py).
+    Returns {name: the step's mean over all ranks, "loss": the step's loss}."""
+    totals = {part: step_total(sum(c[part] for c in counts)) for part in counts[0]}
+    sums = {"loss": 0.0}
+    for j, (mb, count) in enumerate(zip(micro_batches, counts)):
+        share = {part: n / totals[part] for part, n in count.items()}
+        with no_sync(*modules, enabled=j < len(micro_batches) - 1):
+            loss, stats = loss_fn(mb, share)
+            check_finite(loss, step, what)
+            loss.backward()
+        sums["loss"] += loss.item()
+        for part, values in stats.items():
+            for name, value in values.items():
+                value = value.item() if torch.is_tensor(value) else value
+                sums[name] = sums.get(name, 0.0) + share[part] * value
+    return mean_over_ranks(sums)

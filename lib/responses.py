@@ -15,7 +15,7 @@ Response token t (column P + t) is predicted by the logits at column P + t - 1.
 """
 import torch
 
-from lib.tokens import EOS, decode_response, encode_prompt, encode_response, pad_right
+from lib.tokens import EOS, decode_response, encode_prompt, encode_response, pad_left, pad_right
 
 
 def response_mask_from_eos(responses):
@@ -51,6 +51,38 @@ def sample_and_score(policy, queries, query_mask, max_new_tokens, temperature=1.
     else:
         scores = score_responses(reward_model, batch["ids"], batch["attention_mask"], batch["has_eos"])  # (B,)
     return {**batch, "scores": scores}
+
+
+@torch.no_grad()
+def sample_and_judge(policy, prompts, judges, max_new_tokens, *, temperature=1.0, seed=0, batch_size=16,
+                     ref_policy=None):
+    """The policy's responses to `prompts` (token lists), sampled in batches, batch b with seed + b: two
+    policies answering the same prompts share their randomness as far as they agree. Each response is
+    scored by every judge in `judges`, {name: a reward model, or a function (batch, rows) -> scores (B,)
+    of a batch of responses to prompts[rows]}. The one place where responses are judged: evaluate.py's win
+    rate and ppo.py's held-out evaluation (its reward model, its --judge_ckpt) both call it.
+    Returns {name: scores, "responses": token lists, "lengths", "has_eos", "kl"} (one entry per prompt;
+    "kl": the sequence KL to ref_policy, only with one)."""
+    device = next(policy.parameters()).device
+    out = {name: [] for name in judges} | {"responses": [], "lengths": [], "has_eos": [], "kl": []}
+    for b, i in enumerate(range(0, len(prompts), batch_size)):
+        queries, query_mask = pad_left(prompts[i:i + batch_size])
+        generator = torch.Generator(device=device).manual_seed(seed + b)
+        batch = sample_responses(policy, queries.to(device), query_mask.to(device), max_new_tokens,
+                                 temperature, generator)
+        for name, judge in judges.items():
+            if isinstance(judge, torch.nn.Module):
+                scores = score_responses(judge, batch["ids"], batch["attention_mask"], batch["has_eos"])
+            else:
+                scores = judge(batch, range(i, i + len(queries)))
+            out[name] += scores.float().tolist()
+        mask = batch["response_mask"]
+        out["responses"] += [row[m].tolist() for row, m in zip(batch["responses"], mask)]
+        out["lengths"] += mask.sum(1).tolist()
+        out["has_eos"] += batch["has_eos"].tolist()
+        if ref_policy is not None:
+            out["kl"] += sequence_kl(policy, ref_policy, batch, temperature).tolist()
+    return out
 
 
 def decode_responses(enc, batch):
