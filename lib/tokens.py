@@ -1,12 +1,13 @@
 """
-Text <-> tokens for every stage: GPT-2's tokenizer (through tiktoken), prompts and responses encoded within
-their token budgets, and batches padded on the side each use needs. Used by the stage scripts and by
-lib/responses.py. The mask convention is model.py's: 1 on real tokens, 0 on padding.
+Text <-> tokens for every stage: GPT-2's tokenizer (through tiktoken), prompts and responses encoded
+within their token budgets, and batches padded on the side each use needs. Used by the stage scripts
+and by lib/responses.py. The mask convention is model.py's: 1 on real tokens, 0 on padding.
 
-A world's vocabulary (the lab's, data/lab/prepare.py's vocab.json) is a subset of GPT-2's ids: text is still
-GPT-2 BPE and ids stay GPT-2's everywhere outside the model, which holds rows for those ids only (model.py's
-Transformer.rows). It travels in the checkpoint (config.vocab); `get_tokenizer(model.config.vocab)` spells a token
-outside it with the vocabulary's own tokens and refuses text with characters the world never uses, naming them.
+A world's vocabulary (the lab's, data/lab/prepare.py's vocab.json) is a subset of GPT-2's ids: text
+is still GPT-2 BPE and ids stay GPT-2's everywhere outside the model, which holds rows for those ids
+only (model.py's Transformer.rows). It travels in the checkpoint (config.vocab);
+`get_tokenizer(model.config.vocab)` spells a token outside it with the vocabulary's own tokens and
+refuses text with characters the world never uses, naming them.
 """
 import json
 import sys
@@ -19,26 +20,29 @@ EOS = 50256  # <|endoftext|>: end of sequence, and the padding id (GPT-2 has no 
 
 
 def get_tokenizer(vocab=None):
-    """GPT-2's BPE through tiktoken ("r50k_base" is the same tokenizer as "gpt2"); restricted to `vocab`, a
-    model's config.vocab, when it has one."""
+    """GPT-2's BPE through tiktoken ("r50k_base" is the same tokenizer as "gpt2"); restricted to
+    `vocab`, a model's config.vocab, when it has one."""
     import tiktoken
     try:
         enc = tiktoken.get_encoding("r50k_base")
     except Exception as e:
-        sys.exit(f"error: could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). tiktoken downloads it "
-                 f"once; offline, point TIKTOKEN_CACHE_DIR at a folder holding a local copy of its GPT-2 files.")
+        sys.exit(f"error: could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). tiktoken "
+                 f"downloads it once; offline, point TIKTOKEN_CACHE_DIR at a folder holding a "
+                 f"local copy of its GPT-2 files.")
     return enc if vocab is None else InVocabulary(enc, vocab)
 
 
 class InVocabulary:
-    """GPT-2's tokenizer for a model with a world's vocabulary: the same ids, for text the model has rows for.
+    """GPT-2's tokenizer for a model with a world's vocabulary: the same ids,
+    for text the model has rows for.
 
-    Re-encoding text the model wrote does not always give back its tokens: three newlines it wrote one at a time
-    come back as GPT-2's one-token "\n\n" and "\n", and "\n\n" may be outside the vocabulary. So a token
-    outside the vocabulary is spelled with the vocabulary's own tokens (its shortest spelling: the same bytes,
-    so the same text), and the world's vocabulary holds every character of the world as a token of its own, so
-    anything written in the world's characters encodes. Text with any other character is refused with one
-    message naming it: never an id the model has no row for."""
+    Re-encoding text the model wrote does not always give back its tokens: three newlines it
+    wrote one at a time come back as GPT-2's one-token "\n\n" and "\n", and "\n\n" may be outside
+    the vocabulary. So a token outside the vocabulary is spelled with the vocabulary's own tokens
+    (its shortest spelling: the same bytes, so the same text), and the world's vocabulary holds
+    every character of the world as a token of its own, so anything written in the world's
+    characters encodes. Text with any other character is refused with one message naming it:
+    never an id the model has no row for."""
 
     def __init__(self, enc, vocab):
         self.enc, self.vocab = enc, frozenset(vocab)
@@ -53,7 +57,9 @@ class InVocabulary:
         for j in range(1, len(b) + 1):
             for i in range(max(0, j - self.longest), j):
                 piece = self.of_bytes.get(b[i:j])
-                if best[i] is not None and piece is not None and (best[j] is None or len(best[i]) + 1 < len(best[j])):
+                if best[i] is None or piece is None:
+                    continue
+                if best[j] is None or len(best[i]) + 1 < len(best[j]):
                     best[j] = best[i] + [piece]
         return best[-1]
 
@@ -70,9 +76,10 @@ class InVocabulary:
         if unknown:
             known = {c for piece in self.of_bytes for c in piece.decode("utf-8", "replace")}
             chars = sorted({c for c in text if c not in known}) or sorted(set(unknown))
-            raise UsageError(f"the model knows only its world's {len(self.vocab)} tokens, and {text.strip()[:80]!r} "
-                             f"has characters the world never uses: {' '.join(map(repr, chars))}. Write with the "
-                             f"world's characters (its vocab.json lists its tokens)")
+            raise UsageError(f"the model knows only its world's {len(self.vocab)} tokens, and "
+                             f"{text.strip()[:80]!r} has characters the world never uses: "
+                             f"{' '.join(map(repr, chars))}. Write with the world's characters "
+                             f"(its vocab.json lists its tokens)")
         return ids
 
     def decode(self, ids):
@@ -80,22 +87,24 @@ class InVocabulary:
 
 
 def load_vocab(path):
-    """The GPT-2 ids of a vocab.json written by data/lab/prepare.py: sorted, distinct, EOS included."""
+    """The GPT-2 ids of a vocab.json written by data/lab/prepare.py:
+    sorted, distinct, EOS included."""
     try:
         with open(path) as f:
             ids = json.load(f)["ids"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--vocab {path} is not a vocabulary file ({type(e).__name__}: {e}); it must be the "
-                         f"vocab.json data/lab/prepare.py writes") from None
+        raise UsageError(f"--vocab {path} is not a vocabulary file ({type(e).__name__}: {e}); it "
+                         f"must be the vocab.json data/lab/prepare.py writes") from None
     if not (isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i <= EOS for i in ids)
             and EOS in ids and ids == sorted(set(ids))):
-        raise UsageError(f"--vocab {path}: 'ids' must be sorted distinct GPT-2 token ids (0..{EOS}) including "
-                         f"EOS {EOS}, as data/lab/prepare.py writes them")
+        raise UsageError(f"--vocab {path}: 'ids' must be sorted distinct GPT-2 token ids "
+                         f"(0..{EOS}) including EOS {EOS}, as data/lab/prepare.py writes them")
     return ids
 
 
 def encode_prompt(enc, text, max_tokens):
-    """Tokens of a prompt; a long prompt keeps its end (the latest turns, which the response answers)."""
+    """Tokens of a prompt; a long prompt keeps its end (the latest turns,
+    which the response answers)."""
     ids = enc.encode_ordinary(text)
     return ids[-max_tokens:] if len(ids) > max_tokens else ids
 
@@ -109,7 +118,8 @@ def encode_response(enc, text, max_tokens, eos=True):
 
 
 def pad(seqs, side, pad_id=EOS):
-    """List of token lists -> (ids, attention_mask), both LongTensor (B, T_max), padded on `side`."""
+    """List of token lists -> (ids, attention_mask), both LongTensor
+    (B, T_max), padded on `side`."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -131,5 +141,6 @@ def pad_right(seqs, pad_id=EOS):
 
 
 def decode_response(enc, tokens):
-    """Text of a generated response: the tokens before the first EOS (after it comes only padding)."""
+    """Text of a generated response: the tokens before the first EOS
+    (after it comes only padding)."""
     return enc.decode(tokens[:tokens.index(EOS)] if EOS in tokens else tokens)
