@@ -328,7 +328,7 @@ def rewrite(text, summaries):
         if m.group(2) not in TABLES:
             sys.exit(f"error: unknown table <!-- summarize:{m.group(2)} --> "
                      f"(known: {', '.join(TABLES)})")
-        return f"{m.group(1)}{TABLES[m.group(2)](summaries)}\n{m.group(4)}"
+        return f"{m.group(1)}\n{TABLES[m.group(2)](summaries)}\n\n{m.group(4)}"
     return BLOCK.sub(table, text)
 
 
