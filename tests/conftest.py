@@ -1,5 +1,6 @@
 """Shared test setup: import the repository's modules, use the offline tokenizer copy, few threads; and what
 several test modules use (a test module never imports another test module), grouped by stage."""
+import contextlib
 import copy
 import gzip
 import importlib.util
@@ -184,6 +185,73 @@ def rollout_case(prompt_lengths=PROMPT_LENGTHS):
                                reward_fn=score_fn, generator=torch.Generator().manual_seed(0))
     return dict(policy=policy, ref_policy=ref_policy, critic=critic, prompts=prompts, cfg=cfg, batch=batch,
                 stats=stats)
+
+
+# Sampling and PPO against references written in the tests: six prompts of 1-6 tokens, an EOS-prone
+# policy, a reward_fn that records its arguments, gradients by autograd (test_lib, test_ppo, test_sft).
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18], [19, 20], [21, 22, 23, 24, 25]]
+
+
+def ragged_policy(seed=0, strength=4.0):
+    """eos_prone_policy (above) in eval mode: responses of mixed lengths, some without EOS."""
+    return eos_prone_policy(seed, strength).eval()
+
+
+def scalar_model(seed):
+    """A tiny ScalarGPT whose outputs differ clearly from position to position (scores of order 1)."""
+    torch.manual_seed(seed)
+    model = ScalarGPT(GPTConfig(**ROLLOUT_SHAPE))
+    torch.nn.init.normal_(model.score_head.weight, std=1.0)
+    return model.eval()
+
+
+def hand_length(response):
+    """Tokens up to and including the first EOS (all of them without one)."""
+    return response.index(EOS) + 1 if EOS in response else len(response)
+
+
+def last_output(model, tokens):
+    """The model's output at the last position of one unpadded sequence."""
+    return model(torch.tensor([tokens]))[0, -1]
+
+
+class RewardRecorder:
+    """A reward_fn that keeps its arguments and scores sum(token id mod 5) over the response mask."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, queries, query_mask, responses, response_mask):
+        self.calls.append((queries, query_mask, responses, response_mask))
+        return (responses % 5 * response_mask).sum(1)  # (B,), long: sample_and_score makes it float
+
+
+class NoSyncRecorder:
+    """Stands in for lib.ddp.no_sync: records which modules and `enabled` each micro-batch was run with."""
+
+    def __init__(self):
+        self.calls = []
+
+    @contextlib.contextmanager
+    def __call__(self, *modules, enabled=True):
+        self.calls.append((modules, enabled))
+        yield
+
+
+def gradients(loss, params):
+    """d loss / d params by autograd, zeros for the parameters the loss does not use."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def assert_close_grads(got, expected):
+    """Each nonzero expected gradient within 1e-4 relative error (a missing gradient, None, counts as 0)."""
+    got = [torch.zeros_like(e) if g is None else g for g, e in zip(got, expected)]
+    error = max(((g - e).norm() / e.norm().clamp(min=1e-12)).item()
+                for g, e in zip(got, expected) if e.norm() > 0)
+    print(f"max relative gradient error {error:.2e}")
+    assert error < 1e-4
 
 
 # Tracking: metrics.jsonl and TensorBoard's events as {name: [(step, value), ...]} (test_tracking, test_pipeline).

@@ -3,16 +3,42 @@ on a programmatic reward, KL control, and train() end to end with checkpoint, pl
 import copy
 import dataclasses
 import json
+import math
 import os
+import time
 
+import numpy as np
 import pytest
 import torch
 
 import ppo
-from conftest import PPO_FIXTURES, PPO_TINY, ppo_tiny_config
+from conftest import (
+    GAMMA,
+    KL_COEF,
+    LAM,
+    PPO_FIXTURES,
+    PPO_TINY,
+    PROMPTS,
+    ROLLOUT_SHAPE,
+    TEMPERATURE,
+    NoSyncRecorder,
+    RewardRecorder,
+    assert_close_grads,
+    gradients,
+    hand_length,
+    last_output,
+    ppo_tiny_config,
+    ragged_policy,
+    scalar_model,
+)
 from lib.checkpoints import load_model, save_checkpoint
 from lib.config import UsageError
-from lib.responses import response_mask_from_eos, score_sequences
+from lib.responses import (
+    policy_logprobs,
+    response_mask_from_eos,
+    sample_responses,
+    score_sequences,
+)
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
 
@@ -38,6 +64,14 @@ def test_gae_matches_naive_loop():
         assert torch.all(advantages[i, L:] == 0) and torch.all(returns[i, L:] == 0), "padding must get nothing"
 
 
+def test_gae_of_one_token_responses_is_reward_minus_value():
+    """T = 1 (max_new_tokens 1): A = r - V (nothing after the last token), returns = r."""
+    rewards, values = torch.tensor([[0.5], [-1.0]]), torch.tensor([[0.2], [0.3]])
+    advantages, returns = ppo.compute_gae(rewards, values, torch.ones(2, 1), gamma=0.9, lam=0.7)
+    assert advantages[:, 0].tolist() == pytest.approx([0.3, -1.3])
+    assert returns[:, 0].tolist() == pytest.approx([0.5, -1.0])
+
+
 def test_whiten_gives_masked_mean_zero_variance_one():
     torch.manual_seed(0)
     mask = ragged_mask([6, 2, 4], 6)
@@ -47,6 +81,12 @@ def test_whiten_gives_masked_mean_zero_variance_one():
     print(f"mean {real.mean().item():.2e} var {real.var(unbiased=False).item():.6f}")
     assert abs(real.mean().item()) < 1e-5 and abs(real.var(unbiased=False).item() - 1) < 1e-4
     assert torch.all(w[~mask.bool()] == 0)
+
+
+def test_whiten_of_equal_values_is_zero_not_nan():
+    """All advantages equal (variance 0): whitened to 0 (the eps keeps 1/sqrt finite), padding 0."""
+    x, mask = torch.full((2, 3), 0.7), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert ppo.whiten(x, mask).tolist() == [[0.0] * 3] * 2
 
 
 def test_policy_loss_hand_computed_clipping():
@@ -63,6 +103,22 @@ def test_policy_loss_hand_computed_clipping():
     assert abs(clipfrac.item() - 2 / 5) < 1e-6  # the first two are clipped
     r = ratios[0, :5]
     assert abs(approx_kl.item() - (r - 1 - r.log()).mean().item()) < 1e-6
+
+
+def test_policy_loss_ratio_is_new_over_old_probability_with_nonzero_old_logprobs():
+    """The hand-computed clipping cases with old log-probabilities that are not 0:
+    ratio = exp(new - old)."""
+    ratios = torch.tensor([[1.5, 0.5, 1.5, 0.5, 1.1]])
+    advantages = torch.tensor([[2.0, -1.0, -1.0, 3.0, 1.0]])
+    old = torch.tensor([[-2.0, -0.3, -1.1, -4.0, -0.7]])
+    loss, clipfrac, approx_kl = ppo.ppo_policy_loss(old + ratios.log(), old, advantages,
+                                                    torch.ones(1, 5), 0.2)
+    # min(r A, clip(r) A), as in test_policy_loss_hand_computed_clipping
+    objective = [1.2 * 2.0, 0.8 * -1.0, 1.5 * -1.0, 0.5 * 3.0, 1.1 * 1.0]
+    assert loss.item() == pytest.approx(-sum(objective) / 5, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(2 / 5)
+    kl = sum(r - 1 - math.log(r) for r in ratios[0].tolist()) / 5
+    assert approx_kl.item() == pytest.approx(kl, abs=1e-6)
 
 
 def test_policy_loss_gradient_vanishes_where_clipped():
@@ -85,6 +141,22 @@ def test_value_loss_clips_as_specified():
     assert abs(clipfrac.item() - 1 / 3) < 1e-6  # only the first uses the clipped value
 
 
+def test_value_loss_clips_values_within_cliprange_of_nonzero_old_values_on_both_sides():
+    """V_clip = V_old + clip(V - V_old, -0.2, 0.2) around old values that are not 0; the loss takes
+    the larger squared error. Entry 1 moved down too far and its clipped error is the larger, entry 5
+    moved up too far and likewise; entries 2 and 4 moved too far but the unclipped error is larger;
+    entry 3 moved within the range."""
+    old = torch.tensor([[1.0, -1.0, 2.0, 0.5, 0.5]])
+    values = torch.tensor([[0.5, -0.3, 2.1, 1.5, 1.0]])
+    returns = torch.tensor([[0.0, -2.0, 5.0, 0.0, 3.0]])
+    loss, clipfrac = ppo.ppo_value_loss(values, old, returns, torch.ones(1, 5), cliprange_value=0.2)
+    # clipped values 0.8, -0.8, 2.1, 0.7, 0.7: max((V - R)^2, (V_clip - R)^2)
+    errors = [max(0.5 ** 2, 0.8 ** 2), max(1.7 ** 2, 1.2 ** 2), 2.9 ** 2, max(1.5 ** 2, 0.7 ** 2),
+              max(2.0 ** 2, 2.3 ** 2)]
+    assert loss.item() == pytest.approx(0.5 * sum(errors) / 5, abs=1e-5)
+    assert clipfrac.item() == pytest.approx(2 / 5)
+
+
 def test_kl_reward_puts_score_on_last_real_token():
     torch.manual_seed(0)
     mask = ragged_mask([3, 5, 1], 5)
@@ -99,6 +171,17 @@ def test_kl_reward_puts_score_on_last_real_token():
     # policy == ref: the KL part is exactly zero, only the scores remain
     rewards, kl = ppo.compute_rewards(scores, logprobs, logprobs.clone(), mask, kl_coef=0.1)
     assert torch.all(kl == 0) and torch.equal(rewards.sum(1), scores)
+
+
+def test_kl_reward_takes_scores_of_another_float_dtype():
+    """A float64 score (or bf16 log-probabilities) is added in the rewards' dtype, not refused."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
+    ref_logprobs = torch.full((2, 3), -1.0)
+    scores = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    rewards, _ = ppo.compute_rewards(scores, logprobs, ref_logprobs, mask, 0.5)
+    assert rewards.dtype == torch.float32
+    assert rewards.tolist() == [[0.0, 1.5, 0.0], [-0.25, -0.25, 1.75]]
 
 
 def test_adaptive_kl_controller_proportional_and_clipped():
@@ -438,6 +521,19 @@ def test_explained_variance_matches_numpy_on_the_masked_entries():
     assert ppo.explained_variance(returns, returns, mask).item() == pytest.approx(1.0)  # a perfect critic
 
 
+def test_explained_variance_of_returns_with_small_variance_matches_numpy():
+    """Returns of variance ~0.01: still 1 - Var[returns - values] / Var[returns] (the floor is only
+    against 0)."""
+    torch.manual_seed(0)
+    returns = 0.1 * torch.randn(3, 5)
+    values = returns + 0.05 * torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    r, v = returns[mask.bool()].double().numpy(), values[mask.bool()].double().numpy()
+    expected = 1 - np.var(r - v) / np.var(r)
+    assert 0.5 < expected < 0.95
+    assert ppo.explained_variance(values, returns, mask).item() == pytest.approx(expected, abs=1e-5)
+
+
 def test_rollout_entropy_is_the_masked_mean_of_minus_logprobs_of_a_full_forward(letters_policy):
     """stats["entropy"] == mean over response tokens (up to and including the first EOS) of -log pi(y_t), with
     log pi from one full forward of the policy on the rollout's ids, logits divided by the temperature."""
@@ -500,3 +596,350 @@ def test_train_adaptive_kl_coef_follows_the_controller_each_iteration(tmp_path, 
     coefs, kls = run("below", 1e-3)
     assert all(kl > 1.2e-3 for kl in kls), kls
     assert coefs == pytest.approx([0.05 * (1 + 0.2 * 8 / 40) ** k for k in range(4)]), "clipped error +0.2, 8 / 40"
+
+
+# ------------------------------------------------------------------------ rollout and evaluate, by hand
+# The EOS-prone policy of conftest.py on PROMPTS against a noisy copy of itself and a random critic:
+# each test checks one property of the batch against a reference computed here (unpadded forwards one
+# sequence at a time, Python loops, numpy), in well under a second.
+
+ROLLOUT = dict(max_new_tokens=12, temperature=TEMPERATURE, gamma=GAMMA, lam=LAM)
+
+
+def noisy_copy(model, seed, scale):
+    """A copy of `model` with noise on every parameter, in eval mode."""
+    torch.manual_seed(seed)
+    other = type(model)(model.config)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return other.eval()
+
+
+def rollout_of(cfg, seed=0, reward_model=None, reward_fn=None):
+    """ppo.rollout of the EOS-prone policy on PROMPTS against a noisy reference and a random critic."""
+    policy = ragged_policy()
+    queries, query_mask = pad_left(PROMPTS)
+    return ppo.rollout(policy, noisy_copy(policy, seed=1, scale=0.2), scalar_model(seed=2),
+                       reward_model, queries, query_mask, cfg, KL_COEF, reward_fn=reward_fn,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.75])
+def test_rollout_subtracts_the_missing_eos_penalty_from_exactly_the_responses_without_eos(penalty):
+    """The scores, their mean (stats["score"]) and the rewards built from them (each row's summed
+    reward is its score - beta * its KL) carry the penalty on the rows without EOS, and only there."""
+    cfg = ppo.Config(**ROLLOUT_SHAPE, max_new_tokens=12, temperature=1.0,
+                     missing_eos_penalty=penalty)
+    batch, stats = rollout_of(cfg, seed=0, reward_fn=RewardRecorder())
+    rows = batch["responses"].tolist()
+    assert any(EOS in r for r in rows) and not all(EOS in r for r in rows)
+    expected = [sum(t % 5 for t in r[:hand_length(r)]) - (0.0 if EOS in r else penalty)
+                for r in rows]
+    assert batch["scores"].tolist() == pytest.approx(expected, abs=1e-6)
+    assert stats["score"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+    rewards = (batch["rewards"].sum(1) + KL_COEF * batch["kl"].sum(1)).tolist()
+    assert rewards == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.75])
+def test_evaluation_subtracts_the_missing_eos_penalty_from_exactly_the_responses_without_eos(penalty):
+    """ppo.evaluate samples as rollouts do (with a generator seeded cfg.seed, in batches of
+    batch_size) and applies the same penalty: eval_score is the mean of the penalised scores."""
+    policy = ragged_policy()
+    cfg = ppo.Config(**ROLLOUT_SHAPE, max_new_tokens=12, temperature=1.0,
+                     missing_eos_penalty=penalty, batch_size=4, seed=0)
+    metrics = ppo.evaluate(policy, noisy_copy(policy, seed=1, scale=0.2), None, RewardRecorder(),
+                           PROMPTS, cfg, "cpu")
+    generator, rows = torch.Generator().manual_seed(0), []
+    for i in range(0, len(PROMPTS), 4):
+        queries, query_mask = pad_left(PROMPTS[i:i + 4])
+        batch = sample_responses(policy, queries, query_mask, 12, 1.0, generator)
+        rows += batch["responses"].tolist()
+    assert any(EOS in r for r in rows) and not all(EOS in r for r in rows)
+    expected = [sum(t % 5 for t in r[:hand_length(r)]) - (0.0 if EOS in r else penalty)
+                for r in rows]
+    assert metrics["eval_score"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+
+
+def test_rollout_generation_time_is_between_zero_and_the_time_of_the_call():
+    cfg = ppo.Config(**ROLLOUT_SHAPE, max_new_tokens=3)
+    t0 = time.time()
+    _, stats = rollout_of(cfg, reward_fn=RewardRecorder())
+    elapsed = time.time() - t0
+    assert 0 <= stats["t_generate"] <= elapsed
+    assert 0 <= stats["t_forward"] and stats["t_generate"] + stats["t_forward"] <= elapsed
+
+
+@pytest.fixture
+def rolled():
+    """One rollout of the EOS-prone policy against a noisy reference, timed. Function-scoped on
+    purpose: mutmut maps a test to the functions called while it runs, and a module-scoped fixture's
+    calls would count for the first test that uses it only."""
+    policy = ragged_policy()
+    ref_policy, critic = noisy_copy(policy, seed=1, scale=0.2), scalar_model(seed=2)
+    cfg = ppo.Config(**ROLLOUT_SHAPE, **ROLLOUT)
+    queries, query_mask = pad_left(PROMPTS)
+    t0 = time.time()
+    batch, stats = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, KL_COEF,
+                               reward_fn=RewardRecorder(),
+                               generator=torch.Generator().manual_seed(5))
+    return dict(policy=policy, ref_policy=ref_policy, critic=critic, cfg=cfg, batch=batch,
+                stats=stats, elapsed=time.time() - t0)
+
+
+def test_rollout_statistics_are_the_batch_means_computed_by_hand(rolled):
+    """score, reward and kl: means over responses of the score and of each row's summed reward and KL;
+    entropy: mean of -log pi over response tokens; explained_var: numpy's on the response tokens;
+    resp_len: mean length up to and including the first EOS; eos_frac: share of responses with an
+    EOS; the two timings add up to at most the time of the call. Exactly these keys."""
+    batch, stats = rolled["batch"], rolled["stats"]
+    rows = batch["responses"].tolist()
+    lengths = [hand_length(r) for r in rows]
+    ragged = len(set(lengths)) > 1 and not all(EOS in r for r in rows)
+    assert ragged, "the test needs ragged responses, some cut"
+    per_row = lambda k: [batch[k][i, :n].tolist() for i, n in enumerate(lengths)]  # response tokens
+    mean = lambda xs: sum(xs) / len(xs)
+    tokens = lambda k: [x for row in per_row(k) for x in row]
+    values = np.array(tokens("values"), dtype=np.float64)
+    returns = np.array(tokens("returns"), dtype=np.float64)
+    expected = {"score": mean(batch["scores"].tolist()),
+                "reward": mean([sum(r) for r in per_row("rewards")]),
+                "kl": mean([sum(r) for r in per_row("kl")]),
+                "entropy": -mean(tokens("logprobs")),
+                "explained_var": 1 - np.var(returns - values) / np.var(returns),
+                "resp_len": mean(lengths),
+                "eos_frac": mean([EOS in r for r in rows])}
+    print({k: (round(stats[k], 5), round(float(v), 5)) for k, v in expected.items()})
+    assert set(stats) == set(expected) | {"t_generate", "t_forward"}
+    for k, v in expected.items():
+        assert stats[k] == pytest.approx(v, abs=1e-5), k
+    assert stats["t_generate"] >= 0 and stats["t_forward"] >= 0
+    assert stats["t_generate"] + stats["t_forward"] <= rolled["elapsed"]
+
+
+def test_rollout_samples_with_the_generator_it_is_given(rolled):
+    queries, query_mask = pad_left(PROMPTS)
+    reference = rolled["policy"].generate(queries, ROLLOUT["max_new_tokens"],
+                                          temperature=ROLLOUT["temperature"], eos_token_id=EOS,
+                                          attention_mask=query_mask,
+                                          generator=torch.Generator().manual_seed(5))
+    assert torch.equal(rolled["batch"]["ids"], reference)
+
+
+def test_rollout_with_a_reward_model_scores_with_it():
+    """No reward_fn: the scores are the reward model's, read at the EOS ending each unpadded
+    response."""
+    policy, rm = ragged_policy(), scalar_model(seed=9)
+    queries, query_mask = pad_left(PROMPTS)
+    batch, stats = ppo.rollout(policy, noisy_copy(policy, 1, 0.2), scalar_model(seed=2), rm,
+                               queries, query_mask, ppo.Config(**ROLLOUT_SHAPE, **ROLLOUT), KL_COEF,
+                               generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = [last_output(rm, p + r[:hand_length(r)] + ([] if EOS in r else [EOS])).item()
+                    for p, r in zip(PROMPTS, batch["responses"].tolist())]
+    assert batch["scores"].tolist() == pytest.approx(expected, abs=1e-5)
+    assert stats["score"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
+# ------------------------------------------------------------- minibatch and ppo_update, by hand
+
+def test_minibatch_takes_the_rows_and_drops_only_the_columns_that_are_padding_in_all_of_them(rolled):
+    """Rows [4, 2] of the rollout: the prompt columns left of the longest of their prompts and the
+    response columns right of the longest of their responses are gone, every other column is kept,
+    and n_query counts the prompt columns left."""
+    batch = rolled["batch"]
+    P = batch["queries"].size(1)
+    idx = torch.tensor([4, 2])  # prompts of 2 and 1 tokens (of P = 6), responses of different lengths
+    lengths = [hand_length(batch["responses"][i].tolist()) for i in idx.tolist()]
+    prompt_len = max(len(PROMPTS[i]) for i in idx.tolist())
+    R, first = max(lengths), P - prompt_len
+    assert 0 < first and R < batch["responses"].size(1), "the test needs columns to drop on both sides"
+    mb = ppo.minibatch(batch, idx)
+    assert set(mb) == {"logprobs", "values", "advantages", "returns", "response_mask", "ids",
+                       "attention_mask", "n_query"}
+    for k in ("logprobs", "values", "advantages", "returns", "response_mask"):
+        assert torch.equal(mb[k], batch[k][idx][:, :R]), k
+    assert torch.equal(mb["ids"], batch["ids"][idx][:, first:P + R])
+    assert torch.equal(mb["attention_mask"], batch["attention_mask"][idx][:, first:P + R])
+    assert mb["n_query"] == prompt_len
+
+
+PTX_LENGTHS = (7, 4, 2, 1, 1, 1)  # split in 3 pieces of 2 rows: 9, 1 and 0 predicted tokens
+
+
+def ptx_batch():
+    return pad_right([list(range(100 + 10 * i, 100 + 10 * i + n)) for i, n in enumerate(PTX_LENGTHS)])
+
+
+def update_case(rolled):
+    """The update's models: the rollout's policy and critic, moved away from it (so ratios are not 1
+    and values not the rollout's: both losses clip)."""
+    policy = noisy_copy(rolled["policy"], seed=3, scale=0.05)
+    critic = noisy_copy(rolled["critic"], seed=4, scale=0.5)
+    return policy, critic
+
+
+def reference_loss(policy, critic, batch, rows, cfg, ptx=None):
+    """The PPO loss of the rows as one batch (no micro-batches, no trimming): token means over all of
+    them."""
+    P = batch["queries"].size(1)
+    ids, attention_mask = batch["ids"][rows], batch["attention_mask"][rows]
+    mask = batch["response_mask"][rows]
+    logprobs = policy_logprobs(policy, ids, attention_mask, P, cfg.temperature)
+    values = ppo.critic_values(critic, ids, attention_mask, P)
+    pg, pg_clipfrac, approx_kl = ppo.ppo_policy_loss(logprobs, batch["logprobs"][rows],
+                                                     batch["advantages"][rows], mask, cfg.cliprange)
+    vf, vf_clipfrac = ppo.ppo_value_loss(values, batch["values"][rows], batch["returns"][rows], mask,
+                                         cfg.cliprange_value)
+    loss = pg + cfg.vf_coef * vf
+    stats = dict(pg_loss=pg.item(), vf_loss=vf.item(), pg_clipfrac=pg_clipfrac.item(),
+                 vf_clipfrac=vf_clipfrac.item(), approx_kl=approx_kl.item())
+    if ptx is not None:
+        ptx_loss = ppo.lm_loss(policy, *ptx)
+        loss = loss + cfg.ptx_coef * ptx_loss
+        stats["ptx_loss"] = ptx_loss.item()
+    return loss, stats
+
+
+def update_config(**kw):
+    """The rollout's config, updating once (noptepochs 1) on all 6 rollouts unless kw says otherwise."""
+    kw = {"batch_size": 6, "minibatch_size": 6, "noptepochs": 1, **kw}
+    return ppo.Config(**ROLLOUT_SHAPE, **ROLLOUT, **kw)
+
+
+def test_update_step_in_pieces_is_the_gradient_and_statistics_of_the_whole_minibatch_with_ptx(rolled):
+    """One optimizer step over all 6 rollouts in 3 micro-batches, PPO-ptx on a batch of 6 texts split
+    alike into pieces of 9, 1 and 0 predicted tokens: the gradient is that of pg_loss + vf_coef
+    vf_loss + ptx_coef lm_loss over the whole minibatch and the whole ptx batch, and each logged
+    statistic is its whole-batch value."""
+    batch = rolled["batch"]
+    policy, critic = update_case(rolled)
+    cfg = update_config(grad_accum=3, grad_clip=0.0, vf_coef=0.3, ptx_coef=0.7)
+    params = list(policy.parameters()) + list(critic.parameters())
+    recorder = GradRecorder(params)
+    ptx = ptx_batch()
+    stats = ppo.ppo_update(policy, critic, recorder, batch, cfg, iter([ptx]),
+                           torch.Generator().manual_seed(0))
+    loss, expected = reference_loss(policy, critic, batch, torch.arange(6), cfg, ptx)
+    print({k: (round(stats[k], 6), round(v, 6)) for k, v in expected.items()})
+    both_clip = 0 < expected["pg_clipfrac"] < 1 and 0 < expected["vf_clipfrac"] < 1
+    assert both_clip, "the test needs both losses clipped"
+    assert len(recorder.grads) == 1
+    assert_close_grads(recorder.grads[0], gradients(loss, params))
+    assert set(stats) == set(expected)
+    for k, v in expected.items():
+        assert stats[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+def test_update_minibatches_follow_the_generators_permutation_and_statistics_average_over_steps(
+        rolled):
+    """noptepochs 1, minibatches of 3 of the 6 rollouts: step k takes rows
+    randperm(6, generator)[3k:3k+3] (the global RNG, seeded otherwise, plays no part), and the
+    statistics are the mean over the two steps."""
+    batch = rolled["batch"]
+    policy, critic = update_case(rolled)
+    cfg = update_config(minibatch_size=3, grad_clip=0.0)
+    params = list(policy.parameters()) + list(critic.parameters())
+    torch.manual_seed(1234)
+    recorder = GradRecorder(params)
+    stats = ppo.ppo_update(policy, critic, recorder, batch, cfg,
+                           generator=torch.Generator().manual_seed(8))
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(8))
+    assert len(recorder.grads) == 2
+    step_stats = []
+    for k, rows in enumerate((order[:3], order[3:])):
+        loss, s = reference_loss(policy, critic, batch, rows, cfg)
+        assert_close_grads(recorder.grads[k], gradients(loss, params))
+        step_stats.append(s)
+    for key in step_stats[0]:
+        mean = (step_stats[0][key] + step_stats[1][key]) / 2
+        assert stats[key] == pytest.approx(mean, rel=1e-5, abs=1e-7), key
+
+
+def test_update_clips_policy_and_critic_gradients_separately_and_logs_the_policy_norm(rolled):
+    """grad_clip 1e-3, far below both gradient norms: each network's applied gradient is its own
+    gradient scaled to norm 1e-3 (not a common scale), and grad_norm is the policy's norm before
+    clipping."""
+    batch = rolled["batch"]
+    policy, critic = update_case(rolled)
+    cfg = update_config(grad_clip=1e-3)
+    n_policy = len(list(policy.parameters()))
+    params = list(policy.parameters()) + list(critic.parameters())
+    recorder = GradRecorder(params)
+    stats = ppo.ppo_update(policy, critic, recorder, batch, cfg,
+                           generator=torch.Generator().manual_seed(0))
+    loss, _ = reference_loss(policy, critic, batch, torch.arange(6), cfg)
+    expected = gradients(loss, params)
+    norm = lambda gs: math.sqrt(sum((g.double() ** 2).sum().item() for g in gs))
+    norms = norm(expected[:n_policy]), norm(expected[n_policy:])
+    print(f"gradient norms: policy {norms[0]:.3e} critic {norms[1]:.3e}")
+    assert min(norms) > 1e-2
+    assert stats["grad_norm"] == pytest.approx(norms[0], rel=1e-4)
+    for part, n in ((slice(0, n_policy), norms[0]), (slice(n_policy, None), norms[1])):
+        assert_close_grads(recorder.grads[0][part], [g * 1e-3 / n for g in expected[part]])
+
+
+def test_update_on_a_minibatch_of_a_single_one_token_response_applies_its_whole_gradient(rolled):
+    """minibatch_size 1 and a response that is EOS alone: the row holds all the step's tokens
+    (share 1), so the gradient is that of the row's own loss."""
+    batch = {k: v[2:3] for k, v in rolled["batch"].items()}
+    assert int(batch["response_mask"].sum()) == 1, "the test needs row 2 to be a one-token response"
+    policy, critic = update_case(rolled)
+    cfg = update_config(batch_size=1, minibatch_size=1, grad_clip=0.0)
+    params = list(policy.parameters()) + list(critic.parameters())
+    recorder = GradRecorder(params)
+    ppo.ppo_update(policy, critic, recorder, batch, cfg, generator=torch.Generator())
+    loss, _ = reference_loss(policy, critic, batch, torch.arange(1), cfg)
+    assert_close_grads(recorder.grads[0], gradients(loss, params))
+
+
+def test_update_syncs_ddp_gradients_once_after_the_last_micro_batch(rolled, monkeypatch):
+    batch = rolled["batch"]
+    policy, critic = update_case(rolled)
+    recorder = NoSyncRecorder()
+    monkeypatch.setattr(ppo, "no_sync", recorder)
+    cfg = update_config(grad_accum=3)
+    ppo.ppo_update(policy, critic, GradRecorder(policy.parameters()), batch, cfg,
+                   generator=torch.Generator())
+    assert len(recorder.calls) == 3
+    assert all(modules[0] is policy and modules[1] is critic and len(modules) == 2
+               for modules, _ in recorder.calls)
+    assert [enabled for _, enabled in recorder.calls] == [True, True, False]
+
+
+def test_update_weights_its_losses_by_step_total_of_the_steps_response_and_ptx_tokens(
+        rolled, monkeypatch):
+    """Under torchrun a step's token counts are lib.ddp.step_total's (all ranks' / world_size):
+    ppo_update asks it for the minibatch's response tokens and the ptx batch's predicted tokens, once
+    per step, and divides by what it returns. A stand-in returning twice the local count halves the
+    whole step's gradient."""
+    batch = rolled["batch"]
+    policy, critic = update_case(rolled)
+    calls = []
+    monkeypatch.setattr(ppo, "step_total", lambda n: calls.append(n) or 2.0 * n)
+    cfg = update_config(grad_accum=3, grad_clip=0.0, vf_coef=0.3, ptx_coef=0.7)
+    params = list(policy.parameters()) + list(critic.parameters())
+    recorder = GradRecorder(params)
+    ptx = ptx_batch()
+    ppo.ppo_update(policy, critic, recorder, batch, cfg, iter([ptx]), torch.Generator().manual_seed(0))
+    assert calls == [int(batch["response_mask"].sum()), sum(n - 1 for n in PTX_LENGTHS)]
+    loss, _ = reference_loss(policy, critic, batch, torch.arange(6), cfg, ptx)
+    assert_close_grads(recorder.grads[0], [g / 2 for g in gradients(loss, params)])
+
+
+def test_update_stops_on_a_non_finite_loss_naming_the_iteration(rolled):
+    """NaN advantages make the loss NaN: FloatingPointError before any optimizer step, naming "the PPO
+    loss" and the iteration passed in ("?" when none is)."""
+    nan = torch.full_like(rolled["batch"]["advantages"], float("nan"))
+    batch = {**rolled["batch"], "advantages": nan}
+    policy, critic = update_case(rolled)
+    cfg = update_config()
+    recorder = GradRecorder(policy.parameters())
+    with pytest.raises(FloatingPointError, match=r"^the PPO loss is NaN or inf at step 7:"):
+        ppo.ppo_update(policy, critic, recorder, batch, cfg, generator=torch.Generator(),
+                       iteration=7)
+    with pytest.raises(FloatingPointError, match=r"^the PPO loss is NaN or inf at step \?:"):
+        ppo.ppo_update(policy, critic, recorder, batch, cfg, generator=torch.Generator())
+    assert recorder.grads == []

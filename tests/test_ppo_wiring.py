@@ -11,7 +11,16 @@ import pytest
 import torch
 
 import ppo
-from conftest import GAMMA, KL_COEF, LAM, PPO_FIXTURES, ROLLOUT_SHAPE, TEMPERATURE, rollout_case
+from conftest import (
+    GAMMA,
+    KL_COEF,
+    LAM,
+    PPO_FIXTURES,
+    ROLLOUT_SHAPE,
+    TEMPERATURE,
+    hand_length,
+    rollout_case,
+)
 from lib.checkpoints import load_checkpoint, save_checkpoint
 from lib.tokens import EOS, pad_left
 from model import GPTConfig, ScalarGPT
@@ -20,11 +29,6 @@ from model import GPTConfig, ScalarGPT
 def hand_score(response):
     """score_fn (conftest.py) of one response, by hand."""
     return sum(t % 7 for t in response) / 10 - 1
-
-
-def hand_length(response):
-    """Tokens up to and including the first EOS (all of them without one)."""
-    return response.index(EOS) + 1 if EOS in response else len(response)
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,13 @@ def test_last_token_index_any_padding_side():
     assert responses.last_token_index(mask).tolist() == [2, 4, 2, 4]
 
 
+def test_last_token_index_stays_on_the_masks_device():
+    """The positions are made on the mask's device (the meta device stands in for a GPU here)."""
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    assert responses.last_token_index(mask.to("meta")).device.type == "meta"
+    assert responses.last_token_index(mask).tolist() == [1, 2]
+
+
 def test_score_read_at_eos_whatever_the_padding():
     torch.manual_seed(0)
     model = ScalarGPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()

@@ -10,8 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lib.ddp
 import sft
-from conftest import DEMOS, REPO, A, H, sft_tiny_config, write_data
+from conftest import (
+    DEMOS,
+    REPO,
+    A,
+    H,
+    NoSyncRecorder,
+    assert_close_grads,
+    gradients,
+    sft_tiny_config,
+    write_data,
+)
 from lib.checkpoints import load_model, save_checkpoint
 from lib.config import UsageError
 from lib.tokens import EOS, get_tokenizer
@@ -34,6 +45,15 @@ def test_sft_loss_matches_hand_computation():
     got = sft.sft_loss(token_logprobs(logits, targets), mask).item()
     print(f"sft_loss {got:.6f} vs hand {expected:.6f}, diff {abs(got - expected):.2e}")
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_sft_loss_of_a_single_response_token_is_its_nll():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 3, 7), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[0, 0, 0], [0, 1, 0]])
+    expected = -torch.log_softmax(logits[1, 1].double(), -1)[5].item()
+    got = sft.sft_loss(token_logprobs(logits, targets), mask).item()
+    assert got == pytest.approx(expected, abs=1e-6)
 
 
 def test_prompt_targets_and_padding_never_change_the_loss():
@@ -138,10 +158,23 @@ def test_clear_errors_for_missing_data_and_small_block_size(tmp_path):
         sft.train(sft_tiny_config(tmp_path, data_dir, block_size=64, max_prompt_tokens=48, max_response_tokens=24))
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+def sft_case():
+    """A 1-layer GPT and 4 demonstrations (tokens, prompt length) of unequal lengths, ending in EOS."""
     torch.manual_seed(3)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=EOS + 1))
-    examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p) for n, p in ((12, 5), (7, 3), (20, 11), (9, 8))]
+    examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p)
+                for n, p in ((12, 5), (7, 3), (20, 11), (9, 8))]
+    return model, examples
+
+
+def whole_batch_loss_and_grads(model, examples):
+    x, y, loss_mask = sft.collate(examples)
+    loss = sft.sft_loss(token_logprobs(model(x), y), loss_mask)
+    return loss.item(), gradients(loss, list(model.parameters()))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    model, examples = sft_case()
     micro = [sft.collate(examples[:1]), sft.collate(examples[1:])]  # 1 + 3 rows: unequal token counts
     loss = sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
     grads = [p.grad.clone() for p in model.parameters()]
@@ -152,6 +185,45 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert loss == pytest.approx(big.item(), abs=1e-5)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_sft_step_of_a_single_response_token_is_that_tokens_nll():
+    """One micro-batch whose only response token is the EOS after the prompt: the step's loss is its
+    NLL."""
+    model, _ = sft_case()
+    example = ([3, 4, 5, EOS], 3)  # prompt of 3 tokens, response = EOS alone
+    loss = sft.accumulate_gradients(model.transformer, model, [sft.collate([example])],
+                                    contextlib.nullcontext())
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 4, 5]]))[0, -1]
+        expected = -torch.log_softmax(logits.double(), -1)[EOS].item()
+    assert loss == pytest.approx(expected, abs=1e-5)
+
+
+def test_sft_step_on_one_of_two_identical_ranks_is_the_single_process_step(monkeypatch):
+    """Under torchrun each rank weighs its micro-batches by world_size / (tokens of all ranks), and DDP
+    averages the ranks' gradients: with a second rank holding the same micro-batches (all_reduce_sum
+    doubles, world 2), this rank's gradient and the returned loss are those of one process running
+    the step alone."""
+    model, examples = sft_case()
+    micro = [sft.collate(examples[:1]), sft.collate(examples[1:])]
+    expected_loss, expected_grads = whole_batch_loss_and_grads(model, examples)
+    for module in (sft, lib.ddp):  # sft's loss over the ranks, and lib.ddp.step_total's token count
+        monkeypatch.setattr(module, "get_world_size", lambda: 2)
+        monkeypatch.setattr(module, "all_reduce_sum", lambda x: 2 * x)
+    loss = sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
+    assert loss == pytest.approx(expected_loss, abs=1e-5)
+    assert_close_grads([p.grad for p in model.parameters()], expected_grads)
+
+
+def test_sft_step_syncs_ddp_gradients_once_after_the_last_micro_batch(monkeypatch):
+    model, examples = sft_case()
+    recorder = NoSyncRecorder()
+    monkeypatch.setattr(sft, "no_sync", recorder)
+    micro = [sft.collate(examples[:1]), sft.collate(examples[1:3]), sft.collate(examples[3:])]
+    sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
+    blocks = (model.transformer,)
+    assert recorder.calls == [(blocks, True), (blocks, True), (blocks, False)]
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
