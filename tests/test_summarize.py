@@ -85,6 +85,9 @@ def test_summary_of_a_results_json_and_the_claims_it_gives(tmp_path):
     assert "1.80 [1.80, 1.80] -> 2.40 [2.40, 2.40] -> 1.50 [1.50, 1.50] | 2 of 2 |" in claims
     assert "-> 2.00 [2.00, 2.00] | 2 of 2 | gold rises then falls by n = 64 |" in claims
     assert "PPO against DPO" not in claims  # no dpo in these runs: the row is left out
+    assert summarize.settings_that_differ(summaries) == {}
+    summaries[1]["settings"] = {"seed": 2, "kl_coef": 0.0}
+    assert summarize.settings_that_differ(summaries) == {"kl_coef": [None, 0.0]}
     # saved, reloaded: the same summary, and --save keeps only the runs it is given
     out = tmp_path / "results"
     out.mkdir()

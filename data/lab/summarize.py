@@ -110,6 +110,15 @@ def save(summaries, out_dir):
             f.write(json.dumps(s, indent=1) + "\n")
 
 
+def settings_that_differ(summaries):
+    """{setting: [value per run]} for the settings (results.json's "settings", but the seed and the
+    paths) that are not the same in every run that records them."""
+    recorded = [s["settings"] for s in summaries if isinstance(s.get("settings"), dict)]
+    keys = sorted({k for r in recorded for k in r if k != "seed" and "dir" not in k})
+    return {k: [r.get(k) for r in recorded] for k in keys
+            if len({json.dumps(r.get(k), sort_keys=True) for r in recorded}) > 1}
+
+
 # ---- numbers over seeds ------------------------------------------------------------------------
 
 def spread(values, digits=2, sign=False):
@@ -348,6 +357,9 @@ def main(argv=None):
                        key=lambda s: (s["seed"] is None, s["seed"] or 0))
     if not summaries:
         parser.error("no run given")
+    differ = settings_that_differ(summaries)
+    if differ:  # medians over runs of different settings mix two experiments
+        print(f"note: the runs' settings differ: {differ}", file=sys.stderr)
     if args.save:
         save(summaries, args.save)
     stale = []
