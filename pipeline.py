@@ -97,14 +97,15 @@ FINAL_EMA = ["--ema_decay", "0.992"]
 # inter-labeler agreement (README)
 LABEL_NOISE = 1.5
 
-# The lab's settings. "full" is the lab; "class" the class lab, within 5 minutes on a 2-core CPU:
-# - one labeling round (the final reward model on round 1's rankings): rounds 2 and 3 and their
-#   reward models are half of the full lab's time; one round already turns fabrication into
-#   "I don't know" and harmful compliance into refusals, and PPO beats SFT by the gold;
-# - the final PPO runs take round 1's larger steps for ppo_iters iterations and keep their live
-#   weights: a 0.992 EMA needs more steps than a short run has to catch up;
-# - a shorter pretraining, DPO and over-optimisation run, and fewer evaluation samples and best-of-n
-#   samples: each still gives numbers whose intervals answer the lab's questions.
+# The lab's settings. "full" is the lab; "class" the class lab, within 5 minutes on a 2-core CPU.
+# The class lab is the full lab's first round: the same world, base model, SFT, rankings and
+# reward model, and its PPO policy is the full lab's round-1 policy (round 1's larger steps for 30
+# iterations, its live weights: a 0.992 EMA needs more steps than that to catch up). One round
+# already turns fabrication into "I don't know" and harmful compliance into refusals, and wins
+# over SFT by the gold (data/lab/README.md, "The loop works"); rounds 2 and 3 and their reward
+# models are half of the full lab's time. The over-optimisation run is the full lab's. What is cut
+# beyond that: DPO's steps, and the evaluation's samples (2 per held-out prompt and policy; 4 SFT
+# samples per prompt for the reward model's agreement; best-of-n up to n = 16).
 # Flags override these values: `--config class --rounds 3` is the class lab with three rounds.
 LAB_CONFIGS = {
     "full": dict(kl_coef=KL_COEF, ptx_coef=1.0, rounds=3, k=8, rankings_per_prompt=2,
@@ -112,9 +113,9 @@ LAB_CONFIGS = {
                  pretrain_steps=PRETRAIN_STEPS, dpo_steps=150, overopt_iters=ROUND1_PPO[1],
                  eval_samples=4, rm_samples=8, bon_samples=64),
     "class": dict(kl_coef=KL_COEF, ptx_coef=1.0, rounds=1, k=8, rankings_per_prompt=2,
-                  label_noise=LABEL_NOISE, ppo_iters=30, ppo_lr=ROUND1_PPO[0], ema=False,
-                  pretrain_steps=400, dpo_steps=50, overopt_iters=24,
-                  eval_samples=2, rm_samples=4, bon_samples=16),
+                  label_noise=LABEL_NOISE, ppo_iters=ROUND1_PPO[1], ppo_lr=ROUND1_PPO[0],
+                  ema=False, pretrain_steps=PRETRAIN_STEPS, dpo_steps=50,
+                  overopt_iters=ROUND1_PPO[1], eval_samples=2, rm_samples=4, bon_samples=16),
 }
 # The knobs a user sets by flag: (type, check, what the check requires).
 KNOBS = {

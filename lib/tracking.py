@@ -146,10 +146,12 @@ def plot_metrics(metrics_path, png_path, panels, title=None, xlabel="step"):
     return save_figure(fig, png_path)
 
 
-def save_figure(fig, png_path):
-    """Lay out a matplotlib figure and write it atomically (temp file + rename), then free it."""
+def save_figure(fig, png_path, layout=True):
+    """Lay out a matplotlib figure (unless `layout` is False: the caller placed its parts) and write
+    it atomically (temp file + rename), then free it."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     tmp = png_path + ".tmp.png"
     fig.savefig(tmp, dpi=90)
     plt.close(fig)

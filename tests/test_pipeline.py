@@ -176,6 +176,21 @@ def test_class_lab_shrinks_the_lab_and_flags_override_it():
     assert (a.rounds, a.k, a.ppo_iters) == (2, 2, small["ppo_iters"])
 
 
+def test_class_lab_is_the_full_labs_first_round_and_its_over_optimisation_run():
+    """Every step of the class lab up to its PPO policy runs the command of the full lab's round 1
+    but for the folder it writes (`reward` is reward_round1, `ppo` is ppo_round1), so the class
+    lab's numbers are those of the full lab's round-1 policy; the over-optimisation run is the full
+    lab's."""
+    full = dict(step_commands("lab", "--out_dir", "out/a"))
+    small = dict(step_commands("lab", "--config", "class", "--out_dir", "out/a"))
+    same = lambda argv: [c.replace("reward_round1", "reward").replace("ppo_round1", "ppo")
+                         for c in argv]
+    for name in ("world", "pretrain", "sft", "label", "label_val", "overopt"):
+        assert same(small[name]) == same(full[name]), name
+    assert same(full["reward_round1"]) == small["reward"]
+    assert same(full["ppo_round1"]) == small["ppo"]
+
+
 BAD_KNOBS = [("--kl_coef", "-0.1"), ("--kl_coef", "nan"), ("--kl_coef", "11"),
              ("--ptx_coef", "0"), ("--ptx_coef", "inf"), ("--rounds", "0"), ("--rounds", "4"),
              ("--rounds", "two"), ("--k", "3"), ("--k", "0"), ("--k", "66"),
