@@ -1,11 +1,11 @@
 """Generation throughput of model.GPT.generate on CPU, with and without the KV cache.
 
 Prints one JSON line per measurement (generated tokens/s, median of --reps runs after a warm-up).
-Default shapes: the `tiny` preset (4 layers x 256 wide x 4 heads, vocab 50257) at batch 8, prompt 32,
-128 new tokens (cache against recompute), and batch 16, prompt 32, 64 new tokens (the shape of a benchmark
-of Hugging Face's generate, for a side-by-side). Pure sampling
-at temperature 1 with no EOS, so every row generates exactly the requested tokens, as in the HF bench.
-With transformers installed, also checks that greedy outputs equal HF's on the same weights.
+Default shapes: the `tiny` preset (4 layers x 256 wide x 4 heads, vocab 50257) at batch 8, prompt
+32, 128 new tokens (cache against recompute), and batch 16, prompt 32, 64 new tokens (the shape of a
+benchmark of Hugging Face's generate, for a side-by-side). Pure sampling at temperature 1 with no
+EOS, so every row generates exactly the requested tokens, as in the HF bench. With transformers
+installed, also checks that greedy outputs equal HF's on the same weights.
 
     python bench/bench_generate.py [--threads 2 --reps 5]
 """
@@ -43,15 +43,15 @@ def greedy_equals_hf(model, batch, prompt, new):
         return None
     folder = tempfile.mkdtemp()
     c = model.config
-    hf_cfg = transformers.GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
-                                     n_positions=c.block_size)
+    hf_cfg = transformers.GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                     vocab_size=c.vocab_size, n_positions=c.block_size)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     hf.save_pretrained(folder)
     ours = GPT.from_pretrained(folder).eval()
     idx = torch.randint(0, 50256, (batch, prompt), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False,
-                             pad_token_id=50256, eos_token_id=None)
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new,
+                             do_sample=False, pad_token_id=50256, eos_token_id=None)
     return bool(torch.equal(ours.generate(idx, new, temperature=0.0), theirs))
 
 
@@ -62,14 +62,16 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256)).eval()  # the `tiny` shape
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256)).eval()  # `tiny` shape
     for batch, prompt, new in [(8, 32, 128), (16, 32, 64)]:
         row = {"bench": "generate", "shape": "4x256", "batch": batch, "prompt": prompt, "new": new,
                "threads": torch.get_num_threads()}
         for use_cache in (True, False):
             tps, sec = measure(model, batch, prompt, new, use_cache, a.reps)
-            row["cache" if use_cache else "nocache"] = {"tokens_per_s": round(tps, 1), "seconds": round(sec, 4)}
-        row["cache_speedup"] = round(row["cache"]["tokens_per_s"] / row["nocache"]["tokens_per_s"], 2)
+            row["cache" if use_cache else "nocache"] = {"tokens_per_s": round(tps, 1),
+                                                        "seconds": round(sec, 4)}
+        speedup = row["cache"]["tokens_per_s"] / row["nocache"]["tokens_per_s"]
+        row["cache_speedup"] = round(speedup, 2)
         print(json.dumps(row), flush=True)
     print(json.dumps({"bench": "greedy_equals_hf", "batch": 4, "prompt": 32, "new": 32,
                       "equal": greedy_equals_hf(model, 4, 32, 32)}), flush=True)

@@ -1,18 +1,20 @@
 """Memory per GPU (or per CPU process) of each preset, for the README's scaling table.
 
-1. Computed from parameter counts (models built on the meta device, no memory used): fp32 weights (4 bytes
-   per parameter), gradients (4), AdamW's two moments (8), and DDP's gradient buckets (4: DDP copies every
-   gradient into flat buckets for its all-reduces) for the trained models of each stage; frozen models
-   (PPO's reference policy and reward model) hold weights only. Activations are not included: they depend
-   on the micro-batch and sequence length, which DDP does not change per rank.
-2. Measured on CPU for `tiny`: the growth of this process's resident memory through one AdamW step, without
-   and with DDP (a 1-process gloo group), against the computed bytes.
-3. PPO on one GPU with LoRA (--lora_rank 8: two networks instead of four, adapters and the value head trained),
-   frozen weights in bf16 (--dtype bfloat16) and activation checkpointing (--grad_checkpoint true), computed
-   for every preset: weights, adapters with their gradients and AdamW moments, and an ESTIMATE of the largest
-   activations for a stated rollout batch and length: the KV cache of generation, the saved block inputs plus
-   one block's activations under checkpointing, and the logits of a micro-batch's response tokens (bf16 and
-   their float32 log-softmax). An estimate until someone runs it on a GPU.
+1. Computed from parameter counts (models built on the meta device, no memory used): fp32
+   weights (4 bytes per parameter), gradients (4), AdamW's two moments (8), and DDP's gradient
+   buckets (4: DDP copies every gradient into flat buckets for its all-reduces) for the trained
+   models of each stage; frozen models (PPO's reference policy and reward model) hold weights
+   only. Activations are not included: they depend on the micro-batch and sequence length,
+   which DDP does not change per rank.
+2. Measured on CPU for `tiny`: the growth of this process's resident memory through one AdamW step,
+   without and with DDP (a 1-process gloo group), against the computed bytes.
+3. PPO on one GPU with LoRA (--lora_rank 8: two networks instead of four, adapters and the value
+   head trained), frozen weights in bf16 (--dtype bfloat16) and activation checkpointing
+   (--grad_checkpoint true), computed for every preset: weights, adapters with their gradients and
+   AdamW moments, and an ESTIMATE of the largest activations for a stated rollout batch and length:
+   the KV cache of generation, the saved block inputs plus one block's activations under
+   checkpointing, and the logits of a micro-batch's response tokens (bf16 and their float32
+   log-softmax). An estimate until someone runs it on a GPU.
 
     python bench/bench_memory.py
 """
@@ -39,7 +41,8 @@ def rss():
 
 
 def one_step_growth(model, ddp):
-    """Bytes the process grows by through one forward/backward/AdamW step (gradients, optimizer state, buckets)."""
+    """Bytes the process grows by through one forward/backward/AdamW step
+    (gradients, optimizer state, buckets)."""
     before = rss()
     net = DDP(model) if ddp else model
     optimizer = make_adamw(model.parameters(), 1e-4, 0.0, (0.9, 0.95), torch.device("cpu"))
@@ -52,10 +55,12 @@ def one_step_growth(model, ddp):
 def main():
     for name, shape in MODEL_PRESETS.items():
         with torch.device("meta"):
-            n = sum(p.numel() for p in GPT(GPTConfig(**shape)).parameters())  # the critic/RM adds n_embd + 1
+            # (the critic and the reward model add n_embd + 1)
+            n = sum(p.numel() for p in GPT(GPTConfig(**shape)).parameters())
         trained, ddp = 16 * n, 4 * n  # weights + gradients + AdamW moments; DDP's buckets
         frozen = 2 * 4 * n  # PPO: policy and critic trained, ref_policy and reward model frozen
-        print(json.dumps({"preset": name, "params_M": round(n / 1e6, 1), "sft_or_reward_GB": round(trained / GB, 2),
+        print(json.dumps({"preset": name, "params_M": round(n / 1e6, 1),
+                          "sft_or_reward_GB": round(trained / GB, 2),
                           "sft_or_reward_ddp_GB": round((trained + ddp) / GB, 2),
                           "ppo_GB": round((2 * trained + frozen) / GB, 2),
                           "ppo_ddp_GB": round((2 * (trained + ddp) + frozen) / GB, 2)}))
@@ -63,27 +68,36 @@ def main():
           f"(rollout batch {ROLLOUT}, micro-batch {MICRO}, {PROMPT} + {RESPONSE} tokens):")
     for name, shape in MODEL_PRESETS.items():
         print(json.dumps(ppo_lora_estimate(shape) | {"preset": name}))
-    for ddp in (False, True):  # each in a fresh process: memory freed by one would be reused by the other
-        subprocess.run([sys.executable, __file__, "--measure", "ddp" if ddp else "plain"], check=True)
+    # each in a fresh process: memory freed by one would be reused by the other
+    for ddp in (False, True):
+        mode = "ddp" if ddp else "plain"
+        subprocess.run([sys.executable, __file__, "--measure", mode], check=True)
 
 
 ROLLOUT, MICRO, PROMPT, RESPONSE, RANK = 32, 4, 512, 128, 8  # the stated shapes of the estimate
 
 
 def ppo_lora_estimate(shape, vocab=50257):
-    """Bytes of PPO on one GPU with LoRA + bf16 frozen weights + activation checkpointing (see the docstring)."""
+    """Bytes of PPO on one GPU with LoRA + bf16 frozen weights + activation
+    checkpointing (see the docstring)."""
     L, C, T = shape["n_layer"], shape["n_embd"], PROMPT + RESPONSE
     with torch.device("meta"):
         n = sum(p.numel() for p in GPT(GPTConfig(**shape)).parameters())
-    adapters = L * RANK * (4 * C + 2 * C + 5 * C + 5 * C)  # c_attn (C -> 3C), attn c_proj, c_fc, mlp c_proj
-    frozen = 2 * 2 * n  # two networks (policy = ref + adapters, critic = reward model + adapters), bf16
-    trained = 16 * 2 * (adapters + C + 1)  # fp32 weights, gradients, two AdamW moments; + the value head
+    # c_attn (C -> 3C), attn c_proj, c_fc, mlp c_proj
+    adapters = L * RANK * (4 * C + 2 * C + 5 * C + 5 * C)
+    # two networks (policy = ref + adapters, critic = reward model + adapters), bf16
+    frozen = 2 * 2 * n
+    # fp32 weights, gradients, two AdamW moments; + the value head
+    trained = 16 * 2 * (adapters + C + 1)
     kv_cache = ROLLOUT * L * 2 * T * C * 2  # generate: keys and values of every layer, bf16
-    saved = MICRO * T * C * 2 * L + MICRO * T * C * 2 * 16  # block inputs + one block recomputed (~16 C per token)
-    logits = MICRO * RESPONSE * vocab * (2 + 4)  # bf16 logits and the float32 log-softmax of the response tokens
+    # block inputs + one block recomputed (~16 C per token)
+    saved = MICRO * T * C * 2 * L + MICRO * T * C * 2 * 16
+    # bf16 logits and the float32 log-softmax of the response tokens
+    logits = MICRO * RESPONSE * vocab * (2 + 4)
     gb = lambda b: round(b / GB, 2)
-    return {"weights_bf16_GB": gb(frozen), "adapters_trained_GB": gb(trained), "kv_cache_GB": gb(kv_cache),
-            "activations_GB": gb(saved + logits), "total_GB": gb(frozen + trained + max(kv_cache, saved + logits)),
+    return {"weights_bf16_GB": gb(frozen), "adapters_trained_GB": gb(trained),
+            "kv_cache_GB": gb(kv_cache), "activations_GB": gb(saved + logits),
+            "total_GB": gb(frozen + trained + max(kv_cache, saved + logits)),
             "full_ppo_fp32_GB": gb(2 * 16 * n + 2 * 4 * n)}
 
 

@@ -1,15 +1,19 @@
-"""mutmut's command line (bench/mutation.sh), with two additions: it also mutates functions whose only decorators
-are @torch.no_grad(), and a `report` command counts the results of the mutants matching some names.
+"""mutmut's command line (bench/mutation.sh), with two additions: it also mutates functions whose
+only decorators are @torch.no_grad(), and a `report` command counts the results of the mutants
+matching some names.
 
-mutmut 3 skips every decorated function (it copies the decorators onto its trampoline and onto each mutant, which
-is unsafe for decorators with side effects), so ppo.rollout and lib.responses' sample_responses, sample_and_score
-and sequence_kl, all @torch.no_grad(), would get no mutants. torch.no_grad() holds no state: copying it is safe, so
-those functions are let through.
-This patches one private method of mutmut, so the version is pinned (requirements-dev.txt) and checked here.
+mutmut 3 skips every decorated function (it copies the decorators onto its trampoline and onto each
+mutant, which is unsafe for decorators with side effects), so ppo.rollout and lib.responses'
+sample_responses, sample_and_score and sequence_kl, all @torch.no_grad(), would get no mutants.
+torch.no_grad() holds no state: copying it is safe, so those functions are let through.
+This patches one private method of mutmut, so the version is pinned
+(requirements-dev.txt) and checked here.
 
     python bench/mutmut_cli.py run "ppo.x_rollout__mutmut_*"     # any mutmut command
-    python bench/mutmut_cli.py report "ppo.x_rollout__mutmut_*"  # killed / survived / timeout / total, survivors
-    python bench/mutmut_cli.py run "lib.responses.x_sample_and_score__mutmut_*"  # a function of lib/responses.py
+    # killed / survived / timeout / total, survivors
+    python bench/mutmut_cli.py report "ppo.x_rollout__mutmut_*"
+    # a function of lib/responses.py
+    python bench/mutmut_cli.py run "lib.responses.x_sample_and_score__mutmut_*"
 """
 import fnmatch
 import re
@@ -30,8 +34,8 @@ from mutmut.utils.format_utils import mangled_name_from_mutant_name
 
 TESTED_WITH = "3.8.1"
 if mutmut.__version__ != TESTED_WITH:
-    sys.exit(f"bench/mutmut_cli.py patches mutmut {TESTED_WITH} internals, found {mutmut.__version__}: "
-             f"pip install -r requirements-dev.txt")
+    sys.exit(f"bench/mutmut_cli.py patches mutmut {TESTED_WITH} internals, found "
+             f"{mutmut.__version__}: pip install -r requirements-dev.txt")
 
 
 def is_no_grad(decorator):
@@ -50,7 +54,8 @@ def skip_node_and_children(self, node):
     skip = _skip(self, node)
     if skip and isinstance(node, cst.FunctionDef) and node.decorators and all(
             is_no_grad(d.decorator) for d in node.decorators):
-        # skipped for its decorator alone? then mutate it, unless a pragma or mutmut's list of names excludes it
+        # skipped for its decorator alone? then mutate it, unless a pragma or
+        # mutmut's list of names excludes it
         position = self.get_metadata(PositionProvider, node, None)
         pragma = position is not None and position.start.line in self._ignored_node_lines
         return pragma or node.name.value in file_mutation.NEVER_MUTATE_FUNCTION_NAMES
@@ -64,13 +69,15 @@ file_mutation.MutationVisitor._skip_node_and_children = skip_node_and_children
 @cli.command()
 @click.argument("patterns", nargs=-1, required=True)
 def report(patterns):
-    """Counts by status of the mutants matching PATTERNS (per function, then in all), and each survivor's diff."""
+    """Counts by status of the mutants matching PATTERNS (per function, then in
+    all), and each survivor's diff."""
     by_function = defaultdict(Counter)  # "ppo.py:compute_gae" -> status -> count
     survivors = []
     for path in walk_mutatable_files():
         data = SourceFileMutationData(path=path)
         data.load()
-        for name, exit_code in sorted(data.exit_code_by_key.items(), key=lambda kv: natural_key(kv[0])):
+        mutants = sorted(data.exit_code_by_key.items(), key=lambda kv: natural_key(kv[0]))
+        for name, exit_code in mutants:
             if not any(fnmatch.fnmatch(name, p) for p in patterns):
                 continue
             function = f"{path}:{mangled_name_from_mutant_name(name).rpartition('.x_')[2]}"
@@ -79,10 +86,12 @@ def report(patterns):
             if status != "killed":
                 survivors.append((name, function, status, path))
     total = sum(by_function.values(), Counter())
-    columns = ["killed", "survived", "timeout"] + sorted(set(total) - {"killed", "survived", "timeout"})
+    main_columns = ["killed", "survived", "timeout"]
+    columns = main_columns + sorted(set(total) - set(main_columns))
     print(f"{'function':44}" + "".join(f"{c:>13}" for c in columns + ["total"]))
     for function, counts in sorted(by_function.items()):
-        print(f"{function:44}" + "".join(f"{n:>13}" for n in [counts[c] for c in columns] + [sum(counts.values())]))
+        numbers = [counts[c] for c in columns] + [sum(counts.values())]
+        print(f"{function:44}" + "".join(f"{n:>13}" for n in numbers))
     print(" | ".join(f"{c} {total[c]}" for c in columns) + f" | total {sum(total.values())}")
     for name, function, status, path in survivors:
         diff = [line for line in get_diff_for_mutant(name, path=path).splitlines()
