@@ -168,8 +168,10 @@ def rises_then_falls(points, rm_keeps_rising):
 
 def seeds_line(summaries):
     seeds = ", ".join(str(s["seed"]) for s in summaries)
-    return (f"Median [min, max] over {len(summaries)} seeds ({seeds}), one whole run each "
-            f"(`python pipeline.py --task lab --seed S --out_dir DIR`).")
+    command = "(`python pipeline.py --task lab --seed S --out_dir DIR`)"
+    if len(summaries) == 1:
+        return f"Seed {seeds}, one whole run {command}."
+    return f"Median [min, max] over {len(summaries)} seeds ({seeds}), one whole run each {command}."
 
 
 def held(summaries, values, test):
@@ -357,6 +359,8 @@ def main(argv=None):
                        key=lambda s: (s["seed"] is None, s["seed"] or 0))
     if not summaries:
         parser.error("no run given")
+    if any((s.get("settings") or {}).get("quick") for s in summaries):
+        print("note: a --quick run is among the sources: its numbers mean nothing", file=sys.stderr)
     differ = settings_that_differ(summaries)
     if differ:  # medians over runs of different settings mix two experiments
         print(f"note: the runs' settings differ: {differ}", file=sys.stderr)
