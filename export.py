@@ -43,8 +43,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 def hf_state_dict(model):
     """Our state dict -> Hugging Face GPT-2 names and layouts: its Conv1D weights are the transpose
-    of our nn.Linear ones (the inverse of model.hf_gpt2_state_dict). lm_head is left out: tied to
-    wte."""
+    of our nn.Linear ones (the inverse of model.hf_gpt2_state_dict). lm_head, tied to wte, is left
+    out."""
     sd = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":
@@ -54,7 +54,7 @@ def hf_state_dict(model):
 
 
 def hf_config(config, kind, extra):
-    """config.json of a GPT-2 (transformers.GPT2Config fields) with this project's metadata under
+    """config.json of a GPT-2 (transformers.GPT2Config fields), this project's metadata under
     "instructgpt"."""
     require(config.bias, "Hugging Face GPT-2 has biases in every Linear and LayerNorm: cannot "
                          "export bias=False")
@@ -70,8 +70,7 @@ def hf_config(config, kind, extra):
 
 
 def bytes_to_unicode():
-    """GPT-2's map from the 256 byte values to printable characters, used to write byte tokens as
-    text."""
+    """GPT-2's map from the 256 byte values to printable characters (byte tokens as text)."""
     bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
           + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]

@@ -24,9 +24,9 @@ best first) or None (skip this prompt).
   fn      a Python function (prompt, response) -> float (--labeler_fn file.py:NAME); with
           --labeler_arg S, NAME(S) is called once and must return that function (a factory, e.g. of
           a gold labeler).
-Score-based labelers (reward, fn) take --label_noise T: a Bradley-Terry labeler who puts response i
-above j with probability sigmoid((s_i - s_j) / T), the preference model eq. (1) fits; T = 0 ranks
-exactly.
+Score-based labelers (reward, fn) take --label_noise T: a Bradley-Terry labeler who puts
+response i above j with probability sigmoid((s_i - s_j) / T), the preference model eq. (1) fits;
+T = 0 ranks exactly.
 
     python label.py --policy out/sft/ckpt.pt --prompts data/hh_rlhf/prompts_train.jsonl --k 4 \\
         --labeler human --out data/hh_rlhf/rankings.jsonl
@@ -187,8 +187,8 @@ labelers did: helpful, honest and harmless. Identical responses are shown once; 
 
 
 def parse_ranking(text, n):
-    """A ranking of responses 1..n typed best first -> 0-based indices, or ValueError with a
-    one-line reason."""
+    """A ranking of responses 1..n typed best first -> 0-based indices, or ValueError with
+    a one-line reason."""
     text = text.strip()
     tokens = text.replace(",", " ").split()
     if len(tokens) == 1 and 1 < n <= 9 and text.isdigit() and len(text) > 1:

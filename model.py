@@ -185,9 +185,9 @@ def lora_state_dict(model):
 
 
 def merged_state_dict(model):
-    """The state dict of the plain model with the same outputs: each adapter folded into its weight,
-    W <- W + (alpha / r) B A, and the lora_ tensors dropped: what export.py and the next stage
-    load."""
+    """The state dict of the plain model with the same outputs, which export.py and the next stage
+    load: each adapter folded into its weight, W <- W + (alpha / r) B A, and the lora_ tensors
+    dropped."""
     sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -350,8 +350,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h)  # (B, T - start, V)
         targets = self.transformer.rows(targets)  # (B, T - start) rows of the output layer
-        # (B, T - start)
-        return chunked_token_logprobs(h, self.lm_head.weight, targets, temperature, chunk)
+        logprobs = chunked_token_logprobs(h, self.lm_head.weight, targets, temperature, chunk)
+        return logprobs  # (B, T - start)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -389,11 +389,10 @@ class GPT(nn.Module):
         kv_cache = None
         if use_cache:
             C, nh, device = self.config.n_embd, self.config.n_head, self.lm_head.weight.device
-            # keys/values are stored in the dtype they are computed in (bf16 under autocast: half
-            # the memory)
+            # keys/values kept in the dtype they are computed in (bf16 under autocast: half memory)
             dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                      else self.lm_head.weight.dtype)
-            shape = (B, nh, T + max_new_tokens, C // nh)  # (B, nh, S, hs) keys, and values
+            shape = (B, nh, T + max_new_tokens, C // nh)  # (B, nh, S, hs) for keys and values
             kv_cache = [(torch.empty(shape, dtype=dtype, device=device),
                          torch.empty(shape, dtype=dtype, device=device))
                         for _ in range(self.config.n_layer)]
@@ -412,8 +411,7 @@ class GPT(nn.Module):
                 raise FloatingPointError(
                     f"non-finite logits (NaN or inf) at new token {n - T + 1}: the model's weights "
                     f"are broken (NaN/inf, or too large after a diverged run)")
-            # (B,) a row of the output layer
-            next_token = sample_token(logits, temperature, top_k, top_p, generator)
+            next_token = sample_token(logits, temperature, top_k, top_p, generator)  # (B,) rows
             if self.transformer.vocab_ids is not None:  # a world's vocabulary: the row's GPT-2 id
                 next_token = self.transformer.vocab_ids[next_token]  # (B,)
             if eos_token_id is not None:
@@ -486,8 +484,9 @@ def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk=LOGITS
     def rows(h, weight, y):  # (n, C), (V, C), (n,) -> (n,)
         return token_logprobs(F.linear(h, weight), y, temperature)
 
-    # (no_grad, as in rollouts, keeps nothing for backward; one chunk holds no more than the bound,
-    # and checkpointing it would only add the matmul)
+    # Checkpointed only with gradients on and more than one chunk: no_grad (as in rollouts) keeps
+    # nothing for backward, and one chunk holds no more than the bound, so checkpointing it would
+    # only add the matmul.
     chunks = zip(h.split(chunk), y.split(chunk))
     if torch.is_grad_enabled() and h.size(0) > chunk:
         out = [checkpoint(rows, hc, weight, yc, use_reentrant=False) for hc, yc in chunks]

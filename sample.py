@@ -1,6 +1,6 @@
 """
-Generate completions from any checkpoint of the pipeline, compare checkpoints, score with a reward
-model.
+Generate completions from any checkpoint of the pipeline, compare checkpoints, score with a
+reward model.
 
 Examples:
     python sample.py --init_from out/sft/ckpt.pt \\

@@ -58,17 +58,17 @@ def save_checkpoint(path, model, cfg, base=None, **extra):
     checkpoint, and weights holding NaN or inf (a diverged run) are never written. Under torchrun
     only rank 0 writes (every rank holds the same weights).
 
-    A model with LoRA adapters is saved as its adapters and trained heads only, with "lora" saying
-    how to rebuild it: `base` = lora_base(...) (the source its frozen weights came from) and the
-    adapters' shape. load_model rebuilds it from there and hands every other script the merged
-    weights."""
+    A model with LoRA adapters is saved as its adapters and trained heads only, with "lora"
+    saying how to rebuild it: `base` = lora_base(...) (the source its frozen weights came from)
+    and the adapters' shape. load_model rebuilds it from there and hands every other script the
+    merged weights."""
     if not is_main():
         return path
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     lora = lora_settings(model)
     if lora and base is None:
-        raise ValueError("save_checkpoint: a model with adapters needs base=lora_base(...) to be "
-                         "rebuilt from")
+        raise ValueError("save_checkpoint: a model with adapters needs base=lora_base(...) "
+                         "to be rebuilt from")
     state = lora_state_dict(model) if lora else model.state_dict()
     step = extra.get("step", extra.get("iteration", "?"))
     for name, weights in (("model", state), ("critic", extra.get("critic") or {})):

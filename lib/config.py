@@ -39,16 +39,16 @@ GPT2_NAMES = {"tiny": "scratch", "small": "gpt2", "medium": "gpt2-medium", "larg
 INTERNAL_FIELDS = ("preset",)
 
 # A model's shape fields are used for a model drawn from scratch only: one loaded from a
-# checkpoint, a GPT-2 name or folder (the stage's model source field) has its own shape, which
-# load_model prints.
+# checkpoint, a GPT-2 name or a folder (the stage's model source field) has its own shape, and
+# load_model prints it.
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
 MODEL_SOURCES = ("init_from", "sft_ckpt")
 
 # The range of every numeric (and choice) config field, by name, for all scripts: parse_config
 # refuses a value outside it with one message. A stage's Config may override a rule with a class
 # attribute `RANGES = {field: rule}`. A rule is a bound (">= 1", "> 0"), an interval ("(0, 1]":
-# round bracket = open end), or a tuple of allowed values. Non-finite numbers (nan, inf) are never
-# in range.
+# round bracket = open end), or a tuple of allowed values. Non-finite numbers (nan, inf) are
+# never in range.
 FIELD_RANGES = {
     # model shape
     **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size"), ">= 1"),
@@ -106,8 +106,7 @@ def _parse_optional(t):
 
 @functools.lru_cache(maxsize=None)
 def _field_comments(config_cls):
-    """{field: its trailing comment} from the dataclass source, so --help shows each field's
-    meaning."""
+    """{field: its trailing comment} from the dataclass source: --help shows each one's meaning."""
     try:
         source = inspect.getsource(config_cls)
     except (OSError, TypeError):
@@ -117,8 +116,7 @@ def _field_comments(config_cls):
 
 
 def parse_config(config_cls, presets, argv=None):
-    """Build a `config_cls` from `--config NAME` (a key of `presets`) and `--field value`
-    overrides."""
+    """Build a `config_cls` from `--config NAME` (a key of `presets`) and `--field value` flags."""
     fields = dataclasses.fields(config_cls)
     names = ", ".join(f"--{f.name}" for f in fields if f.name not in INTERNAL_FIELDS)
     parser = argparse.ArgumentParser(
@@ -161,8 +159,7 @@ def parse_config(config_cls, presets, argv=None):
 
 
 def in_range(value, rule):
-    """Whether `value` satisfies a FIELD_RANGES rule: ">= 1", "> 0", "(0, 1]", or a tuple of
-    choices."""
+    """Whether `value` satisfies a FIELD_RANGES rule: ">= 1", "> 0", "(0, 1]" or a tuple."""
     if isinstance(rule, tuple):
         return value in rule
     if not math.isfinite(value):
@@ -196,8 +193,8 @@ def check_ranges(cfg):
 
 class UsageError(Exception):
     """Settings or inputs that cannot work together, found once the models and data are loaded
-    (e.g. token budgets that do not fit a checkpoint's block_size). `run` ends the script with the
-    message alone."""
+    (e.g. token budgets that do not fit a checkpoint's block_size). `run` ends the script with
+    the message alone."""
 
 
 def require(ok, message):
