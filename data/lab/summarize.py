@@ -17,7 +17,8 @@ exactly the runs the pages show. A page holds blocks
 and `--write` replaces what is between the markers with the table NAME; `--check` exits 1 if a
 page's tables differ from what the sources give (tests/test_summarize.py checks the committed pages
 against the committed summaries). The tables are never typed by hand. Names: claims, policies,
-seeds, runs, times.
+seeds, runs, times (of lab runs), figure1 (of `--task lab_sizes` runs: figure1_seed_N.json); a
+block of a kind no source is of is left as it is.
 
 The lab's claims, with what counts as holding in a seed:
 - the final reward model agrees with the exact gold on at least 0.85 of held-out pairs;
@@ -81,6 +82,25 @@ def summarize_results(results):
     }
 
 
+def summarize_figure1(results):
+    """A `--task lab_sizes` run's results.json -> the compact summary of its Figure 1 table."""
+    block = results["figure1"]
+
+    def row(p):
+        ci = [rounded(x) for x in p.get("win_rate_ci") or []] or None
+        return {"win_rate": rounded(p.get("win_rate")), "win_rate_ci": ci,
+                "helpful": rounded(p.get("helpful"))}
+    return {"kind": "figure1", "seed": results.get("seed"),
+            "minutes": rounded(results.get("minutes"), 2), "reference": block.get("reference"),
+            "sizes": [{"name": e.get("name"), "params": e.get("params"),
+                       "policies": {k: row(p) for k, p in (e.get("policies") or {}).items()}}
+                      for e in block.get("sizes") or []]}
+
+
+def kind(summary):
+    return summary.get("kind", "lab")
+
+
 def load(source):
     """A run folder, its results.json, or a saved summary -> a summary."""
     path = os.path.join(source, "results.json") if os.path.isdir(source) else source
@@ -90,23 +110,30 @@ def load(source):
         data = json.load(f)
     if "summary_of" in data:  # already a summary (--save writes it)
         return data
+    if "figure1" in data and "policies" not in data:
+        return {"summary_of": "results.json of pipeline.py --task lab_sizes",
+                **summarize_figure1(data)}
     if "policies" not in data:
-        sys.exit(f"error: {path} is not a lab run's results.json (no 'policies'; the Figure 1 task "
-                 f"writes another kind)")
+        sys.exit(f"error: {path} is not the results.json of a --task lab or lab_sizes run")
     return {"summary_of": "results.json of pipeline.py --task lab", **summarize_results(data)}
 
 
+PREFIX = {"lab": "seed_", "figure1": "figure1_seed_"}  # the summaries' file names, by kind
+
+
 def save(summaries, out_dir):
-    """One seed_N.json per run in out_dir; out_dir's other seed_*.json are removed."""
+    """One seed_N.json per lab run (figure1_seed_N.json per lab_sizes run) in out_dir; out_dir's
+    other summaries of the kinds saved are removed."""
     os.makedirs(out_dir, exist_ok=True)
-    names = {f"seed_{s['seed']}.json" for s in summaries}
+    names = {f"{PREFIX[kind(s)]}{s['seed']}.json" for s in summaries}
     if len(names) < len(summaries):
         sys.exit("error: two runs of the same seed; --save keeps one summary per seed")
-    for old in glob.glob(os.path.join(out_dir, "seed_*.json")):
-        if os.path.basename(old) not in names:
-            os.remove(old)
+    for prefix in {PREFIX[kind(s)] for s in summaries}:
+        for old in glob.glob(os.path.join(out_dir, f"{prefix}*.json")):
+            if os.path.basename(old) not in names:
+                os.remove(old)
     for s in summaries:
-        with open(os.path.join(out_dir, f"seed_{s['seed']}.json"), "w") as f:
+        with open(os.path.join(out_dir, f"{PREFIX[kind(s)]}{s['seed']}.json"), "w") as f:
             f.write(json.dumps(s, indent=1) + "\n")
 
 
@@ -328,18 +355,52 @@ def times(summaries):
     return "\n".join(lines)
 
 
-TABLES = {"claims": claims, "policies": policies, "seeds": seeds, "runs": runs, "times": times}
+def figure1(runs):
+    """Figure 1 in miniature: each size's policies' win rate against the largest SFT model [Wilson
+    95% interval] and helpful share; over several runs, median [min, max]."""
+    kinds = {"base": "base", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    minutes = spread([r["minutes"] for r in runs], digits=1)
+    minutes = "" if minutes == "-" else f", {minutes} min on a 2-core CPU"
+    lines = [f"Win rate against {runs[0]['reference']} by the exact gold [95% Wilson interval] and "
+             f"the share of factual questions answered right; seed {seeds}{minutes} "
+             f"(`python pipeline.py --task lab_sizes --seed S`).", "",
+             "| size | parameters | " + " | ".join(kinds.values()) + " |",
+             "|---|---|" + "---|" * len(kinds)]
+    for i, size in enumerate(runs[0]["sizes"]):
+        entries = [r["sizes"][i] for r in runs if i < len(r["sizes"])]
+        cells = [size["name"], spread([e["params"] / 1e6 for e in entries]) + "M"]
+        for k in kinds:
+            ps = [e["policies"].get(k) or {} for e in entries]
+            win = spread([p.get("win_rate") for p in ps])
+            ci = ps[0].get("win_rate_ci") if len(ps) == 1 else None
+            if ci:
+                win += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+            helpful = spread([p.get("helpful") for p in ps])
+            cells.append(win + ("" if helpful == "-" else f", helpful {helpful}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"claims": claims, "policies": policies, "seeds": seeds, "runs": runs, "times": times,
+          "figure1": figure1}
+TABLE_KIND = {"figure1": "figure1"}  # the others are of lab runs
 
 
 # ---- pages -------------------------------------------------------------------------------------
 
 def rewrite(text, summaries):
-    """The page's text with every summarize block's table regenerated."""
+    """The page's text with every summarize block's table regenerated from the summaries of its
+    kind; a block of a kind no summary is of (a lab_sizes table when only lab runs are given) is
+    left as it is."""
     def table(m):
-        if m.group(2) not in TABLES:
-            sys.exit(f"error: unknown table <!-- summarize:{m.group(2)} --> "
-                     f"(known: {', '.join(TABLES)})")
-        return f"{m.group(1)}\n{TABLES[m.group(2)](summaries)}\n\n{m.group(4)}"
+        name = m.group(2)
+        if name not in TABLES:
+            sys.exit(f"error: unknown table <!-- summarize:{name} --> (known: {', '.join(TABLES)})")
+        runs = [s for s in summaries if kind(s) == TABLE_KIND.get(name, "lab")]
+        if not runs:
+            return m.group(0)
+        return f"{m.group(1)}\n{TABLES[name](runs)}\n\n{m.group(4)}"
     return BLOCK.sub(table, text)
 
 
@@ -381,8 +442,11 @@ def main(argv=None):
     if args.check and stale:
         print(f"stale tables (regenerate with --write): {', '.join(stale)}")
         return 1
-    if not pages:
-        print("\n\n".join(f"## {name}\n\n{fn(summaries)}" for name, fn in TABLES.items()))
+    if not pages:  # every table the sources give
+        for name, table in TABLES.items():
+            runs = [s for s in summaries if kind(s) == TABLE_KIND.get(name, "lab")]
+            if runs:
+                print(f"## {name}\n\n{table(runs)}\n")
     elif args.write:
         print(f"rewrote {len(stale)} of {len(pages)} pages from {len(summaries)} runs")
     return 0
