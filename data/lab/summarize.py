@@ -5,10 +5,11 @@ numbers of every seed.
     python data/lab/summarize.py --save data/lab/results --write README.md data/lab/README.md \\
         out/lab1 out/lab2 out/lab3
 
-A source is a run's folder (`pipeline.py --task lab --out_dir DIR`), its `results.json`, or a
-summary this script saved (`seed_N.json`). `--save DIR` writes one compact summary per run into DIR
-(a few KB, committed, since `out/` is not) and removes DIR's other `seed_*.json`, so DIR holds
-exactly the runs the pages show. A page holds blocks
+A source is a run's folder (`pipeline.py --task lab` or `--task lab_sizes`, `--out_dir DIR`), its
+`results.json`, or a summary this script saved. `--save DIR` writes one compact summary per run into
+DIR (`seed_N.json`, `figure1_seed_N.json`: a few KB, committed, since `out/` is not) and removes
+DIR's other summaries of the kinds it saves, so DIR holds exactly the runs the pages show. A page
+holds blocks
 
     <!-- summarize:NAME -->
     ...
