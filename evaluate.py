@@ -1,21 +1,22 @@
 """
-Win rate, InstructGPT's headline metric (Ouyang et al. 2022, arXiv:2203.02155, Figure 1): how often a judge
-prefers policy A's response to policy B's (the SFT baseline) on held-out prompts, ties counting half, with a
-95% Wilson confidence interval. Both policies answer every prompt with the same seed and settings (each
-batch restarts the same random stream, so A's and B's samples share their randomness as far as the
-policies agree). Also reported: each policy's mean judge score, mean response length (tokens, with the
-EOS), fraction of responses ending in EOS, and KL to a reference policy (--ref_ckpt, usually SFT).
+Win rate, InstructGPT's headline metric (Ouyang et al. 2022, arXiv:2203.02155, Figure 1): how
+often a judge prefers policy A's response to policy B's (the SFT baseline) on held-out prompts,
+ties counting half, with a 95% Wilson confidence interval. Both policies answer every prompt with
+the same seed and settings (each batch restarts the same random stream, so A's and B's samples
+share their randomness as far as the policies agree). Also reported: each policy's mean judge
+score, mean response length (tokens, with the EOS), fraction of responses ending in EOS, and KL to
+a reference policy (--ref_ckpt, usually SFT).
 
 The judge: in the paper, human labelers. Here a reward model (--judge_ckpt) or a Python function
-(prompt, response) -> float (--judge_fn file.py:NAME, or a factory with --judge_arg). Do not judge with the
-reward model PPO optimised: PPO climbs that model's errors as well as its signal, so its score rises while
-true preference can fall (over-optimisation, Gao et al. 2022, arXiv:2210.10760). Train an independent judge
-on comparisons PPO never saw, e.g. HH's validation split:
+(prompt, response) -> float (--judge_fn file.py:NAME, or a factory with --judge_arg). Do not judge
+with the reward model PPO optimised: PPO climbs that model's errors as well as its signal, so its
+score rises while true preference can fall (over-optimisation, Gao et al. 2022, arXiv:2210.10760).
+Train an independent judge on comparisons PPO never saw, e.g. HH's validation split:
 
     python reward.py --config tiny --train_files comparisons_val.jsonl --out_dir out/judge
     python evaluate.py --policy_a out/ppo/ckpt.pt --policy_b out/sft/ckpt.pt \\
-        --prompts data/hh_rlhf/prompts_val.jsonl --judge_ckpt out/judge/ckpt.pt --ref_ckpt out/sft/ckpt.pt \\
-        --out out/eval/winrate.json
+        --prompts data/hh_rlhf/prompts_val.jsonl --judge_ckpt out/judge/ckpt.pt \\
+        --ref_ckpt out/sft/ckpt.pt --out out/eval/winrate.json
     python evaluate.py --judge_fn mylabel.py:score ...          # a programmatic judge
 """
 
@@ -40,14 +41,14 @@ class Config:
     # io
     policy_a: str = "out/ppo/ckpt.pt"  # the policy evaluated (e.g. PPO)
     policy_b: str = "out/sft/ckpt.pt"  # the baseline (paper: the SFT model)
-    prompts: str = "data/hh_rlhf/prompts_val.jsonl"  # held-out prompts, JSON lines with a "prompt" field
+    prompts: str = "data/hh_rlhf/prompts_val.jsonl"  # held-out prompts, JSON lines {"prompt"}
     max_prompts: int = 0  # use only the first N prompts (0 = all)
     out: str = "out/eval/winrate.json"  # everything measured, per-prompt scores and a few samples
     # judge (one of the two)
-    judge_ckpt: str = ""  # a reward model trained on comparisons PPO never saw (not PPO's own reward model)
-    judge_fn: str = ""  # or a function (prompt, response) -> float: "path/to/file.py:NAME" (or "module:NAME")
+    judge_ckpt: str = ""  # a reward model trained on comparisons PPO never saw (not PPO's own)
+    judge_fn: str = ""  # or a function (prompt, response) -> float: "file.py:NAME" or "module:NAME"
     judge_arg: Optional[str] = None  # if given, NAME(judge_arg) returns the judge function
-    ref_ckpt: str = ""  # report KL(policy || ref) of each policy to this one (e.g. out/sft/ckpt.pt); "" = skip
+    ref_ckpt: str = ""  # report each policy's KL(policy || ref) to this one (e.g. SFT); "" = skip
     # sampling, the same for both policies
     temperature: float = 1.0  # 1 = each policy's own distribution (what the KL is measured under)
     max_new_tokens: int = 64  # response length limit
@@ -56,12 +57,13 @@ class Config:
     n_show: int = 3  # side-by-side samples printed
     # system
     device: str = "auto"  # auto, cpu, cuda, ...
-    dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 or float32 on any device
+    dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; or bfloat16, float32
     seed: int = 1337
 
-    RANGES = {"max_prompts": ">= 0", "n_show": ">= 0", "temperature": "> 0"}  # the KL divides the logits by it
-    PATHS = {"policy_a": "model", "policy_b": "model", "prompts": "file", "out": "out_file", "judge_ckpt": "model",
-             "ref_ckpt": "model"}  # checked where the flags are parsed
+    # temperature: the KL divides the logits by it
+    RANGES = {"max_prompts": ">= 0", "n_show": ">= 0", "temperature": "> 0"}
+    PATHS = {"policy_a": "model", "policy_b": "model", "prompts": "file", "out": "out_file",
+             "judge_ckpt": "model", "ref_ckpt": "model"}  # checked where the flags are parsed
 
 
 CONFIGS = {"tiny": dict(max_new_tokens=48, max_prompt_tokens=128)}  # ppo.py's tiny rollout settings
@@ -107,23 +109,28 @@ def print_side_by_side(prompts, a, b, n):
         sa, sb = a["scores"][i], b["scores"][i]
         verdict = "A wins" if sa > sb else "B wins" if sa < sb else "tie"
         print(f"--- prompt {i + 1} | A {sa:+.3f} vs B {sb:+.3f}: {verdict}\n"
-              f"[prompt] ...{prompts[i][-300:]!r}\n[A] {a['responses'][i]!r}\n[B] {b['responses'][i]!r}")
+              f"[prompt] ...{prompts[i][-300:]!r}\n"
+              f"[A] {a['responses'][i]!r}\n[B] {b['responses'][i]!r}")
 
 
 def main(cfg):
-    """Win rate of policy A over policy B on held-out prompts; returns (and writes to cfg.out) the report."""
-    require(bool(cfg.judge_ckpt) != bool(cfg.judge_fn), "give exactly one judge: --judge_ckpt or --judge_fn")
+    """Win rate of policy A over policy B on held-out prompts; returns (and writes to cfg.out) the
+    report."""
+    require(bool(cfg.judge_ckpt) != bool(cfg.judge_fn),
+            "give exactly one judge: --judge_ckpt or --judge_fn")
     t_start = time.time()
     device = setup_device(cfg.device, cfg.seed)
     ctx = autocast(device, cfg.dtype)
-    prompts = read_prompts(cfg.prompts, cfg.max_prompts, strict=True)  # a skipped prompt would change the win rate
+    # strict: a skipped prompt would change the win rate
+    prompts = read_prompts(cfg.prompts, cfg.max_prompts, strict=True)
 
     if cfg.judge_ckpt:
         judge, _ = load_model(cfg.judge_ckpt, kind="scalar", device=device)
         judge.eval()
-        longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS the judge reads its score at
-        require(longest <= judge.config.block_size, f"max_prompt_tokens + max_new_tokens + 1 = {longest} "
-                f"exceeds the judge's block_size {judge.config.block_size}")
+        # + 1: the EOS the judge reads its score at
+        longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1
+        require(longest <= judge.config.block_size, f"max_prompt_tokens + max_new_tokens + 1 = "
+                f"{longest} exceeds the judge's block_size {judge.config.block_size}")
     else:
         judge_fn = load_function(cfg.judge_fn, cfg.judge_arg, takes=("prompt", "response"))
         judge = None  # made for each policy's tokenizer below
@@ -136,13 +143,16 @@ def main(cfg):
     for name, ckpt in (("a", cfg.policy_a), ("b", cfg.policy_b)):
         policy, _ = load_model(ckpt, kind="gpt", device=device)
         policy.eval()
-        enc = get_tokenizer(policy.config.vocab)  # GPT-2's, or the world's of a lab model (config.vocab)
+        enc = get_tokenizer(policy.config.vocab)  # GPT-2's, or a lab model's world's (config.vocab)
         require(cfg.max_prompt_tokens + cfg.max_new_tokens <= policy.config.block_size,
-                f"max_prompt_tokens + max_new_tokens exceeds the block_size {policy.config.block_size} of {ckpt}")
+                f"max_prompt_tokens + max_new_tokens exceeds the block_size "
+                f"{policy.config.block_size} of {ckpt}")
         t0 = time.time()
+        policy_judge = judge if judge is not None else text_judge(judge_fn, enc, prompts)
         with ctx:
-            results[name] = answer_and_judge(policy, judge if judge is not None else text_judge(judge_fn, enc, prompts), enc, prompts, cfg, ref_policy)
-        print(f"policy {name.upper()} {ckpt}: {len(prompts)} responses sampled and judged in {time.time() - t0:.0f}s")
+            results[name] = answer_and_judge(policy, policy_judge, enc, prompts, cfg, ref_policy)
+        print(f"policy {name.upper()} {ckpt}: {len(prompts)} responses sampled and judged in "
+              f"{time.time() - t0:.0f}s")
 
     a, b = results["a"], results["b"]
     wr = win_rate(a["scores"], b["scores"])
@@ -151,17 +161,19 @@ def main(cfg):
     report = {**wr, "ci95": [lo, hi], "judge": cfg.judge_ckpt or cfg.judge_fn,
               "policy_a": summarize(cfg.policy_a, a), "policy_b": summarize(cfg.policy_b, b),
               "config": asdict(cfg), "time_s": time.time() - t_start,
-              "samples": [{"prompt": p, "response_a": ra, "response_b": rb, "score_a": sa, "score_b": sb}
-                          for p, ra, rb, sa, sb in zip(prompts, a["responses"], b["responses"], a["scores"],
-                                                        b["scores"])]}
+              "samples": [{"prompt": p, "response_a": ra, "response_b": rb,
+                           "score_a": sa, "score_b": sb}
+                          for p, ra, rb, sa, sb in zip(prompts, a["responses"], b["responses"],
+                                                        a["scores"], b["scores"])]}
     atomic_write_text(cfg.out, json.dumps(report, indent=1) + "\n")
     for name in ("a", "b"):
         s = report[f"policy_{name}"]
         kl = f" | KL to ref {s['kl_to_ref']:.3f}" if s["kl_to_ref"] is not None else ""
-        print(f"{name.upper()} {s['ckpt']}: mean judge score {s['mean_score']:+.4f} | resp_len {s['resp_len']:.1f} | "
-              f"eos_frac {s['eos_frac']:.2f}{kl}")
-    print(f"win rate of A over B: {wr['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}) | wins {wr['wins']}, "
-          f"ties {wr['ties']}, losses {wr['losses']} of {wr['n']} | judge {report['judge']} | written to {cfg.out}")
+        print(f"{name.upper()} {s['ckpt']}: mean judge score {s['mean_score']:+.4f} | "
+              f"resp_len {s['resp_len']:.1f} | eos_frac {s['eos_frac']:.2f}{kl}")
+    print(f"win rate of A over B: {wr['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}) | "
+          f"wins {wr['wins']}, ties {wr['ties']}, losses {wr['losses']} of {wr['n']} | "
+          f"judge {report['judge']} | written to {cfg.out}")
     return report
 
 
