@@ -494,7 +494,8 @@ def record_run(out_dir, times, a):
     if a.quick and SMOKE_TEST not in md:
         md = f"**{SMOKE_TEST}**\n\n" + md
     md += ("\nSettings: " + ", ".join(f"{k} {v}" for k, v in results["settings"].items())
-           + f" (python pipeline.py --task {a.task} ... --help: what each means).\n"
+           + " (`python pipeline.py --help` says what each means).\n"
+
            + f"\nWall time: {results['minutes']:.1f} min. Per step (s): "
            + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
     with open(md_path + ".tmp", "w") as f:

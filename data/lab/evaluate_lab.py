@@ -393,8 +393,9 @@ def plot_overoptimisation(points, bon, fits, path, title):
     else:
         ax.text(0.5, 0.5, "no over-optimisation run", ha="center", transform=ax.transAxes)
     ax.set_xlabel(KL_AXIS)
-    ax.set_title("PPO without a KL penalty on the round-1 reward model:\nthe reward model's score "
-                 "keeps rising, the gold rises, then falls", fontsize=9)
+    ax.set_title("PPO without a KL penalty on the round-1 reward model: the score it\n"
+                 "maximises (the reward model's) against the true preference (the gold)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     runs = [("PPO, kl_coef 0", points, "rl", STAGE_STYLE["ppo"][0], "o"),
             ("best-of-n (n = 1, 2, 4, ...)", bon, "best_of_n", STAGE_STYLE["dpo"][0], "s")]
@@ -405,7 +406,8 @@ def plot_overoptimisation(points, bon, fits, path, title):
                 continue
             d = np.sqrt(np.maximum([p["kl_to_sft"] for p in run], 0.0))
             ax.plot(d, [p[key] for p in run], marker, color=colour, label=label)
-            if key == "gold_score" and form in fits:  # the fit is of the gain over the start
+            fitted = form in fits and all(map(math.isfinite, fits[form].values()))
+            if key == "gold_score" and fitted:  # the fit is of the gain over the start
                 grid = np.linspace(1e-3, max(d.max(), 1e-3), 100)
                 ax.plot(grid, run[0][key] + gao_curve(grid, fits[form], form), "-", color=colour,
                         lw=1, label=f"{label}: Gao et al.'s fit, a={fits[form]['alpha']:.2f} "
@@ -415,7 +417,7 @@ def plot_overoptimisation(points, bon, fits, path, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[1].set_title("the gold score: best-of-n against PPO at the same KL", fontsize=9)
-    axes[2].set_title("the reward model's score: both keep rising", fontsize=9)
+    axes[2].set_title("the reward model's score: best-of-n against PPO", fontsize=9)
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
 
@@ -691,8 +693,12 @@ def markdown(results):
                       "(nats, closed form); the kept samples' mean reward-model and gold score."]
     for form, fit in results.get("gao_fit", {}).items():
         shape = "d (alpha - beta d)" if form == "best_of_n" else "d (alpha - beta log d)"
-        lines += [f"Gao et al. fit of the gold gain, {form}: {shape}, alpha {fit['alpha']:.3f}, "
-                  f"beta {fit['beta']:.3f}"]
+        if all(map(math.isfinite, fit.values())):
+            lines += [f"Gao et al. fit of the gold gain, {form}: {shape}, alpha "
+                      f"{fit['alpha']:.3f}, beta {fit['beta']:.3f}"]
+        else:
+            lines += [f"Gao et al. fit of the gold gain, {form}: too few points away from SFT."]
+
     if results["overoptimisation"]:
         points = results["overoptimisation"]
         peak = max(points, key=lambda p: p["gold_score"])
