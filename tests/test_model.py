@@ -58,7 +58,8 @@ def test_kv_cache_sampling_equals_recomputation_with_same_seed():
     model = tiny_gpt(2)
     idx, mask = left_padded_batch([4, 8], TINY.vocab_size, seed=2)
     a = model.generate(idx, 20, attention_mask=mask, generator=torch.Generator().manual_seed(5))
-    b = model.generate(idx, 20, attention_mask=mask, use_cache=False, generator=torch.Generator().manual_seed(5))
+    b = model.generate(idx, 20, attention_mask=mask, use_cache=False,
+                       generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
 
 
@@ -77,14 +78,16 @@ def test_eos_stops_rows_and_generation():
     # a 5-token vocabulary sampled at high temperature: every row emits the EOS id 4 sooner or later
     model = tiny_gpt(4, GPTConfig(block_size=128, vocab_size=5, n_layer=1, n_head=2, n_embd=16))
     idx = torch.randint(0, 4, (6, 3), generator=torch.Generator().manual_seed(0))
-    out = model.generate(idx, 100, temperature=2.0, eos_token_id=4, generator=torch.Generator().manual_seed(0))
+    out = model.generate(idx, 100, temperature=2.0, eos_token_id=4,
+                         generator=torch.Generator().manual_seed(0))
     assert out.size(1) < 3 + 100, "generation should stop once every row has emitted EOS"
     for row in out[:, 3:].tolist():
         first = row.index(4)
         assert all(t == 4 for t in row[first:]), "a row keeps emitting EOS after its first EOS"
     assert (out[:, -1] == 4).all()
     # rows before their EOS are the same tokens as without an EOS id (same random draws)
-    free = model.generate(idx, out.size(1) - 3, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    free = model.generate(idx, out.size(1) - 3, temperature=2.0,
+                          generator=torch.Generator().manual_seed(0))
     for a, b in zip(out[:, 3:].tolist(), free[:, 3:].tolist()):
         n = a.index(4) + 1
         assert a[:n] == b[:n]
@@ -102,12 +105,14 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     allowed_p = set(order[:n_keep].tolist())
     drawn = set(sample_token(rows, top_p=0.6, generator=g).tolist())
     assert drawn <= allowed_p and len(drawn) == len(allowed_p)
-    assert sample_token(logits, top_p=1e-6).item() == logits.argmax().item()  # the most likely always survives
+    # the most likely always survives
+    assert sample_token(logits, top_p=1e-6).item() == logits.argmax().item()
 
 
 def test_sampling_follows_the_softmax_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]])
-    draws = sample_token(logits.expand(40000, -1), temperature=0.7, generator=torch.Generator().manual_seed(0))
+    draws = sample_token(logits.expand(40000, -1), temperature=0.7,
+                         generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=5).float() / draws.numel()
     torch.testing.assert_close(freq, (logits[0] / 0.7).softmax(-1), atol=0.01, rtol=0)
 
@@ -148,13 +153,14 @@ def test_gpt2_import_matches_transformers_logits_and_greedy(hf_gpt2):
         diff = (hf(idx).logits - ours(idx)).abs().max().item()
         print(f"max abs logit diff vs transformers: {diff:.2e}")
         assert diff < 1e-4
-        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
-                             pad_token_id=999, eos_token_id=None)
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20,
+                             do_sample=False, pad_token_id=999, eos_token_id=None)
     assert torch.equal(ours.generate(idx, 20, temperature=0.0), theirs)
 
 
 def hub_cache_with(folder, cache, repo="gpt2", revision="0123456789abcdef0123456789abcdef01234567"):
-    """Lay out `cache` as the Hugging Face hub client does: models--<repo>/snapshots/<rev>/<files>, refs/main."""
+    """Lay out `cache` as the Hugging Face hub client does: models--<repo>/snapshots/<rev>/<files>,
+    refs/main."""
     snapshot = cache / f"models--{repo}" / "snapshots" / revision
     snapshot.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
@@ -165,14 +171,18 @@ def hub_cache_with(folder, cache, repo="gpt2", revision="0123456789abcdef0123456
 
 
 def load_offline(name, cache):
-    """lib.checkpoints.load_model(name) in a fresh process with HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache."""
+    """lib.checkpoints.load_model(name) in a fresh process with
+    HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache."""
     code = (f"from lib.checkpoints import load_model; m, _ = load_model({name!r}); "
             "print(m.config.n_layer, m.config.n_embd, float(m.transformer.wte.weight.sum()))")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True)
 
 
-@pytest.mark.parametrize("repo", ["gpt2", "openai-community--gpt2"])  # the two names transformers users cache it under
+# the two names transformers users cache it under
+@pytest.mark.parametrize("repo", ["gpt2", "openai-community--gpt2"])
 def test_gpt2_name_loads_from_a_warm_hub_cache_offline(hf_gpt2, tmp_path, repo):
     hf, folder = hf_gpt2
     hub_cache_with(folder, tmp_path / "hub", repo)
@@ -180,7 +190,8 @@ def test_gpt2_name_loads_from_a_warm_hub_cache_offline(hf_gpt2, tmp_path, repo):
     assert run.returncode == 0, run.stderr
     n_layer, n_embd, wte_sum = run.stdout.split()
     assert (int(n_layer), int(n_embd)) == (2, 64)
-    assert abs(float(wte_sum) - hf.transformer.wte.weight.sum().item()) < 1e-3  # the cached weights, not fresh ones
+    # the cached weights, not fresh ones
+    assert abs(float(wte_sum) - hf.transformer.wte.weight.sum().item()) < 1e-3
 
 
 def test_offline_without_cached_copy_says_what_to_do(tmp_path):
