@@ -1,11 +1,13 @@
 """
-Several processes (torchrun + DistributedDataParallel), and token-weighted gradient accumulation. Without
-torchrun's environment every helper is a no-op or the identity, so a single-process run executes exactly
-what it would without this file. Plumbing: a reader of the algorithm may skip it; the stages call it in a line.
+Several processes (torchrun + DistributedDataParallel), and token-weighted gradient accumulation.
+Without torchrun's environment every helper is a no-op or the identity, so a single-process run
+executes exactly what it would without this file. Plumbing: a reader of the algorithm may skip it;
+the stages call it in a line.
 
-Rules every stage follows: the same seed and data order on every rank, each rank computes on its own share;
-DDP averages the gradients of the trained models in backward; statistics are all-reduced so all ranks see
-the same numbers; only rank 0 prints, logs, plots and writes files (its stdout is the job's).
+Rules every stage follows: the same seed and data order on every rank, each rank computes on its
+own share; DDP averages the gradients of the trained models in backward; statistics are all-reduced
+so all ranks see the same numbers; only rank 0 prints, logs, plots and writes files (its stdout is
+the job's).
 """
 import contextlib
 import os
@@ -20,8 +22,9 @@ from lib.training import check_finite
 
 def init_distributed(device="auto"):
     """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE in the environment):
-    NCCL when the ranks compute on GPUs, gloo on CPUs. Returns (rank, world_size); (0, 1) without torchrun.
-    A rank other than 0 prints nothing (its stdout goes to /dev/null; errors still reach stderr)."""
+    NCCL when the ranks compute on GPUs, gloo on CPUs. Returns (rank, world_size); (0, 1) without
+    torchrun. A rank other than 0 prints nothing (its stdout goes to /dev/null; errors still reach
+    stderr)."""
     if "RANK" in os.environ and not dist.is_initialized():
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if cuda:
@@ -55,8 +58,8 @@ def rank_tag():
 
 def wrap_ddp(module, device):
     """DDP around a trained module: in backward its gradients are averaged over the ranks (bucketed
-    all-reduces overlapping the backward pass); at construction rank 0's weights are copied to every rank.
-    Only a forward through the wrapper syncs. Without torchrun the module itself."""
+    all-reduces overlapping the backward pass); at construction rank 0's weights are copied to every
+    rank. Only a forward through the wrapper syncs. Without torchrun the module itself."""
     if not dist.is_initialized():
         return module
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -64,9 +67,10 @@ def wrap_ddp(module, device):
 
 @contextlib.contextmanager
 def no_sync(*modules, enabled=True):
-    """DDP's no_sync() for several modules: forward and backward inside it only accumulate gradients on this
-    rank; the next backward outside all-reduces the sum. Gradient accumulation uses it on every micro-step
-    but the last: one all-reduce per optimizer step instead of one per micro-step."""
+    """DDP's no_sync() for several modules: forward and backward inside it only accumulate
+    gradients on this rank; the next backward outside all-reduces the sum. Gradient accumulation
+    uses it on every micro-step but the last: one all-reduce per optimizer step instead of one per
+    micro-step."""
     with contextlib.ExitStack() as stack:
         for m in modules:
             if enabled and isinstance(m, DDP):
@@ -75,7 +79,8 @@ def no_sync(*modules, enabled=True):
 
 
 def shard(items):
-    """This rank's contiguous share of a list that is the same on every rank (all of it without torchrun)."""
+    """This rank's contiguous share of a list that is the same on every rank (all of it without
+    torchrun)."""
     r, n = get_rank(), get_world_size()
     return items[r * len(items) // n:(r + 1) * len(items) // n]
 
@@ -91,8 +96,10 @@ def all_reduce_sum(x):
 
 
 def mean_over_ranks(metrics):
-    """{name: float} -> the same names averaged over the ranks (every rank must pass the same names)."""
-    return dict(zip(metrics, [v / get_world_size() for v in all_reduce_sum(list(metrics.values()))]))
+    """{name: float} -> the same names averaged over the ranks (every rank must pass the same
+    names)."""
+    sums = all_reduce_sum(list(metrics.values()))
+    return dict(zip(metrics, [v / get_world_size() for v in sums]))
 
 
 def all_gather_cat(tensors):
@@ -102,19 +109,22 @@ def all_gather_cat(tensors):
         return local
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, None if local is None else local.cpu())
-    return torch.cat([p for p in parts if p is not None]).to(tensors[0].device if tensors else "cpu")
+    device = tensors[0].device if tensors else "cpu"
+    return torch.cat([p for p in parts if p is not None]).to(device)
 
 
 def global_masked_mean(x, mask=None):
-    """Mean of x over the entries where mask is 1, on every rank's x together: sum(x * mask) and sum(mask)
-    are all-reduced, so it equals the mean over the concatenated batch. mask None: every entry."""
+    """Mean of x over the entries where mask is 1, on every rank's x together: sum(x * mask) and
+    sum(mask) are all-reduced, so it equals the mean over the concatenated batch. mask None: every
+    entry."""
     mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
     total = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
     return total[0] / total[1].clamp(min=1)
 
 
 def global_masked_var(x, mask=None):
-    """Population variance over the masked entries of every rank's x (two all-reduces: mean, then spread)."""
+    """Population variance over the masked entries of every rank's x (two all-reduces: mean, then
+    spread)."""
     return global_masked_mean((x - global_masked_mean(x, mask)) ** 2, mask)
 
 
@@ -123,37 +133,42 @@ def global_masked_var(x, mask=None):
 
 
 def step_total(n_local):
-    """The items (tokens, prompts) of an optimizer step on every rank together, divided by world_size.
+    """The items (tokens, prompts) of an optimizer step on all ranks together, over world_size.
 
     A stage's loss is the mean over every item of an optimizer step, and a step may run as several
-    micro-batches (grad_accum, a memory knob) on several ranks (DDP). A micro-batch's own mean, over its n
-    items, must then enter the step weighted by its share of the step's N items, not averaged with the other
-    micro-batches' means (that would give the items of a small micro-batch more weight):
+    micro-batches (grad_accum, a memory knob) on several ranks (DDP). A micro-batch's own mean, over
+    its n items, must then enter the step weighted by its share of the step's N items, not averaged
+    with the other micro-batches' means (that would give the items of a small micro-batch more
+    weight):
 
         total = step_total(n_local)              # n_local: this rank's items in the step
         for j, micro in enumerate(micro_batches):
-            with no_sync(model, enabled=j < len(micro_batches) - 1):   # DDP: one all-reduce, after the last
+            # DDP: one all-reduce, after the last micro-batch
+            with no_sync(model, enabled=j < len(micro_batches) - 1):
                 (loss(micro) * n_micro / total).backward()
 
     DDP AVERAGES the ranks' gradients (their sum / world_size), hence total = N / world_size: rank r
-    contributes world_size * sum_r / N, and the average over ranks is sum / N, the mean over the whole global
-    step, the same gradient as one process running all of it. Without torchrun total = N = n_local."""
-    return max(all_reduce_sum(float(n_local)), 1.0) / get_world_size()  # (a step without items: no division by 0)
+    contributes world_size * sum_r / N, and the average over ranks is sum / N, the mean over the
+    whole global step, the same gradient as one process running all of it. Without torchrun
+    total = N = n_local. A step without items divides by 1, not 0."""
+    return max(all_reduce_sum(float(n_local)), 1.0) / get_world_size()
 
 
 def accumulate_gradients(loss_fn, micro_batches, counts, modules, step="?", what="the loss"):
-    """Forward and backward of one optimizer step run as micro-batches; returns the step's statistics.
+    """Forward and backward of one optimizer step run as micro-batches; returns the step's
+    statistics.
 
-    The step's data comes in parts, each with a loss that is a mean over its own items (SFT: the response
-    tokens; PPO: the rollouts' response tokens and, for PPO-ptx, the pretraining text's tokens).
-    counts[j] = {part: items of micro-batch j}. For each micro-batch, loss_fn(mb, share) -> (loss, stats),
-    where share[part] is the micro-batch's part of the step's items (step_total above: on all ranks, divided
-    by world_size), and the loss weights each part's mean by it. stats = {part: {name: mean over the
-    micro-batch's items}}. The gradient and every statistic are then those of the whole step on one process.
+    The step's data comes in parts, each with a loss that is a mean over its own items (SFT: the
+    response tokens; PPO: the rollouts' response tokens and, for PPO-ptx, the pretraining text's
+    tokens). counts[j] = {part: items of micro-batch j}. For each micro-batch,
+    loss_fn(mb, share) -> (loss, stats), where share[part] is the micro-batch's part of the step's
+    items (step_total above: on all ranks, divided by world_size), and the loss weights each part's
+    mean by it. stats = {part: {name: mean over the micro-batch's items}}. The gradient and every
+    statistic are then those of the whole step on one process.
 
-    DDP: modules (the trained, DDP-wrapped models) all-reduce once, in the last micro-batch's backward.
-    A loss that is NaN or inf stops the run before the optimizer can apply it (lib/training.py).
-    Returns {name: the step's mean over all ranks, "loss": the step's loss}."""
+    DDP: modules (the trained, DDP-wrapped models) all-reduce once, in the last micro-batch's
+    backward. A loss that is NaN or inf stops the run before the optimizer can apply it
+    (lib/training.py). Returns {name: the step's mean over all ranks, "loss": the step's loss}."""
     totals = {part: step_total(sum(c[part] for c in counts)) for part in counts[0]}
     sums = {"loss": 0.0}
     for j, (mb, count) in enumerate(zip(micro_batches, counts)):
