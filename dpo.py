@@ -321,7 +321,8 @@ def train(cfg):
         idx = shard(next(batches))  # DDP: this rank's share
         micro = [idx[i:i + micro_batch_size] for i in range(0, len(idx), micro_batch_size)]
         counts = [{"pairs": len(mb)} for mb in micro]
-        stats = accumulate_gradients(pairs_loss, micro, counts, modules=[model], step=step)
+        stats = accumulate_gradients(pairs_loss, micro, counts, modules=[model], step=step,
+                                     what="the DPO loss")
         # 2. AdamW step
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -248,3 +248,30 @@ def test_grad_checkpoint_and_grad_accum_give_the_same_update(tmp_path, monkeypat
     assert before["train_calls"] == 1
     passes = 2 if knob.get("grad_checkpoint") else 1
     assert after["train_calls"] == knob.get("grad_accum", 1) * passes
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_dpo_trains_in_bf16_on_the_cpu(tmp_path, monkeypatch, lora_rank):
+    """--dtype bfloat16 (the GPU path, here CPU autocast; with LoRA the frozen network is stored in
+    bf16): finite losses that differ from float32's by bf16 rounding only."""
+    data_dir, sft_path = preference_data(tmp_path)
+    runs = {dtype: run_dpo(monkeypatch, data_dir, sft_path, tmp_path / dtype, dtype=dtype,
+                           lora_rank=lora_rank, lr=1e-2, max_steps=4, eval_interval=4)
+            for dtype in ("bfloat16", "float32")}
+    bf16, fp32 = runs["bfloat16"][0], runs["float32"][0]
+    frozen = {p.dtype for p in runs["bfloat16"][1]["policy"].parameters() if not p.requires_grad}
+    assert frozen == ({torch.bfloat16} if lora_rank else set())
+    assert math.isfinite(bf16["val/loss"]) and bf16["val/loss"] != fp32["val/loss"]
+    assert bf16["val/loss"] == pytest.approx(fp32["val/loss"], rel=0.1, abs=0.05)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's own use of torch.jit
+def test_compile_on_the_cpu_gives_eager_losses(tmp_path, monkeypatch):
+    """torch.compile (inductor, C++ on the CPU) of the policy's training passes: the same losses as
+    eager, to float rounding."""
+    data_dir, sft_path = preference_data(tmp_path)
+    results = [run_dpo(monkeypatch, data_dir, sft_path, tmp_path / str(c), compile=c, max_steps=3,
+                       eval_interval=3)[0] for c in (True, False)]
+    rows = [[r for r in read_metrics(x["metrics_path"]) if r["step"] == 3][0] for x in results]
+    for key in ("loss", "val/loss"):
+        assert rows[0][key] == pytest.approx(rows[1][key], rel=1e-4), key
