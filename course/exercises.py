@@ -79,8 +79,7 @@ EXERCISES = [
         tests=("test_reward.py::test_last_token_index_any_padding_side",
                "test_reward.py::test_last_token_index_stays_on_the_masks_device",
                "test_reward.py::test_score_read_at_eos_whatever_the_padding",
-               "test_lib.py::test_score_sequences_reads_the_last_real_token_of_right_padding",
-               "test_ppo.py::test_score_read_at_eos_appended_when_missing")),
+               "test_lib.py::test_score_sequences_reads_the_last_real_token_of_right_padding")),
     Exercise(
         5, "kl_reward", "ppo.py", ("compute_rewards",),
         task="eq. (2): per-token -beta log(pi_RL / pi_SFT), the score on the last token",

@@ -8,10 +8,12 @@ passes.
     python course/grade.py --dir ../student gae whiten 8    # these (names or numbers)
 
 An exercise is "not started" while its function still raises NotImplementedError("exercise N:
-..."). Each runs in its own pytest process with a time limit (--timeout), so a student function
-that raises, returns the wrong shape or never returns fails its exercise and the grader goes on.
+...") (its tests are not run). The others run in a pytest process each, with a time limit
+(--timeout), so a student function that raises, returns the wrong shape or never returns fails its
+exercise and the grader goes on.
 """
 import argparse
+import ast
 import json
 import os
 import re
@@ -21,7 +23,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from exercises import EXERCISES, find
+from exercises import EXERCISES, find, function_body
 
 MARKER = ".course.json"  # written by make.py
 PYTEST = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not distributed", "--tb=short",
@@ -54,13 +56,23 @@ def locate_tests(folder, names):
 
 
 def first_error(output):
-    """The line that says why the first test failed: pytest's first `E   ` line, preferring one that
-    names an exception or an assertion."""
-    errors = [line[1:].strip() for line in output.splitlines() if line.startswith("E ")]
-    errors = [e for e in errors if e]
+    """Why the first test failed, in one line: pytest's first `E   ` line that names an exception
+    or an assertion (else its first), with the next two lines of the same block that explain it."""
+    lines = output.splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("E ") and line[1:].strip()]
     exception = r"(\w+\.)*\w+(Error|Exception|Exit|Interrupt)\b|assert "
-    named = [e for e in errors if re.match(exception, e)]
-    return (named or errors or [""])[0]
+    named = [i for i in errors if re.match(exception, lines[i][1:].strip())]
+    if not errors:
+        return ""
+    first = (named or errors)[0]
+    said = [lines[first][1:].strip()]
+    for line in lines[first + 1:first + 6]:
+        if not line.startswith("E ") or len(said) == 3:
+            break
+        text = line[1:].strip()
+        if text and not text.startswith(("+", "-", "?", "where ")):  # not pytest's explanations
+            said.append(text)
+    return " | ".join(said)
 
 
 def failed_test(output):
@@ -71,9 +83,31 @@ def failed_test(output):
     return match.group(1) if match else None
 
 
+def still_blank(exercise, folder):
+    """Whether every function of the exercise still raises make.py's NotImplementedError."""
+    try:
+        with open(os.path.join(folder, exercise.file)) as f:
+            source = f.read()
+        nodes = [function_body(source, qualname)[0] for qualname in exercise.functions]
+    except (OSError, SyntaxError, LookupError):
+        return False  # the tests will say what is wrong
+    return all(any(is_stub(s, exercise.number) for s in node.body) for node in nodes)
+
+
+def is_stub(statement, number):
+    """`raise NotImplementedError("exercise <number>: ...")`"""
+    call = statement.exc if isinstance(statement, ast.Raise) else None
+    if not (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "NotImplementedError"):
+        return False
+    message = getattr(call.args[0], "value", None) if call.args else None
+    return isinstance(message, str) and message.startswith(f"exercise {number}:")
+
+
 def grade(exercise, folder, timeout):
     """(status, seconds, one line) of one exercise in the student copy `folder`."""
     start = time.monotonic()
+    if still_blank(exercise, folder):
+        return "not started", time.monotonic() - start, ""
     tests, missing = locate_tests(folder, exercise.test_names)
     if missing:
         return "failed", 0.0, f"no test {', '.join(missing)} under {folder}/tests"
