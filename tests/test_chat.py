@@ -1,4 +1,5 @@
-"""sample.py --chat: the HH dialogue kept within the context, scripted sessions on stdin, clean exits."""
+"""sample.py --chat: the HH dialogue kept within the context, scripted sessions on
+stdin, clean exits."""
 import os
 import shutil
 import signal
@@ -31,12 +32,14 @@ def ckpts(tmp_path_factory):
     policy = save_checkpoint(str(tmp / "a" / "ckpt.pt"), GPT(SHAPE), RunConfig())
     os.makedirs(tmp / "b")
     shutil.copy(policy, tmp / "b" / "ckpt.pt")  # the same weights under another name
-    reward = save_checkpoint(str(tmp / "rm" / "ckpt.pt"), ScalarGPT(SHAPE), RunConfig(), reward_shift=0.0)
+    reward = save_checkpoint(str(tmp / "rm" / "ckpt.pt"), ScalarGPT(SHAPE), RunConfig(),
+                             reward_shift=0.0)
     return policy, str(tmp / "b" / "ckpt.pt"), reward
 
 
 def chat(stdin, *args):
-    return subprocess.run([sys.executable, "sample.py", "--chat", "--device", "cpu", "--max_new_tokens", "8", *args],
+    return subprocess.run([sys.executable, "sample.py", "--chat", "--device", "cpu",
+                           "--max_new_tokens", "8", *args],
                           cwd=REPO, input=stdin, capture_output=True, text=True,
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
 
@@ -53,10 +56,14 @@ def test_chat_prompt_drops_the_oldest_turns_to_fit():
         f"\n\nHuman: {h}\n\nAssistant:{a}" for h, a in turns) + "\n\nHuman: last one?\n\nAssistant:"
     ids, dropped = chat_prompt(enc, turns, "last one?", 40)
     assert 0 < dropped < len(turns) and len(ids) <= 40
-    assert ids == chat_prompt(enc, turns[dropped:], "last one?", 10 ** 6)[0]  # exactly the newest turns
-    assert len(chat_prompt(enc, turns[dropped - 1:], "last one?", 10 ** 6)[0]) > 40  # and as many as fit
-    ids, dropped = chat_prompt(enc, turns, "long " * 100, 20)  # a message too long on its own keeps its end
-    assert dropped == len(turns) and len(ids) == 20 and enc.decode(ids).endswith("long \n\nAssistant:")
+    # exactly the newest turns
+    assert ids == chat_prompt(enc, turns[dropped:], "last one?", 10 ** 6)[0]
+    # and as many as fit
+    assert len(chat_prompt(enc, turns[dropped - 1:], "last one?", 10 ** 6)[0]) > 40
+    # a message too long on its own keeps its end
+    ids, dropped = chat_prompt(enc, turns, "long " * 100, 20)
+    assert dropped == len(turns) and len(ids) == 20
+    assert enc.decode(ids).endswith("long \n\nAssistant:")
 
 
 def test_chat_session_from_stdin_with_reset_and_quit(ckpts):
@@ -67,7 +74,8 @@ def test_chat_session_from_stdin_with_reset_and_quit(ckpts):
 
 
 def test_long_conversation_drops_old_turns_once_and_ctrl_d_ends(ckpts):
-    out = chat("".join(f"message number {i} " + "blah " * 12 + "\n" for i in range(5)), "--init_from", ckpts[0])
+    out = chat("".join(f"message number {i} " + "blah " * 12 + "\n" for i in range(5)),
+               "--init_from", ckpts[0])
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert out.stdout.count("the oldest turns are dropped") == 1  # said once
     assert len(replies(out.stdout)) == 5
@@ -75,7 +83,8 @@ def test_long_conversation_drops_old_turns_once_and_ctrl_d_ends(ckpts):
 
 def test_two_models_answer_side_by_side_with_rewards(ckpts):
     a, b, rm = ckpts
-    out = chat("hi there\nand now?\n", "--init_from", f"{a},{b}", "--reward_ckpt", rm, "--temperature", "1.0")
+    out = chat("hi there\nand now?\n", "--init_from", f"{a},{b}", "--reward_ckpt", rm,
+               "--temperature", "1.0")
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if "Assistant [" in line]
     assert len(lines) == 4 and all("(reward " in line for line in lines)
@@ -86,9 +95,10 @@ def test_two_models_answer_side_by_side_with_rewards(ckpts):
 
 
 def test_ctrl_c_ends_cleanly(ckpts):
-    proc = subprocess.Popen([sys.executable, "sample.py", "--chat", "--device", "cpu", "--max_new_tokens", "8",
-                             "--init_from", ckpts[0]],
-                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "sample.py", "--chat", "--device", "cpu",
+                             "--max_new_tokens", "8", "--init_from", ckpts[0]],
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert "chat with" in proc.stdout.readline()  # the model is loaded and the conversation started
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

@@ -29,12 +29,14 @@ PRESETS = {"tiny": dict(n_layer=2, lr=5e-4), "other": dict(compile=True)}
 def test_defaults_then_preset_then_flags():
     assert parse_config(Config, PRESETS, []) == Config()
     cfg = parse_config(Config, PRESETS, ["--config", "tiny", "--lr", "2e-5"])
-    assert (cfg.n_layer, cfg.lr, cfg.preset) == (2, 2e-5, "tiny")  # preset sets n_layer, the flag wins on lr
+    # preset sets n_layer, the flag wins on lr
+    assert (cfg.n_layer, cfg.lr, cfg.preset) == (2, 2e-5, "tiny")
     cfg = parse_config(Config, PRESETS, ["--compile", "false", "--config", "other", "--top_k", "5"])
     assert cfg.compile is False and cfg.top_k == 5 and isinstance(cfg.top_k, int)
     assert parse_config(Config, PRESETS, ["--top_k", "none"]).top_k is None
     assert parse_config(Config, PRESETS, ["--n_layer", "8"]).n_layer == 8
-    assert parse_config(Config, PRESETS, ["--compile", "--n_layer", "8"]).compile is True  # a bare bool flag
+    # a bare bool flag
+    assert parse_config(Config, PRESETS, ["--compile", "--n_layer", "8"]).compile is True
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -52,7 +54,8 @@ def test_bad_flags_exit_with_the_valid_fields(argv, expected, capsys):
 
 @pytest.mark.parametrize("script", ["sft.py", "reward.py", "ppo.py", "sample.py"])
 def test_help_lists_every_field_with_its_meaning_and_default(script):
-    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     module = __import__(script[:-3])
     for field in dataclasses.fields(module.Config):
@@ -60,11 +63,13 @@ def test_help_lists_every_field_with_its_meaning_and_default(script):
     assert "--preset" not in out.stdout  # set by --config, not by a user
     assert "--config" in out.stdout and "(default: " in out.stdout
     if script == "sample.py":
-        assert "0 = greedy (default: 0.8)" in " ".join(out.stdout.split())  # the field's comment is its help
+        # the field's comment is its help
+        assert "0 = greedy (default: 0.8)" in " ".join(out.stdout.split())
 
 
 def test_printed_shape_is_the_loaded_models_not_the_configs(tmp_path, capsys):
-    """A model from a checkpoint has the checkpoint's shape: the printed config does not claim another."""
+    """A model from a checkpoint has the checkpoint's shape: the printed config does
+    not claim another."""
     shape = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
     path = save_checkpoint(str(tmp_path / "ckpt.pt"), GPT(shape), Config())
     cfg = Config(init_from=path)  # its n_layer 4 is the scratch shape, unused here
@@ -83,8 +88,10 @@ def test_model_size_presets_are_gpt2_shapes():
 
 
 def test_settings_that_cannot_work_end_with_one_message(tmp_path):
-    out = subprocess.run([sys.executable, "ppo.py", "--config", "tiny", "--batch_size", "10", "--minibatch_size", "4",
-                          "--sft_ckpt", "scratch", "--reward_ckpt", "scratch", "--out_dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, "ppo.py", "--config", "tiny", "--batch_size", "10",
+                          "--minibatch_size", "4", "--sft_ckpt", "scratch", "--reward_ckpt",
+                          "scratch", "--out_dir", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0
-    assert "error: batch_size must be a multiple of minibatch_size" in out.stderr and "Traceback" not in out.stderr
+    assert "error: batch_size must be a multiple of minibatch_size" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,4 +1,5 @@
-"""The library layer (lib/): the pieces every script shares, each against a reference written here."""
+"""The library layer (lib/): the pieces every script shares, each against a
+reference written here."""
 import contextlib
 
 import pytest
@@ -26,8 +27,8 @@ SHAPE = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)
 
 
 def test_spread_gives_every_category_of_a_sorted_file_its_share():
-    prompts = [f"helpful {i}" for i in range(30)] + [f"truthful {i}" for i in range(30)] + \
-              [f"harmless {i}" for i in range(30)]  # the lab's prompts_val.jsonl is sorted like this
+    # the lab's prompts_val.jsonl is sorted like this
+    prompts = [f"{c} {i}" for c in ("helpful", "truthful", "harmless") for i in range(30)]
     chosen = spread(prompts, 16)
     counts = {c: sum(p.startswith(c) for p in chosen) for c in ("helpful", "truthful", "harmless")}
     print(counts)
@@ -41,8 +42,8 @@ def test_step_total_in_one_process_is_the_count_and_never_zero():
 
 
 def test_step_total_on_two_ranks_is_the_items_of_both_over_the_world_size(monkeypatch):
-    """A stand-in second rank holding 5 items: step_total(3) is (3 + 5) / 2, the sum all-reduced as a
-    float; with no item on either rank it is 1 / 2 (never a division by 0)."""
+    """A stand-in second rank holding 5 items: step_total(3) is (3 + 5) / 2, the sum all-reduced as
+    a float; with no item on either rank it is 1 / 2 (never a division by 0)."""
     sent = []
     monkeypatch.setattr(lib.ddp, "get_world_size", lambda: 2)
     monkeypatch.setattr(lib.ddp, "all_reduce_sum", lambda x: sent.append(x) or x + 5.0)
@@ -53,7 +54,8 @@ def test_step_total_on_two_ranks_is_the_items_of_both_over_the_world_size(monkey
 
 
 def test_reward_model_token_budgets_are_reward_py_defaults():
-    """label.py and sample.py score with a reward model whose checkpoint may not record its budgets."""
+    """label.py and sample.py score with a reward model whose checkpoint may not
+    record its budgets."""
     assert RM_TOKEN_BUDGETS == {k: getattr(reward.Config, k) for k in RM_TOKEN_BUDGETS}
 
 
@@ -62,19 +64,22 @@ def test_score_texts_reads_each_text_alone_at_its_eos():
     torch.manual_seed(0)
     rm = ScalarGPT(SHAPE).eval()
     enc = get_tokenizer()
-    prompts, responses = ["Hi there", "A longer prompt, with more tokens in it"], [" hello", " a reply that runs on"]
+    prompts = ["Hi there", "A longer prompt, with more tokens in it"]
+    responses = [" hello", " a reply that runs on"]
     budgets = {"max_prompt_tokens": 8, "max_response_tokens": 3}
     ours = score_texts(rm, budgets, enc, prompts, responses, contextlib.nullcontext())
     for p, r, s in zip(prompts, responses, ours):
         seq = rm_tokens(enc, p, r, 8, 3)
         assert seq[-1] == EOS and len(seq) <= 8 + 3 + 1
-        ref = rm(torch.tensor([seq]))[0, -1].item()  # the head at the last token, no padding anywhere
+        # the head at the last token, no padding anywhere
+        ref = rm(torch.tensor([seq]))[0, -1].item()
         assert s == pytest.approx(ref, abs=1e-5)
 
 
 def test_sample_and_score_and_kl_match_the_models_read_by_hand():
-    """Sampled responses end at their first EOS; the score is the RM's at that EOS (or at an appended one);
-    sequence_kl is the sum over the response of log pi - log pi_ref from full forwards."""
+    """Sampled responses end at their first EOS; the score is the RM's at that EOS (or at
+    an appended one); sequence_kl is the sum over the response of log pi - log pi_ref
+    from full forwards."""
     torch.manual_seed(0)
     policy, ref_policy, rm = GPT(SHAPE).eval(), GPT(SHAPE).eval(), ScalarGPT(SHAPE).eval()
     with torch.no_grad():  # make EOS likely (about one token in seven), so some responses end early
@@ -82,7 +87,8 @@ def test_sample_and_score_and_kl_match_the_models_read_by_hand():
         policy.transformer.ln_f.bias.copy_(direction)
         policy.lm_head.weight[EOS] = direction * 9.0 / direction.norm() ** 2
     queries, query_mask = pad_left([[5, 6, 7], [8, 9], [10, 11, 12], [13]])
-    batch = sample_and_score(policy, queries, query_mask, 6, 1.0, torch.Generator().manual_seed(0), rm)
+    batch = sample_and_score(policy, queries, query_mask, 6, 1.0,
+                             torch.Generator().manual_seed(0), rm)
     kl = sequence_kl(policy, ref_policy, batch)
     P = queries.size(1)
     texts = decode_responses(get_tokenizer(), batch)
@@ -99,7 +105,8 @@ def test_sample_and_score_and_kl_match_the_models_read_by_hand():
         assert kl[i].item() == pytest.approx((lp - ref_lp).sum().item(), abs=1e-4)
         assert texts[i] == get_tokenizer().decode([t for t in response[:n] if t != EOS])
     print(f"has_eos {batch['has_eos'].tolist()}")
-    assert P == 3 and batch["has_eos"].any() and not batch["has_eos"].all(), "the case needs both kinds of response"
+    both = batch["has_eos"].any() and not batch["has_eos"].all()
+    assert P == 3 and both, "the case needs both kinds of response"
 
 
 def sample(max_new_tokens, temperature=1.0, seed=0, reward_model=None, reward_fn=None, policy=None):
@@ -113,8 +120,8 @@ def sample(max_new_tokens, temperature=1.0, seed=0, reward_model=None, reward_fn
 
 def test_samples_are_those_of_generate_at_the_given_temperature_with_the_given_generator():
     """The responses are policy.generate's at the temperature passed (0.7, not the default 1; the
-    default is 1) with EOS as the stop token and the generator passed in: the same seed gives the same
-    responses, another seed others."""
+    default is 1) with EOS as the stop token and the generator passed in: the same seed gives the
+    same responses, another seed others."""
     policy = ragged_policy()
     queries, query_mask = pad_left(PROMPTS)
     batch = sample(10, 0.7, seed=3, reward_fn=RewardRecorder(), policy=policy)
@@ -179,8 +186,9 @@ def test_reward_fn_gets_the_queries_their_mask_the_responses_and_the_response_ma
 
 
 def test_reward_model_scores_each_response_at_its_eos_appended_where_missing():
-    """Without reward_fn the score of a row is the reward model's output at the EOS ending prompt +
-    response, an EOS appended to the responses cut at max_new_tokens: one unpadded forward per row."""
+    """Without reward_fn the score of a row is the reward model's output at the EOS ending
+    prompt + response, an EOS appended to the responses cut at max_new_tokens: one unpadded
+    forward per row."""
     rm = scalar_model(seed=9)
     batch = sample(12, 1.0, seed=0, reward_model=rm)
     assert batch["has_eos"].any() and not batch["has_eos"].all()
@@ -212,4 +220,5 @@ def test_score_sequences_reads_the_last_real_token_of_right_padding():
     rm = ScalarGPT(SHAPE).eval()
     ids, mask = pad_right([[1, 2, 3, EOS], [4, 5, EOS]])
     scores = score_sequences(rm, ids, mask)
-    assert scores[1].item() == pytest.approx(rm(torch.tensor([[4, 5, EOS]]))[0, -1].item(), abs=1e-5)
+    alone = rm(torch.tensor([[4, 5, EOS]]))[0, -1].item()
+    assert scores[1].item() == pytest.approx(alone, abs=1e-5)

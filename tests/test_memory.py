@@ -1,5 +1,6 @@
-"""Memory savers in model.py against the plain computation: activation checkpointing of the transformer blocks
-(Transformer.grad_checkpoint) and the chunked output layer (chunked_token_logprobs, GPT(idx, targets=...))."""
+"""Memory savers in model.py against the plain computation: activation checkpointing of the
+transformer blocks (Transformer.grad_checkpoint) and the chunked output layer
+(chunked_token_logprobs, GPT(idx, targets=...))."""
 import pytest
 import torch
 
@@ -34,8 +35,9 @@ def count_checkpoint_calls(monkeypatch):
 
 
 def count_block_forwards(net):
-    """A list that gets one entry each time a transformer block starts its forward (recomputations included: a
-    pre-hook, since checkpoint stops a recomputation once it has the tensors backward needs)."""
+    """A list that gets one entry each time a transformer block starts its forward
+    (recomputations included: a pre-hook, since checkpoint stops a recomputation once it has the
+    tensors backward needs)."""
     runs = []
     for block in net.transformer.h:
         block.register_forward_pre_hook(lambda *_: runs.append(1))
@@ -55,7 +57,8 @@ def loss_and_grads(net, idx, mask, grad_checkpoint):
 
 
 @pytest.mark.parametrize("cls", [GPT, ScalarGPT])
-def test_grad_checkpoint_gives_the_same_loss_and_gradients_with_dropout_and_padding(cls, monkeypatch):
+def test_grad_checkpoint_gives_the_same_loss_and_gradients_with_dropout_and_padding(
+        cls, monkeypatch):
     torch.manual_seed(0)
     net = cls(DROPOUT).train()
     idx, mask = padded_batch(DROPOUT.vocab_size)
@@ -67,7 +70,8 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients_with_dropout_and_padd
     torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
-    # dropout was on: another seed gives another loss, so the equality above needed the same masks in the rerun
+    # dropout was on: another seed gives another loss, so the equality above needed the same masks
+    # in the rerun
     torch.manual_seed(7)
     assert not torch.allclose(net(idx, mask).float().sum(), loss_and_grads(net, idx, mask, True)[0])
 
@@ -87,10 +91,12 @@ def test_grad_checkpoint_is_skipped_in_eval_under_no_grad_and_with_a_kv_cache(mo
         plain = net(idx, mask)
         net.transformer.grad_checkpoint = False
         torch.manual_seed(1)
-        assert torch.equal(net(idx, mask), plain)  # training mode, no_grad: the same dropout, no checkpoint
+        # training mode, no_grad: the same dropout, no checkpoint
+        assert torch.equal(net(idx, mask), plain)
         net.transformer.grad_checkpoint = True
     C, nh = DROPOUT.n_embd, DROPOUT.n_head
-    kv_cache = [(torch.zeros(3, nh, 11, C // nh), torch.zeros(3, nh, 11, C // nh)) for _ in range(DROPOUT.n_layer)]
+    kv_cache = [(torch.zeros(3, nh, 11, C // nh), torch.zeros(3, nh, 11, C // nh))
+                for _ in range(DROPOUT.n_layer)]
     net.transformer(idx, mask, kv_cache)  # training mode, gradients on, but a cache to fill
     net.eval()
     greedy = net.generate(idx, 5, temperature=0.0, attention_mask=mask)
@@ -99,14 +105,16 @@ def test_grad_checkpoint_is_skipped_in_eval_under_no_grad_and_with_a_kv_cache(mo
     assert calls == []
 
 
-@pytest.mark.parametrize("shape, chunk", [((2, 7), 3), ((3, 5), 4), ((1, 1), 5), ((13,), 13), ((4, 9), 100)])
+@pytest.mark.parametrize("shape, chunk",
+                         [((2, 7), 3), ((3, 5), 4), ((1, 1), 5), ((13,), 13), ((4, 9), 100)])
 def test_chunked_token_logprobs_equal_the_whole_logits_in_values_and_gradients(shape, chunk):
     g = torch.Generator().manual_seed(sum(shape) + chunk)
     V, C, temperature = 41, 12, 0.7
     hidden = torch.randn(*shape, C, generator=g, requires_grad=True)  # (..., C)
     weight = torch.randn(V, C, generator=g, requires_grad=True)  # (V, C)
     tokens = torch.randint(0, V, shape, generator=g)  # (...)
-    upstream = torch.randn(shape, generator=g)  # a weight per position: gradients differ by position
+    # a weight per position: gradients differ by position
+    upstream = torch.randn(shape, generator=g)
 
     def run(fn):
         out = fn()
@@ -122,7 +130,8 @@ def test_chunked_token_logprobs_equal_the_whole_logits_in_values_and_gradients(s
     torch.testing.assert_close(dh, want_dh, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw, want_dw, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(chunked_token_logprobs(hidden, weight, tokens, temperature, chunk), want)
+        got = chunked_token_logprobs(hidden, weight, tokens, temperature, chunk)
+        torch.testing.assert_close(got, want)
 
 
 def test_chunked_token_logprobs_keep_no_more_than_a_chunk_of_logits_for_backward():
@@ -144,8 +153,10 @@ def test_chunked_token_logprobs_keep_no_more_than_a_chunk_of_logits_for_backward
             fn().sum().backward()
         return max(rows)
 
-    assert saved_logit_rows(lambda: token_logprobs(hidden @ weight.T, tokens)) == 20  # all of them: the reference
-    assert saved_logit_rows(lambda: chunked_token_logprobs(hidden, weight, tokens, chunk=chunk)) <= chunk
+    # all of them: the reference
+    assert saved_logit_rows(lambda: token_logprobs(hidden @ weight.T, tokens)) == 20
+    chunked = lambda: chunked_token_logprobs(hidden, weight, tokens, chunk=chunk)
+    assert saved_logit_rows(chunked) <= chunk
 
 
 def test_gpt_with_targets_returns_the_logprobs_of_its_logits_with_the_same_gradients():
@@ -162,8 +173,10 @@ def test_gpt_with_targets_returns_the_logprobs_of_its_logits_with_the_same_gradi
         net.zero_grad(set_to_none=True)
         return out.detach(), grads
 
-    want, want_grads = run(lambda: token_logprobs(net(idx, mask, start=start), targets, temperature))
-    got, grads = run(lambda: net(idx, mask, start=start, targets=targets, temperature=temperature, chunk=5))
+    want, want_grads = run(
+        lambda: token_logprobs(net(idx, mask, start=start), targets, temperature))
+    got, grads = run(lambda: net(idx, mask, start=start, targets=targets, temperature=temperature,
+                                 chunk=5))
     assert got.shape == targets.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name in grads:
@@ -171,16 +184,17 @@ def test_gpt_with_targets_returns_the_logprobs_of_its_logits_with_the_same_gradi
 
 
 def test_the_stages_flag_checkpoints_every_block_to_the_same_losses(tmp_path, monkeypatch):
-    """--grad_checkpoint true through sft.train: every block of every training step goes through checkpoint,
-    and the losses are those of a run without it (dropout on, same seed)."""
+    """--grad_checkpoint true through sft.train: every block of every training step goes through
+    checkpoint, and the losses are those of a run without it (dropout on, same seed)."""
     data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
     calls = []
     checkpoint = model_module.checkpoint
-    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    counting = lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    monkeypatch.setattr(model_module, "checkpoint", counting)
     runs = []
     for flag in (False, True):
-        runs.append(sft.train(sft_tiny_config(tmp_path / str(flag), data_dir, max_steps=4, eval_interval=4,
-                                              dropout=0.1, grad_checkpoint=flag)))
+        runs.append(sft.train(sft_tiny_config(tmp_path / str(flag), data_dir, max_steps=4,
+                                              eval_interval=4, dropout=0.1, grad_checkpoint=flag)))
         assert len(calls) == (4 * 2 if flag else 0)  # 4 steps x 2 blocks, only with the flag
     for key in ("train_loss", "val_loss"):
         assert runs[1][key] == pytest.approx(runs[0][key], rel=1e-5), key

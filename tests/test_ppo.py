@@ -1,5 +1,6 @@
-"""PPO (ppo.py): each piece of math against a reference written here, rollout/update consistency, learning
-on a programmatic reward, KL control, and train() end to end with checkpoint, plot and resume."""
+"""PPO (ppo.py): each piece of math against a reference written here, rollout/update
+consistency, learning on a programmatic reward, KL control, and train() end to end with
+checkpoint, plot and resume."""
 import copy
 import dataclasses
 import json
@@ -42,7 +43,7 @@ from lib.responses import (
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
 
-# ---------------------------------------------------------------------------------------------- math
+# --------------------------------------------------------------------------------------------- math
 
 def ragged_mask(lengths, T):
     return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()  # (B, T)
@@ -54,14 +55,16 @@ def test_gae_matches_naive_loop():
     mask = ragged_mask(lengths, T)
     rewards, values = torch.randn(4, T), torch.randn(4, T)  # garbage on padding on purpose
     advantages, returns = ppo.compute_gae(rewards, values, mask, gamma, lam)
-    for i, L in enumerate(lengths):  # A_t = sum_l (gamma lam)^l delta_{t+l}, V = 0 after the last token
+    # A_t = sum_l (gamma lam)^l delta_{t+l}, V = 0 after the last token
+    for i, L in enumerate(lengths):
         v = lambda t: values[i, t].item() if t < L else 0.0
         for t in range(L):
-            ref = sum((gamma * lam) ** l * (rewards[i, t + l].item() + gamma * v(t + l + 1) - v(t + l))
-                      for l in range(L - t))
+            delta = lambda s: rewards[i, s].item() + gamma * v(s + 1) - v(s)
+            ref = sum((gamma * lam) ** l * delta(t + l) for l in range(L - t))
             assert abs(advantages[i, t].item() - ref) < 1e-5, (i, t, advantages[i, t].item(), ref)
             assert abs(returns[i, t].item() - (ref + values[i, t].item())) < 1e-5
-        assert torch.all(advantages[i, L:] == 0) and torch.all(returns[i, L:] == 0), "padding must get nothing"
+        assert torch.all(advantages[i, L:] == 0) and torch.all(returns[i, L:] == 0), \
+            "padding must get nothing"
 
 
 def test_gae_of_one_token_responses_is_reward_minus_value():
@@ -90,14 +93,17 @@ def test_whiten_of_equal_values_is_zero_not_nan():
 
 
 def test_policy_loss_hand_computed_clipping():
-    # ratio = exp(logprobs - old): 1.5 (clipped to 1.2 for A > 0), 0.5 (clipped to 0.8 for A < 0), and the
-    # two cases where min() keeps the unclipped term, plus ratio 1.1 inside the range; the 6th is padding.
+    # ratio = exp(logprobs - old): 1.5 (clipped to 1.2 for A > 0), 0.5 (clipped to 0.8 for A < 0),
+    # and the two cases where min() keeps the unclipped term, plus ratio 1.1 inside the range; the
+    # 6th is padding.
     ratios = torch.tensor([[1.5, 0.5, 1.5, 0.5, 1.1, 3.0]])
     advantages = torch.tensor([[2.0, -1.0, -1.0, 3.0, 1.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
     old = torch.zeros(1, 6)
-    loss, clipfrac, approx_kl = ppo.ppo_policy_loss(ratios.log(), old, advantages, mask, cliprange=0.2)
-    # -min(r A, clip(r) A): 1.2 * 2 | 0.8 * -1 | 1.5 * -1 (unclipped is worse) | 0.5 * 3 (unclipped) | 1.1
+    loss, clipfrac, approx_kl = ppo.ppo_policy_loss(ratios.log(), old, advantages, mask,
+                                                    cliprange=0.2)
+    # -min(r A, clip(r) A): 1.2 * 2 | 0.8 * -1 | 1.5 * -1 (unclipped is worse)
+    #                       | 0.5 * 3 (unclipped) | 1.1
     objective = [1.2 * 2.0, 0.8 * -1.0, 1.5 * -1.0, 0.5 * 3.0, 1.1 * 1.0]
     assert abs(loss.item() - (-sum(objective) / 5)) < 1e-6
     assert abs(clipfrac.item() - 2 / 5) < 1e-6  # the first two are clipped
@@ -135,7 +141,8 @@ def test_value_loss_clips_as_specified():
     returns = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
     loss, clipfrac = ppo.ppo_value_loss(values, old, returns, mask, cliprange_value=0.2)
-    # clipped values 0.2, 0.1, -0.2; max of squared errors: (0.2-1)^2 > (0.5-1)^2 | both 0.81 | 1.5^2 > 1.2^2
+    # clipped values 0.2, 0.1, -0.2; max of squared errors:
+    # (0.2-1)^2 > (0.5-1)^2 | both 0.81 | 1.5^2 > 1.2^2
     expected = 0.5 * ((0.8 ** 2) + (0.9 ** 2) + (1.5 ** 2)) / 3
     assert abs(loss.item() - expected) < 1e-6
     assert abs(clipfrac.item() - 1 / 3) < 1e-6  # only the first uses the clipped value
@@ -143,9 +150,9 @@ def test_value_loss_clips_as_specified():
 
 def test_value_loss_clips_values_within_cliprange_of_nonzero_old_values_on_both_sides():
     """V_clip = V_old + clip(V - V_old, -0.2, 0.2) around old values that are not 0; the loss takes
-    the larger squared error. Entry 1 moved down too far and its clipped error is the larger, entry 5
-    moved up too far and likewise; entries 2 and 4 moved too far but the unclipped error is larger;
-    entry 3 moved within the range."""
+    the larger squared error. Entry 1 moved down too far and its clipped error is the larger,
+    entry 5 moved up too far and likewise; entries 2 and 4 moved too far but the unclipped error
+    is larger; entry 3 moved within the range."""
     old = torch.tensor([[1.0, -1.0, 2.0, 0.5, 0.5]])
     values = torch.tensor([[0.5, -0.3, 2.1, 1.5, 1.0]])
     returns = torch.tensor([[0.0, -2.0, 5.0, 0.0, 3.0]])
@@ -198,7 +205,8 @@ def test_response_mask_keeps_first_eos_and_nothing_after():
 
 
 def test_entropy_sample_estimate_matches_exact_entropy():
-    # rollout() logs the entropy as the mean of -log pi(y) over sampled tokens; check it estimates the exact one
+    # rollout() logs the entropy as the mean of -log pi(y) over sampled tokens; check it estimates
+    # the exact one
     torch.manual_seed(0)
     logits = torch.randn(4, 8, 5) * 2
     probs = torch.softmax(logits / 0.7, -1)
@@ -208,7 +216,7 @@ def test_entropy_sample_estimate_matches_exact_entropy():
     assert (estimate - exact.view(-1)).abs().max() < 0.1
 
 
-# ---------------------------------------------------------------------------------------------- models
+# ------------------------------------------------------------------------------------------- models
 
 def test_policy_logprobs_match_full_forward_token_logprobs():
     torch.manual_seed(0)
@@ -225,11 +233,13 @@ def test_policy_logprobs_match_full_forward_token_logprobs():
 def test_score_read_at_eos_appended_when_missing():
     torch.manual_seed(0)
     rm = ScalarGPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))
-    ids = torch.tensor([[EOS, 7, 8, 9, EOS, EOS], [5, 6, 7, 1, 2, 3]])  # row 0: left pad, EOS; row 1: no EOS
+    # row 0: left pad, EOS; row 1: no EOS
+    ids = torch.tensor([[EOS, 7, 8, 9, EOS, EOS], [5, 6, 7, 1, 2, 3]])
     attention_mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
     scores = ppo.score_responses(rm, ids, attention_mask, has_eos=torch.tensor([True, False]))
     s0 = score_sequences(rm, torch.tensor([[7, 8, 9, EOS]]), torch.ones(1, 4, dtype=torch.long))
-    s1 = score_sequences(rm, torch.tensor([[5, 6, 7, 1, 2, 3, EOS]]), torch.ones(1, 7, dtype=torch.long))
+    s1 = score_sequences(rm, torch.tensor([[5, 6, 7, 1, 2, 3, EOS]]),
+                         torch.ones(1, 7, dtype=torch.long))
     torch.testing.assert_close(scores, torch.cat([s0, s1]), atol=1e-5, rtol=0)
 
 
@@ -240,18 +250,20 @@ def letters():
 
 @pytest.fixture(scope="session")
 def letters_policy(tmp_path_factory):
-    """A tiny 'SFT' policy: after any fixture prompt it writes 1-10 random letters from a, b, c, d then
-    EOS. Trained here in a few seconds so a programmatic reward has signal at initialisation (a random
-    GPT spreads its samples over all 50257 tokens), and so rollouts mix early EOS with none."""
+    """A tiny 'SFT' policy: after any fixture prompt it writes 1-10 random letters from
+    a, b, c, d then EOS. Trained here in a few seconds so a programmatic reward has signal at
+    initialisation (a random GPT spreads its samples over all 50257 tokens), and so rollouts mix
+    early EOS with none."""
     enc = get_tokenizer()
     prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], PPO_TINY["max_prompt_tokens"])
                for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))]
     torch.manual_seed(0)
-    policy = GPT(GPTConfig(n_layer=PPO_TINY["n_layer"], n_head=PPO_TINY["n_head"], n_embd=PPO_TINY["n_embd"],
-                           block_size=PPO_TINY["block_size"]))
+    policy = GPT(GPTConfig(n_layer=PPO_TINY["n_layer"], n_head=PPO_TINY["n_head"],
+                           n_embd=PPO_TINY["n_embd"], block_size=PPO_TINY["block_size"]))
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     ids_letters = torch.tensor(letters())
-    R = 11  # a response is at most 10 letters + EOS; left padding puts every response at the end of its row
+    # a response is at most 10 letters + EOS; left padding puts every response at the end of its row
+    R = 11
     for step in range(60):
         rows, n_resp = [], []
         for i in torch.randint(len(prompts), (16,)).tolist():
@@ -277,7 +289,8 @@ def count_a(queries, query_mask, responses, response_mask):
 
 
 def test_rollout_logprobs_are_what_the_update_recomputes(letters_policy):
-    """ratio == 1 on the first minibatch: left-padded prompts, temperature != 1, early EOS in the batch."""
+    """ratio == 1 on the first minibatch: left-padded prompts, temperature != 1, early EOS
+    in the batch."""
     cfg = ppo.Config(**{**PPO_TINY, "temperature": 0.7, "max_new_tokens": 8, "minibatch_size": 4})
     policy, _ = load_model(letters_policy, "gpt")
     ref_policy = copy.deepcopy(policy)
@@ -288,15 +301,17 @@ def test_rollout_logprobs_are_what_the_update_recomputes(letters_policy):
                for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
     assert len({len(p) for p in prompts}) > 1, "need left padding"
-    batch, _ = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, 0.1, reward_fn=count_a,
-                           generator=torch.Generator().manual_seed(0))
+    batch, _ = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, 0.1,
+                           reward_fn=count_a, generator=torch.Generator().manual_seed(0))
     lengths = batch["response_mask"].sum(1)
     print(f"response lengths {lengths.tolist()} of {batch['responses'].size(1)}")
-    assert (lengths < batch["responses"].size(1)).any() and batch["has_eos"].any() and not batch["has_eos"].all()
+    assert (lengths < batch["responses"].size(1)).any()
+    assert batch["has_eos"].any() and not batch["has_eos"].all()
     assert torch.all(batch["kl"] == 0), "policy == ref: zero KL"
     for idx in (torch.tensor([5, 0, 3, 6]), torch.arange(8)):
         mb = ppo.minibatch(batch, idx)
-        logprobs = ppo.policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"], cfg.temperature)
+        logprobs = ppo.policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"],
+                                       cfg.temperature)
         ratio = torch.exp(logprobs - mb["logprobs"])[mb["response_mask"]]
         print(f"max |ratio - 1| = {(ratio - 1).abs().max().item():.2e}")
         assert (ratio - 1).abs().max() < 1e-5
@@ -318,11 +333,12 @@ class GradRecorder:
 
 @pytest.mark.parametrize("ptx_coef", [0.0, 0.5])
 def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters_policy, ptx_coef):
-    """One minibatch of 8 ragged responses (and a ptx batch of 4 texts of unequal length) in 1, 2 or 4
-    micro-batches: the same gradient for policy and critic. Averaging the micro-batches' own token means
-    would weigh the tokens of short responses more (it did before: relative error 0.49 here with 2)."""
-    cfg = ppo.Config(**{**PPO_TINY, "max_new_tokens": 8, "batch_size": 8, "minibatch_size": 8, "noptepochs": 1,
-                        "grad_clip": 0.0, "ptx_coef": ptx_coef})
+    """One minibatch of 8 ragged responses (and a ptx batch of 4 texts of unequal length) in 1, 2
+    or 4 micro-batches: the same gradient for policy and critic. Averaging the micro-batches' own
+    token means would weigh the tokens of short responses more (it did before: relative error 0.49
+    here with 2)."""
+    cfg = ppo.Config(**{**PPO_TINY, "max_new_tokens": 8, "batch_size": 8, "minibatch_size": 8,
+                        "noptepochs": 1, "grad_clip": 0.0, "ptx_coef": ptx_coef})
     policy, _ = load_model(letters_policy, "gpt")
     torch.manual_seed(0)
     critic = ScalarGPT(policy.config)
@@ -330,8 +346,8 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters
     prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
                for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
-    batch, _ = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask, cfg, 0.1,
-                           reward_fn=count_a, generator=torch.Generator().manual_seed(0))
+    batch, _ = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask, cfg,
+                           0.1, reward_fn=count_a, generator=torch.Generator().manual_seed(0))
     lengths = batch["response_mask"].sum(1).tolist()
     print(f"response lengths {lengths}")
     assert len(set(lengths)) >= 3, "the test needs responses of unequal length"
@@ -340,27 +356,30 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters
     for accumulation in (1, 2, 4):
         p, c = copy.deepcopy(policy), copy.deepcopy(critic)
         recorder = GradRecorder(list(p.parameters()) + list(c.parameters()))
-        stats = ppo.ppo_update(p, c, recorder, batch, dataclasses.replace(cfg, grad_accum=accumulation),
-                               iter([ptx]), torch.Generator().manual_seed(0))
+        stats = ppo.ppo_update(p, c, recorder, batch,
+                               dataclasses.replace(cfg, grad_accum=accumulation), iter([ptx]),
+                               torch.Generator().manual_seed(0))
         assert len(recorder.grads) == 1
         results[accumulation] = recorder.grads[0], stats
     grads1, stats1 = results[1]
     assert ("ptx_loss" in stats1) == (ptx_coef > 0)
     for accumulation in (2, 4):
         grads, stats = results[accumulation]
-        error = max(((g - g1).norm() / g1.norm()).item() for g, g1 in zip(grads, grads1) if g1 is not None)
+        error = max(((g - g1).norm() / g1.norm()).item()
+                    for g, g1 in zip(grads, grads1) if g1 is not None)
         print(f"accumulation {accumulation}: max relative gradient error {error:.2e}")
         assert error < 1e-5
         assert all((g is None) == (g1 is None) for g, g1 in zip(grads, grads1))
-        # the logged statistics are token-weighted too (pg_loss is ~0 here: whitened advantages, ratio 1)
-        assert stats.keys() == stats1.keys() and all(stats[k] == pytest.approx(stats1[k], rel=1e-5, abs=1e-6)
-                                                     for k in stats)
+        # the logged statistics are token-weighted too (pg_loss is ~0 here: whitened
+        # advantages, ratio 1)
+        assert stats.keys() == stats1.keys()
+        assert all(stats[k] == pytest.approx(stats1[k], rel=1e-5, abs=1e-6) for k in stats)
 
 
 def run_letters(tmp_path, letters_policy, kl_coef, iters):
-    cfg = ppo_tiny_config(tmp_path, sft_ckpt=letters_policy, iters=iters, batch_size=16, minibatch_size=8,
-                          noptepochs=4, lr=3e-3, kl_coef=kl_coef, eval_interval=iters, sample_every=iters,
-                          warmup_iters=1)
+    cfg = ppo_tiny_config(tmp_path, sft_ckpt=letters_policy, iters=iters, batch_size=16,
+                          minibatch_size=8, noptepochs=4, lr=3e-3, kl_coef=kl_coef,
+                          eval_interval=iters, sample_every=iters, warmup_iters=1)
     result = ppo.train(cfg, reward_fn=count_a)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
     return [r for r in rows if r["step"] > 0], result  # step 0 is the evaluation before training
@@ -378,41 +397,47 @@ def test_ppo_raises_a_programmatic_reward_and_kl_coef_holds_it_back(tmp_path, le
     assert rows_kl[-1]["kl"] < 0.25 * rows[-1]["kl"] and last_kl < last - 0.5
 
 
-# ---------------------------------------------------------------------------------------------- train()
+# ------------------------------------------------------------------------------------------ train()
 
 def test_train_writes_metrics_plot_and_checkpoint(tmp_path):
     cfg = ppo_tiny_config(tmp_path, ptx_coef=0.5, ptx_batch_size=4, missing_eos_penalty=1.0)
     result = ppo.train(cfg)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    for key in ("score", "reward", "kl", "kl_coef", "entropy", "pg_loss", "vf_loss", "approx_kl", "pg_clipfrac",
-                "vf_clipfrac", "explained_var", "resp_len", "eos_frac", "lr", "t_iter", "t_generate",
-                "t_update", "eval_score", "eval_kl", "ptx_loss"):
+    for key in ("score", "reward", "kl", "kl_coef", "entropy", "pg_loss", "vf_loss", "approx_kl",
+                "pg_clipfrac", "vf_clipfrac", "explained_var", "resp_len", "eos_frac", "lr",
+                "t_iter", "t_generate", "t_update", "eval_score", "eval_kl", "ptx_loss"):
         assert key in rows[-1], key
     assert os.path.getsize(result["png_path"]) > 0
     policy, ckpt = load_model(result["ckpt_path"], "gpt")  # loadable by sample.py as a plain GPT
-    assert ckpt["kind"] == "gpt" and ckpt["iteration"] == 2 and "critic" in ckpt and "optimizer" in ckpt
+    assert ckpt["kind"] == "gpt" and ckpt["iteration"] == 2
+    assert "critic" in ckpt and "optimizer" in ckpt
     # resume: test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model
 
 
 def test_train_adaptive_kl_on_shared_hh(tmp_path, hh_prepared):
-    cfg = ppo_tiny_config(tmp_path, data_dir=hh_prepared, iters=2, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+    cfg = ppo_tiny_config(tmp_path, data_dir=hh_prepared, iters=2, adaptive_kl=True, kl_target=0.01,
+                          kl_horizon=100)
     result = ppo.train(cfg)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
-    assert len(rows) == 3 and os.path.exists(result["ckpt_path"]) and os.path.exists(result["png_path"])
+    assert len(rows) == 3
+    assert os.path.exists(result["ckpt_path"]) and os.path.exists(result["png_path"])
     assert rows[2]["kl_coef"] != rows[1]["kl_coef"], "adaptive controller should move kl_coef"
 
 
 def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_path, monkeypatch):
-    """4 iterations == 2 + 2 resumed, bit for bit: PPO-ptx on (its batches are a function of the iteration, like
-    the prompts), a "scratch" reward model (built from its own seed, so the resumed run scores against the same
-    one), accumulation and the adaptive KL controller. The crash comes inside iteration 4, after the metrics of
-    iteration 3 were logged but before the next checkpoint: the resumed run drops that row and redoes it."""
+    """4 iterations == 2 + 2 resumed, bit for bit: PPO-ptx on (its batches are a function of the
+    iteration, like the prompts), a "scratch" reward model (built from its own seed, so the resumed
+    run scores against the same one), accumulation and the adaptive KL controller. The crash comes
+    inside iteration 4, after the metrics of iteration 3 were logged but before the next checkpoint:
+    the resumed run drops that row and redoes it."""
     corpus = tmp_path / "corpus.jsonl"  # --ptx_file: pretraining text without prompts
-    corpus.write_text("".join(json.dumps({"prompt": "", "response": f"Text number {i} says{' more' * i}."}) + "\n"
+    corpus.write_text("".join(json.dumps({"prompt": "",
+                                          "response": f"Text number {i} says{' more' * i}."}) + "\n"
                               for i in range(7)))
     kw = dict(iters=4, eval_interval=2, batch_size=4, minibatch_size=2, noptepochs=1, grad_accum=2,
-              ptx_coef=0.5, ptx_batch_size=4, ptx_file=str(corpus), adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+              ptx_coef=0.5, ptx_batch_size=4, ptx_file=str(corpus), adaptive_kl=True,
+              kl_target=0.01, kl_horizon=100)
     full = ppo.train(ppo_tiny_config(tmp_path / "full", **kw))
 
     prompt_batch = ppo.prompt_batch
@@ -426,7 +451,8 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
         m.setattr(ppo, "prompt_batch", crash_in_iteration_4)
         with pytest.raises(RuntimeError, match="simulated crash"):
             ppo.train(cfg)
-    assert [json.loads(line)["step"] for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))] == [0, 1, 2, 3]
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    assert [json.loads(line)["step"] for line in open(metrics)] == [0, 1, 2, 3]
     resumed = ppo.train(dataclasses.replace(cfg, resume=True))
 
     untimed = lambda path: [{k: v for k, v in json.loads(line).items() if not k.startswith("t_")}
@@ -434,7 +460,8 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
     rows = untimed(resumed["metrics_path"])
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and "ptx_loss" in rows[-1]
     assert rows == untimed(full["metrics_path"])  # scores, losses, ptx_loss, kl_coef: equal floats
-    a, b = torch.load(full["ckpt_path"], weights_only=True), torch.load(resumed["ckpt_path"], weights_only=True)
+    a = torch.load(full["ckpt_path"], weights_only=True)
+    b = torch.load(resumed["ckpt_path"], weights_only=True)
     assert a["iteration"] == b["iteration"] == 4 and a["kl_coef"] == b["kl_coef"]
     for part in ("model", "critic"):  # policy and critic weights, bit for bit
         for name in a[part]:
@@ -446,15 +473,17 @@ def test_resume_after_a_crash_is_exact_with_ptx_and_a_scratch_reward_model(tmp_p
 def test_temperature_zero_and_missing_ptx_file_are_refused_with_a_message(tmp_path):
     with pytest.raises(UsageError, match="temperature must be > 0"):
         ppo.train(ppo_tiny_config(tmp_path, temperature=0.0))
-    with pytest.raises(SystemExit, match=r"pretraining text \(ptx\) file .*nowhere.jsonl not found"):
+    with pytest.raises(SystemExit,
+                       match=r"pretraining text \(ptx\) file .*nowhere.jsonl not found"):
         ppo.train(ppo_tiny_config(tmp_path, ptx_coef=1.0, ptx_file=str(tmp_path / "nowhere.jsonl")))
 
 
-# -------------------------------------------------------------------------------- values against references
+# ------------------------------------------------------------------------ values against references
 
 def test_missing_eos_penalty_lowers_exactly_the_scores_without_eos(letters_policy):
-    """Same generator seed with penalty 0 and 0.75: the same rollout responses; those without EOS score exactly
-    0.75 less, those with EOS the same (both through a reward model and through a reward_fn)."""
+    """Same generator seed with penalty 0 and 0.75: the same rollout responses; those without
+    EOS score exactly 0.75 less, those with EOS the same (both through a reward model and
+    through a reward_fn)."""
     policy, _ = load_model(letters_policy, "gpt")
     torch.manual_seed(0)
     rm = ScalarGPT(policy.config).eval()
@@ -467,23 +496,28 @@ def test_missing_eos_penalty_lowers_exactly_the_scores_without_eos(letters_polic
         runs = {}
         for penalty in (0.0, 0.75):
             cfg = ppo.Config(**{**PPO_TINY, "max_new_tokens": 6, "missing_eos_penalty": penalty})
-            runs[penalty], _ = ppo.rollout(policy, policy, rm, reward_model, queries, query_mask, cfg, 0.1, reward_fn,
-                                           torch.Generator().manual_seed(3))
+            runs[penalty], _ = ppo.rollout(policy, policy, rm, reward_model, queries, query_mask,
+                                           cfg, 0.1, reward_fn, torch.Generator().manual_seed(3))
         base, penalised = runs[0.0], runs[0.75]
-        assert torch.equal(base["ids"], penalised["ids"]), "the same seed must sample the same responses"
+        assert torch.equal(base["ids"], penalised["ids"]), \
+            "the same seed must sample the same responses"
         has_eos = base["has_eos"]
-        print(f"has_eos {has_eos.tolist()} scores {base['scores'].tolist()} -> {penalised['scores'].tolist()}")
+        print(f"has_eos {has_eos.tolist()} "
+              f"scores {base['scores'].tolist()} -> {penalised['scores'].tolist()}")
         assert has_eos.any() and not has_eos.all(), "the test needs responses with and without EOS"
-        expected = [s - (0.0 if e else 0.75) for s, e in zip(base["scores"].tolist(), has_eos.tolist())]
+        expected = [s - (0.0 if e else 0.75)
+                    for s, e in zip(base["scores"].tolist(), has_eos.tolist())]
         assert penalised["scores"].tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_lm_loss_is_the_token_mean_nll_of_each_text_alone():
-    """PPO-ptx loss on right-padded texts of unequal length == total next-token NLL over all real tokens / their
-    number, each text scored alone (no padding, no mask) with a per-token loop over log_softmax."""
+    """PPO-ptx loss on right-padded texts of unequal length == total next-token NLL over all
+    real tokens / their number, each text scored alone (no padding, no mask) with a per-token
+    loop over log_softmax."""
     torch.manual_seed(0)
     policy = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
-    texts = [[11, 12, 13, 14, 15, 16, 17, 18, 19, 20, EOS], [30, 31, 32, EOS], [40, 41, 42, 43, 44, 45]]
+    texts = [[11, 12, 13, 14, 15, 16, 17, 18, 19, 20, EOS], [30, 31, 32, EOS],
+             [40, 41, 42, 43, 44, 45]]
     ids, attention_mask = pad_right(texts)  # padded with EOS: the pad token is a real token's id
     with torch.no_grad():
         ours = ppo.lm_loss(policy, ids, attention_mask).item()
@@ -506,7 +540,8 @@ def test_lm_loss_is_the_token_mean_nll_of_each_text_alone():
 
 
 def test_explained_variance_matches_numpy_on_the_masked_entries():
-    """1 - Var[returns - values] / Var[returns] over the real response tokens only (population variances)."""
+    """1 - Var[returns - values] / Var[returns] over the real response tokens
+    only (population variances)."""
     np = pytest.importorskip("numpy")
     torch.manual_seed(0)
     mask = ragged_mask([6, 2, 4, 1], 6)
@@ -518,7 +553,8 @@ def test_explained_variance_matches_numpy_on_the_masked_entries():
     reference = 1 - np.var(r - v) / np.var(r)  # numpy's var: population variance (ddof 0)
     print(f"explained variance ours {ours:.6f} numpy {reference:.6f}")
     assert ours == pytest.approx(reference, abs=1e-5)
-    assert ppo.explained_variance(returns, returns, mask).item() == pytest.approx(1.0)  # a perfect critic
+    # a perfect critic
+    assert ppo.explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
 
 
 def test_explained_variance_of_returns_with_small_variance_matches_numpy():
@@ -535,8 +571,9 @@ def test_explained_variance_of_returns_with_small_variance_matches_numpy():
 
 
 def test_rollout_entropy_is_the_masked_mean_of_minus_logprobs_of_a_full_forward(letters_policy):
-    """stats["entropy"] == mean over response tokens (up to and including the first EOS) of -log pi(y_t), with
-    log pi from one full forward of the policy on the rollout's ids, logits divided by the temperature."""
+    """stats["entropy"] == mean over response tokens (up to and including the first EOS) of -log
+    pi(y_t), with log pi from one full forward of the policy on the rollout's ids, logits divided
+    by the temperature."""
     cfg = ppo.Config(**{**PPO_TINY, "temperature": 0.7, "max_new_tokens": 8})
     policy, _ = load_model(letters_policy, "gpt")
     torch.manual_seed(0)
@@ -545,8 +582,9 @@ def test_rollout_entropy_is_the_masked_mean_of_minus_logprobs_of_a_full_forward(
     prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
                for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
-    batch, stats = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask, cfg, 0.1,
-                               reward_fn=count_a, generator=torch.Generator().manual_seed(0))
+    batch, stats = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask,
+                               cfg, 0.1, reward_fn=count_a,
+                               generator=torch.Generator().manual_seed(0))
     ids, P = batch["ids"], queries.size(1)
     assert not batch["response_mask"].all(), "the test needs padding after an early EOS"
     total, count = 0.0, 0
@@ -554,54 +592,65 @@ def test_rollout_entropy_is_the_masked_mean_of_minus_logprobs_of_a_full_forward(
         for i in range(ids.size(0)):
             real = ids[i, :P][query_mask[i].bool()].tolist()  # the prompt without its left padding
             response = ids[i, P:].tolist()
-            n = response.index(EOS) + 1 if EOS in response else len(response)  # up to and including the EOS
+            # up to and including the EOS
+            n = response.index(EOS) + 1 if EOS in response else len(response)
             seq = torch.tensor([real + response[:n]])
             logp = torch.log_softmax(policy(seq)[0].double() / cfg.temperature, -1)  # (T, V)
             for t in range(len(real), len(real) + n):
                 total -= logp[t - 1, seq[0, t]].item()
                 count += 1
-    print(f"entropy logged {stats['entropy']:.6f} reference {total / count:.6f} over {count} tokens")
+    print(f"entropy logged {stats['entropy']:.6f} reference {total / count:.6f} "
+          f"over {count} tokens")
     assert count == int(batch["response_mask"].sum())
     assert stats["entropy"] == pytest.approx(total / count, abs=1e-5)
 
 
 def test_train_adaptive_kl_coef_follows_the_controller_each_iteration(tmp_path, monkeypatch):
-    """Inside train(): row k's kl_coef is the coefficient of iteration k, and the next row's (the checkpoint's
-    after the last) is adaptive_kl_coef(that coef, row k's kl, target, horizon, batch_size). A target far above
-    the measured KL lowers the coefficient every iteration; one far below raises it every iteration. For the
-    second, the rollouts measure the KL to a reference far from the policy (a GPT with large logits, patched
-    into rollout()): the KL of a policy that starts AS its reference is 0, then sampling noise of either sign."""
+    """Inside train(): row k's kl_coef is the coefficient of iteration k, and the next row's (the
+    checkpoint's after the last) is adaptive_kl_coef(that coef, row k's kl, target, horizon,
+    batch_size). A target far above the measured KL lowers the coefficient every iteration; one far
+    below raises it every iteration. For the second, the rollouts measure the KL to a reference far
+    from the policy (a GPT with large logits, patched into rollout()): the KL of a policy that
+    starts AS its reference is 0, then sampling noise of either sign."""
     def run(name, target):
-        cfg = ppo_tiny_config(tmp_path / name, iters=3, adaptive_kl=True, kl_target=target, kl_horizon=40,
-                              kl_coef=0.05, eval_interval=3, sample_every=100)
+        cfg = ppo_tiny_config(tmp_path / name, iters=3, adaptive_kl=True, kl_target=target,
+                              kl_horizon=40, kl_coef=0.05, eval_interval=3, sample_every=100)
         result = ppo.train(cfg)
-        rows = [json.loads(line) for line in open(result["metrics_path"])][1:]  # step 0: the evaluation
+        # step 0: the evaluation
+        rows = [json.loads(line) for line in open(result["metrics_path"])][1:]
         assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["kl_coef"] == 0.05
-        coefs = [r["kl_coef"] for r in rows] + [torch.load(result["ckpt_path"], weights_only=True)["kl_coef"]]
+        last = torch.load(result["ckpt_path"], weights_only=True)["kl_coef"]
+        coefs = [r["kl_coef"] for r in rows] + [last]
         for k, row in enumerate(rows):
             expected = ppo.adaptive_kl_coef(row["kl_coef"], row["kl"], target, 40, cfg.batch_size)
             assert coefs[k + 1] == pytest.approx(expected, rel=1e-12), (k, rows)
         print(f"target {target}: kl_coef {coefs} kl {[r['kl'] for r in rows]}")
         return coefs, [r["kl"] for r in rows]
 
-    coefs, kls = run("above", 1e3)  # the KL of a tiny scratch policy after 3 iterations: well below 1e3 / 1.2
+    # the KL of a tiny scratch policy after 3 iterations: well below 1e3 / 1.2
+    coefs, kls = run("above", 1e3)
     assert all(kl < 1e3 / 1.2 for kl in kls)
-    assert coefs == pytest.approx([0.05 * (1 - 0.2 * 8 / 40) ** k for k in range(4)]), "clipped error -0.2, 8 / 40"
+    assert coefs == pytest.approx([0.05 * (1 - 0.2 * 8 / 40) ** k for k in range(4)]), \
+        "clipped error -0.2, 8 / 40"
 
     torch.manual_seed(0)
-    far = GPT(GPTConfig(**{k: PPO_TINY[k] for k in ("n_layer", "n_head", "n_embd", "block_size")})).eval()
-    torch.nn.init.normal_(far.transformer.wte.weight, std=1.0)  # (tied lm_head) logits of std ~5: peaked
+    far = GPT(GPTConfig(**{k: PPO_TINY[k] for k in ("n_layer", "n_head", "n_embd",
+                                                    "block_size")})).eval()
+    # (tied lm_head) logits of std ~5: peaked
+    torch.nn.init.normal_(far.transformer.wte.weight, std=1.0)
     rollout = ppo.rollout
-    monkeypatch.setattr(ppo, "rollout", lambda policy, ref_policy, *a, **kw: rollout(policy, far, *a, **kw))
+    far_rollout = lambda policy, ref_policy, *a, **kw: rollout(policy, far, *a, **kw)
+    monkeypatch.setattr(ppo, "rollout", far_rollout)
     coefs, kls = run("below", 1e-3)
     assert all(kl > 1.2e-3 for kl in kls), kls
-    assert coefs == pytest.approx([0.05 * (1 + 0.2 * 8 / 40) ** k for k in range(4)]), "clipped error +0.2, 8 / 40"
+    assert coefs == pytest.approx([0.05 * (1 + 0.2 * 8 / 40) ** k for k in range(4)]), \
+        "clipped error +0.2, 8 / 40"
 
 
-# ------------------------------------------------------------------------ rollout and evaluate, by hand
+# -------------------------------------------------------------------- rollout and evaluate, by hand
 # The EOS-prone policy of conftest.py on PROMPTS against a noisy copy of itself and a random critic:
-# each test checks one property of the batch against a reference computed here (unpadded forwards one
-# sequence at a time, Python loops, numpy), in well under a second.
+# each test checks one property of the batch against a reference computed here (unpadded forwards
+# one sequence at a time, Python loops, numpy), in well under a second.
 
 ROLLOUT = dict(max_new_tokens=12, temperature=TEMPERATURE, gamma=GAMMA, lam=LAM)
 
@@ -618,7 +667,8 @@ def noisy_copy(model, seed, scale):
 
 
 def rollout_of(cfg, seed=0, reward_model=None, reward_fn=None):
-    """ppo.rollout of the EOS-prone policy on PROMPTS against a noisy reference and a random critic."""
+    """ppo.rollout of the EOS-prone policy on PROMPTS against a noisy reference and
+    a random critic."""
     policy = ragged_policy()
     queries, query_mask = pad_left(PROMPTS)
     return ppo.rollout(policy, noisy_copy(policy, seed=1, scale=0.2), scalar_model(seed=2),
@@ -628,8 +678,9 @@ def rollout_of(cfg, seed=0, reward_model=None, reward_fn=None):
 
 @pytest.mark.parametrize("penalty", [0.0, 0.75])
 def test_rollout_subtracts_the_missing_eos_penalty_from_exactly_the_responses_without_eos(penalty):
-    """The scores, their mean (stats["score"]) and the rewards built from them (each row's summed
-    reward is its score - beta * its KL) carry the penalty on the rows without EOS, and only there."""
+    """The scores, their mean (stats["score"]) and the rewards built from them (each row's
+    summed reward is its score - beta * its KL) carry the penalty on the rows without EOS,
+    and only there."""
     cfg = ppo.Config(**ROLLOUT_SHAPE, max_new_tokens=12, temperature=1.0,
                      missing_eos_penalty=penalty)
     batch, stats = rollout_of(cfg, seed=0, reward_fn=RewardRecorder())
@@ -644,7 +695,8 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_exactly_the_responses_wi
 
 
 @pytest.mark.parametrize("penalty", [0.0, 0.75])
-def test_evaluation_subtracts_the_missing_eos_penalty_from_exactly_the_responses_without_eos(penalty):
+def test_evaluation_subtracts_the_missing_eos_penalty_from_exactly_the_responses_without_eos(
+        penalty):
     """ppo.evaluate samples as rollouts do (with a generator seeded cfg.seed, in batches of
     batch_size) and applies the same penalty: eval_score is the mean of the penalised scores."""
     policy = ragged_policy()
@@ -690,10 +742,10 @@ def rolled():
 
 
 def test_rollout_statistics_are_the_batch_means_computed_by_hand(rolled):
-    """score, reward and kl: means over responses of the score and of each row's summed reward and KL;
-    entropy: mean of -log pi over response tokens; explained_var: numpy's on the response tokens;
-    resp_len: mean length up to and including the first EOS; eos_frac: share of responses with an
-    EOS; the two timings add up to at most the time of the call. Exactly these keys."""
+    """score, reward and kl: means over responses of the score and of each row's summed reward and
+    KL; entropy: mean of -log pi over response tokens; explained_var: numpy's on the response
+    tokens; resp_len: mean length up to and including the first EOS; eos_frac: share of responses
+    with an EOS; the two timings add up to at most the time of the call. Exactly these keys."""
     batch, stats = rolled["batch"], rolled["stats"]
     rows = batch["responses"].tolist()
     lengths = [hand_length(r) for r in rows]
@@ -745,17 +797,20 @@ def test_rollout_with_a_reward_model_scores_with_it():
 
 # ------------------------------------------------------------- minibatch and ppo_update, by hand
 
-def test_minibatch_takes_the_rows_and_drops_only_the_columns_that_are_padding_in_all_of_them(rolled):
+def test_minibatch_takes_the_rows_and_drops_only_the_columns_that_are_padding_in_all_of_them(
+        rolled):
     """Rows [4, 2] of the rollout: the prompt columns left of the longest of their prompts and the
     response columns right of the longest of their responses are gone, every other column is kept,
     and n_query counts the prompt columns left."""
     batch = rolled["batch"]
     P = batch["queries"].size(1)
-    idx = torch.tensor([4, 2])  # prompts of 2 and 1 tokens (of P = 6), responses of different lengths
+    # prompts of 2 and 1 tokens (of P = 6), responses of different lengths
+    idx = torch.tensor([4, 2])
     lengths = [hand_length(batch["responses"][i].tolist()) for i in idx.tolist()]
     prompt_len = max(len(PROMPTS[i]) for i in idx.tolist())
     R, first = max(lengths), P - prompt_len
-    assert 0 < first and R < batch["responses"].size(1), "the test needs columns to drop on both sides"
+    assert 0 < first and R < batch["responses"].size(1), \
+        "the test needs columns to drop on both sides"
     mb = ppo.minibatch(batch, idx)
     assert set(mb) == {"logprobs", "values", "advantages", "returns", "response_mask", "ids",
                        "attention_mask", "n_query"}
@@ -770,7 +825,8 @@ PTX_LENGTHS = (7, 4, 2, 1, 1, 1)  # split in 3 pieces of 2 rows: 9, 1 and 0 pred
 
 
 def ptx_batch():
-    return pad_right([list(range(100 + 10 * i, 100 + 10 * i + n)) for i, n in enumerate(PTX_LENGTHS)])
+    return pad_right([list(range(100 + 10 * i, 100 + 10 * i + n))
+                      for i, n in enumerate(PTX_LENGTHS)])
 
 
 def update_case(rolled):
@@ -782,8 +838,8 @@ def update_case(rolled):
 
 
 def reference_loss(policy, critic, batch, rows, cfg, ptx=None):
-    """The PPO loss of the rows as one batch (no micro-batches, no trimming): token means over all of
-    them."""
+    """The PPO loss of the rows as one batch (no micro-batches, no trimming): token means over
+    all of them."""
     P = batch["queries"].size(1)
     ids, attention_mask = batch["ids"][rows], batch["attention_mask"][rows]
     mask = batch["response_mask"][rows]
@@ -791,8 +847,8 @@ def reference_loss(policy, critic, batch, rows, cfg, ptx=None):
     values = ppo.critic_values(critic, ids, attention_mask, P)
     pg, pg_clipfrac, approx_kl = ppo.ppo_policy_loss(logprobs, batch["logprobs"][rows],
                                                      batch["advantages"][rows], mask, cfg.cliprange)
-    vf, vf_clipfrac = ppo.ppo_value_loss(values, batch["values"][rows], batch["returns"][rows], mask,
-                                         cfg.cliprange_value)
+    vf, vf_clipfrac = ppo.ppo_value_loss(values, batch["values"][rows], batch["returns"][rows],
+                                         mask, cfg.cliprange_value)
     loss = pg + cfg.vf_coef * vf
     stats = dict(pg_loss=pg.item(), vf_loss=vf.item(), pg_clipfrac=pg_clipfrac.item(),
                  vf_clipfrac=vf_clipfrac.item(), approx_kl=approx_kl.item())
@@ -804,16 +860,18 @@ def reference_loss(policy, critic, batch, rows, cfg, ptx=None):
 
 
 def update_config(**kw):
-    """The rollout's config, updating once (noptepochs 1) on all 6 rollouts unless kw says otherwise."""
+    """The rollout's config, updating once (noptepochs 1) on all 6 rollouts unless
+    kw says otherwise."""
     kw = {"batch_size": 6, "minibatch_size": 6, "noptepochs": 1, **kw}
     return ppo.Config(**ROLLOUT_SHAPE, **ROLLOUT, **kw)
 
 
-def test_update_step_in_pieces_is_the_gradient_and_statistics_of_the_whole_minibatch_with_ptx(rolled):
-    """One optimizer step over all 6 rollouts in 3 micro-batches, PPO-ptx on a batch of 6 texts split
-    alike into pieces of 9, 1 and 0 predicted tokens: the gradient is that of pg_loss + vf_coef
-    vf_loss + ptx_coef lm_loss over the whole minibatch and the whole ptx batch, and each logged
-    statistic is its whole-batch value."""
+def test_update_step_in_pieces_is_the_gradient_and_statistics_of_the_whole_minibatch_with_ptx(
+        rolled):
+    """One optimizer step over all 6 rollouts in 3 micro-batches, PPO-ptx on a batch of 6 texts
+    split alike into pieces of 9, 1 and 0 predicted tokens: the gradient is that of pg_loss +
+    vf_coef vf_loss + ptx_coef lm_loss over the whole minibatch and the whole ptx batch, and each
+    logged statistic is its whole-batch value."""
     batch = rolled["batch"]
     policy, critic = update_case(rolled)
     cfg = update_config(grad_accum=3, grad_clip=0.0, vf_coef=0.3, ptx_coef=0.7)
@@ -912,9 +970,9 @@ def test_update_syncs_ddp_gradients_once_after_the_last_micro_batch(rolled, monk
 def test_update_weights_its_losses_by_step_total_of_the_steps_response_and_ptx_tokens(
         rolled, monkeypatch):
     """Under torchrun a step's token counts are lib.ddp.step_total's (all ranks' / world_size):
-    ppo_update asks it for the minibatch's response tokens and the ptx batch's predicted tokens, once
-    per step, and divides by what it returns. A stand-in returning twice the local count halves the
-    whole step's gradient."""
+    ppo_update asks it for the minibatch's response tokens and the ptx batch's predicted tokens,
+    once per step, and divides by what it returns. A stand-in returning twice the local count halves
+    the whole step's gradient."""
     batch = rolled["batch"]
     policy, critic = update_case(rolled)
     calls = []
@@ -923,15 +981,16 @@ def test_update_weights_its_losses_by_step_total_of_the_steps_response_and_ptx_t
     params = list(policy.parameters()) + list(critic.parameters())
     recorder = GradRecorder(params)
     ptx = ptx_batch()
-    ppo.ppo_update(policy, critic, recorder, batch, cfg, iter([ptx]), torch.Generator().manual_seed(0))
+    ppo.ppo_update(policy, critic, recorder, batch, cfg, iter([ptx]),
+                   torch.Generator().manual_seed(0))
     assert calls == [int(batch["response_mask"].sum()), sum(n - 1 for n in PTX_LENGTHS)]
     loss, _ = reference_loss(policy, critic, batch, torch.arange(6), cfg, ptx)
     assert_close_grads(recorder.grads[0], [g / 2 for g in gradients(loss, params)])
 
 
 def test_update_stops_on_a_non_finite_loss_naming_the_iteration(rolled):
-    """NaN advantages make the loss NaN: FloatingPointError before any optimizer step, naming "the PPO
-    loss" and the iteration passed in ("?" when none is)."""
+    """NaN advantages make the loss NaN: FloatingPointError before any optimizer step, naming "the
+    PPO loss" and the iteration passed in ("?" when none is)."""
     nan = torch.full_like(rolled["batch"]["advantages"], float("nan"))
     batch = {**rolled["batch"], "advantages": nan}
     policy, critic = update_case(rolled)

@@ -18,8 +18,8 @@ class RunConfig:
 
 
 def run_sample(*args):
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_sample_generates_reproducibly_from_a_checkpoint(tiny_ckpt, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "\\n\\nHuman: hi\\n\\nAssistant:"}\n{"prompt": "Once upon a time"}\n')
+    prompts.write_text('{"prompt": "\\n\\nHuman: hi\\n\\nAssistant:"}\n'
+                       '{"prompt": "Once upon a time"}\n')
     args = ["--init_from", tiny_ckpt, "--prompt_file", str(prompts), "--num_samples", "2",
             "--max_new_tokens", "8", "--seed", "3", "--top_k", "50", "--device", "cpu"]
     a, b = run_sample(*args), run_sample(*args)
@@ -43,7 +44,8 @@ def test_sample_generates_reproducibly_from_a_checkpoint(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--init_from", "no/such/ckpt.pt"], "--init_from no/such/ckpt.pt does not exist; it must be a checkpoint"),
+    (["--init_from", "no/such/ckpt.pt"],
+     "--init_from no/such/ckpt.pt does not exist; it must be a checkpoint"),
     (["--init_from", "no/such/dir"], "--init_from no/such/dir does not exist"),
     (["--prompt", "word " * 100, "--max_new_tokens", "10"], "exceeds the model's block_size"),
     (["--max_new_tokens", "64"], "leaves no room"),
@@ -63,13 +65,14 @@ def test_checkpoint_of_another_shape_is_refused_clearly(tiny_ckpt, tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save(ckpt, bad)
     out = run_sample("--init_from", str(bad), "--device", "cpu")
-    assert out.returncode != 0 and "do not fit this model" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode != 0 and "do not fit this model" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_long_prompts_from_a_file_keep_their_end(tiny_ckpt, tmp_path):
     prompts = tmp_path / "long.txt"
     prompts.write_text("word " * 100 + "THE END\n")
-    out = run_sample("--init_from", tiny_ckpt, "--prompt_file", str(prompts), "--max_new_tokens", "4",
-                     "--device", "cpu")
+    out = run_sample("--init_from", tiny_ckpt, "--prompt_file", str(prompts), "--max_new_tokens",
+                     "4", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert "cut to its last 60 tokens" in out.stdout

@@ -1,4 +1,5 @@
-"""Tests for sft.py: the response-only loss, the demonstration encoding and mask, and train() end to end."""
+"""Tests for sft.py: the response-only loss, the demonstration encoding and mask, and train()
+end to end."""
 import contextlib
 import dataclasses
 import json
@@ -60,9 +61,11 @@ def test_prompt_targets_and_padding_never_change_the_loss():
     torch.manual_seed(1)
     B, T, V = 2, 6, 13
     logits, targets = torch.randn(B, T, V), torch.randint(0, V, (B, T))
-    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])  # row 0: prompt, response, padding
+    # row 0: prompt, response, padding
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
     base = sft.sft_loss(token_logprobs(logits, targets), mask)
-    other_targets = torch.where(mask.bool(), targets, (targets + 5) % V)  # every masked-out target changed
+    # every masked-out target changed
+    other_targets = torch.where(mask.bool(), targets, (targets + 5) % V)
     other_logits = torch.where(mask.bool()[..., None], logits, 100 * torch.randn(B, T, V))
     assert sft.sft_loss(token_logprobs(logits, other_targets), mask) == base
     assert sft.sft_loss(token_logprobs(other_logits, targets), mask) == base
@@ -72,16 +75,20 @@ def test_encoded_mask_covers_exactly_response_and_eos():
     enc = get_tokenizer()
     examples = []
     for d in DEMOS[:3]:
-        tokens, n_prompt, prompt_cut, response_cut = sft.encode_demo(enc, d["prompt"], d["response"], 64, 32)
+        tokens, n_prompt, prompt_cut, response_cut = sft.encode_demo(enc, d["prompt"],
+                                                                     d["response"], 64, 32)
         assert not prompt_cut and not response_cut
-        assert tokens == enc.encode_ordinary(d["prompt"]) + enc.encode_ordinary(d["response"]) + [EOS]
+        expected = enc.encode_ordinary(d["prompt"]) + enc.encode_ordinary(d["response"]) + [EOS]
+        assert tokens == expected
         examples.append((tokens, n_prompt))
     x, y, loss_mask = sft.collate(examples)  # rows of different lengths: padding on the right
     assert x.shape == y.shape == loss_mask.shape == (3, max(len(t) for t, _ in examples) - 1)
     for i, (d, (tokens, n_prompt)) in enumerate(zip(DEMOS, examples)):
-        assert x[i, :len(tokens) - 1].tolist() == tokens[:-1] and y[i, :len(tokens) - 1].tolist() == tokens[1:]
+        n = len(tokens) - 1
+        assert x[i, :n].tolist() == tokens[:-1] and y[i, :n].tolist() == tokens[1:]
         assert y[i][loss_mask[i].bool()].tolist() == enc.encode_ordinary(d["response"]) + [EOS]
-        # the first counted position is the last prompt token, which predicts the first response token
+        # the first counted position is the last prompt token, which predicts the
+        # first response token
         assert loss_mask[i].nonzero()[0].item() == n_prompt - 1
         assert loss_mask[i, len(tokens) - 1:].sum() == 0  # padding
 
@@ -99,10 +106,13 @@ def test_encode_demo_keeps_prompt_end_and_cuts_long_response_without_eos():
 def test_batch_loss_equals_loss_on_full_logits():
     torch.manual_seed(2)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=EOS + 1)).eval()
-    examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p) for n, p in ((12, 5), (7, 3), (20, 11))]
+    examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p)
+                for n, p in ((12, 5), (7, 3), (20, 11))]
     x, y, loss_mask = sft.collate(examples)
-    attention_mask = (torch.arange(x.size(1))[None] < torch.tensor([len(t) - 1 for t, _ in examples])[:, None])
-    full = sft.sft_loss(token_logprobs(model(x, attention_mask.long()), y), loss_mask)  # explicit padding mask
+    lengths = torch.tensor([len(t) - 1 for t, _ in examples])
+    attention_mask = (torch.arange(x.size(1))[None] < lengths[:, None])
+    # explicit padding mask
+    full = sft.sft_loss(token_logprobs(model(x, attention_mask.long()), y), loss_mask)
     fast = sft.batch_loss(model.transformer, model, x, y, loss_mask)  # selected logits, no mask
     print(f"batch_loss {fast.item():.6f} vs full logits {full.item():.6f}")
     assert fast.item() == pytest.approx(full.item(), abs=1e-5)
@@ -117,7 +127,8 @@ def test_lr_warms_up_then_decays_to_min_lr():
 
 def test_tiny_model_overfits_a_few_demonstrations(tmp_path):
     data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
-    cfg = sft_tiny_config(tmp_path, data_dir, max_steps=40, lr=1e-2, min_lr=1e-3, warmup_steps=10, eval_interval=40)
+    cfg = sft_tiny_config(tmp_path, data_dir, max_steps=40, lr=1e-2, min_lr=1e-3, warmup_steps=10,
+                          eval_interval=40)
     result = sft.train(cfg)
     print(f"train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
     assert result["train_loss"] < 0.05 and result["val_loss"] < 0.05  # val = train here: memorised
@@ -125,7 +136,8 @@ def test_tiny_model_overfits_a_few_demonstrations(tmp_path):
 
 def test_train_writes_checkpoints_plot_and_metrics(tmp_path):
     data_dir = write_data(tmp_path / "data", DEMOS * 3, DEMOS[:2])
-    result = sft.train(sft_tiny_config(tmp_path, data_dir, max_steps=10, eval_interval=5, grad_accum=2))
+    result = sft.train(sft_tiny_config(tmp_path, data_dir, max_steps=10, eval_interval=5,
+                                       grad_accum=2))
     for key in ("ckpt_path", "last_path", "metrics_path", "plot_path"):
         assert os.path.isfile(result[key]), key
     rows = [json.loads(line) for line in open(result["metrics_path"])]
@@ -133,18 +145,19 @@ def test_train_writes_checkpoints_plot_and_metrics(tmp_path):
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 10]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     model, ckpt = load_model(result["ckpt_path"])
-    assert isinstance(model, GPT) and ckpt["config"]["n_embd"] == 64 and ckpt["val_loss"] == result["best_val_loss"]
+    assert isinstance(model, GPT) and ckpt["config"]["n_embd"] == 64
+    assert ckpt["val_loss"] == result["best_val_loss"]
     assert torch.load(result["last_path"], weights_only=True)["step"] == 10
     if os.path.isfile(os.path.join(REPO, "sample.py")):
-        out = subprocess.run([sys.executable, "sample.py", "--init_from", result["ckpt_path"], "--prompt", "Hello",
-                              "--max_new_tokens", "5", "--device", "cpu"],
+        out = subprocess.run([sys.executable, "sample.py", "--init_from", result["ckpt_path"],
+                              "--prompt", "Hello", "--max_new_tokens", "5", "--device", "cpu"],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
 
 
 def test_train_on_shared_hh_data(hh_prepared, tmp_path):
-    cfg = sft_tiny_config(tmp_path, hh_prepared, max_prompt_tokens=96, max_response_tokens=32, batch_size=8,
-                          max_steps=8, eval_interval=8, eval_examples=16)
+    cfg = sft_tiny_config(tmp_path, hh_prepared, max_prompt_tokens=96, max_response_tokens=32,
+                          batch_size=8, max_steps=8, eval_interval=8, eval_examples=16)
     result = sft.train(cfg)
     rows = [json.loads(line) for line in open(result["metrics_path"])]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
@@ -155,11 +168,13 @@ def test_clear_errors_for_missing_data_and_small_block_size(tmp_path):
         sft.train(sft_tiny_config(tmp_path, str(tmp_path / "nowhere")))
     data_dir = write_data(tmp_path / "data", DEMOS, DEMOS)
     with pytest.raises(UsageError, match="block_size"):
-        sft.train(sft_tiny_config(tmp_path, data_dir, block_size=64, max_prompt_tokens=48, max_response_tokens=24))
+        sft.train(sft_tiny_config(tmp_path, data_dir, block_size=64, max_prompt_tokens=48,
+                                  max_response_tokens=24))
 
 
 def sft_case():
-    """A 1-layer GPT and 4 demonstrations (tokens, prompt length) of unequal lengths, ending in EOS."""
+    """A 1-layer GPT and 4 demonstrations (tokens, prompt length) of unequal lengths,
+    ending in EOS."""
     torch.manual_seed(3)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=EOS + 1))
     examples = [(torch.randint(0, EOS, (n,)).tolist() + [EOS], p)
@@ -175,7 +190,8 @@ def whole_batch_loss_and_grads(model, examples):
 
 def test_gradient_accumulation_equals_one_big_batch():
     model, examples = sft_case()
-    micro = [sft.collate(examples[:1]), sft.collate(examples[1:])]  # 1 + 3 rows: unequal token counts
+    # 1 + 3 rows: unequal token counts
+    micro = [sft.collate(examples[:1]), sft.collate(examples[1:])]
     loss = sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -201,10 +217,10 @@ def test_sft_step_of_a_single_response_token_is_that_tokens_nll():
 
 
 def test_sft_step_on_one_of_two_identical_ranks_is_the_single_process_step(monkeypatch):
-    """Under torchrun each rank weighs its micro-batches by world_size / (tokens of all ranks), and DDP
-    averages the ranks' gradients: with a second rank holding the same micro-batches (all_reduce_sum
-    doubles, world 2), this rank's gradient and the returned loss are those of one process running
-    the step alone."""
+    """Under torchrun each rank weighs its micro-batches by world_size / (tokens of all ranks), and
+    DDP averages the ranks' gradients: with a second rank holding the same micro-batches
+    (all_reduce_sum doubles, world 2), this rank's gradient and the returned loss are those of one
+    process running the step alone."""
     model, examples = sft_case()
     micro = [sft.collate(examples[:1]), sft.collate(examples[1:])]
     expected_loss, expected_grads = whole_batch_loss_and_grads(model, examples)
@@ -227,18 +243,19 @@ def test_sft_step_syncs_ddp_gradients_once_after_the_last_micro_batch(monkeypatc
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch, lora_rank):
-    # 4 steps == 2 + 2 resumed: the crash comes at step 4, between the checkpoints of steps 2 and 4, so the
-    # resumed run also has to drop the metrics row of step 3 and redo it. Dropout on (random state), and
-    # batches of 3 x 2 over 8 demonstrations cross epochs inside a step (data position). With LoRA the
-    # checkpoints hold adapters, rebuilt on the base for the resumed run.
+def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(
+        tmp_path, monkeypatch, lora_rank):
+    # 4 steps == 2 + 2 resumed: the crash comes at step 4, between the checkpoints of steps 2 and 4,
+    # so the resumed run also has to drop the metrics row of step 3 and redo it. Dropout on (random
+    # state), and batches of 3 x 2 over 8 demonstrations cross epochs inside a step (data position).
+    # With LoRA the checkpoints hold adapters, rebuilt on the base for the resumed run.
     data_dir = write_data(tmp_path / "data", DEMOS * 2, DEMOS[:2])
     kw = dict(max_steps=4, eval_interval=2, batch_size=3, grad_accum=2, dropout=0.1)
     if lora_rank:
         torch.manual_seed(0)
         base = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128))
-        kw.update(init_from=save_checkpoint(str(tmp_path / "base.pt"), base, sft.Config()), lora_rank=lora_rank,
-                  lora_dropout=0.1, lr=1e-2)
+        kw.update(init_from=save_checkpoint(str(tmp_path / "base.pt"), base, sft.Config()),
+                  lora_rank=lora_rank, lora_dropout=0.1, lr=1e-2)
     full = sft.train(sft_tiny_config(tmp_path / "full", data_dir, **kw))
 
     def crash_at_step_4(step, *args):  # train() asks lr_at(step - 1) at the start of each step
@@ -250,18 +267,22 @@ def test_resume_after_a_crash_continues_exactly_as_an_uninterrupted_run(tmp_path
         m.setattr(sft, "lr_at", crash_at_step_4)
         with pytest.raises(RuntimeError, match="simulated crash"):
             sft.train(cfg)
-    assert [json.loads(line)["step"] for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))] == list(range(4))
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    assert [json.loads(line)["step"] for line in open(metrics)] == list(range(4))
     resumed = sft.train(dataclasses.replace(cfg, resume=True))
 
-    untimed = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "ms_per_step")}
+    timings = ("tok_per_s", "ms_per_step")
+    untimed = lambda path: [{k: v for k, v in json.loads(line).items() if k not in timings}
                             for line in open(path)]
-    assert untimed(resumed["metrics_path"]) == untimed(full["metrics_path"])  # one row per step, equal floats
+    # one row per step, equal floats
+    assert untimed(resumed["metrics_path"]) == untimed(full["metrics_path"])
     assert resumed["best_step"] == full["best_step"] and resumed["val_loss"] == full["val_loss"]
     for key in ("ckpt_path", "last_path"):  # the best and the last checkpoint, bit for bit
         a, b = torch.load(full[key], weights_only=True), torch.load(resumed[key], weights_only=True)
         assert a["step"] == b["step"]
         for name in a["model"]:
             assert torch.equal(a["model"][name], b["model"][name]), (key, name)
-    a, b = torch.load(full["last_path"], weights_only=True), torch.load(resumed["last_path"], weights_only=True)
+    a = torch.load(full["last_path"], weights_only=True)
+    b = torch.load(resumed["last_path"], weights_only=True)
     for i, state in a["optimizer"]["state"].items():
         assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())
