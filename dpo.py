@@ -30,7 +30,7 @@ merged.
 
     python dpo.py --config tiny                      # after sft.py --config tiny, on HH-RLHF (CPU)
     python dpo.py --config small --beta 0.1          # GPT-2 124M from out/sft/ckpt.pt, on a GPU
-    python dpo.py --config xl --lora_rank 8 --grad_checkpoint true --grad_accum 4   # one 24 GB GPU
+    python dpo.py --config xl --lora_rank 8 --grad_checkpoint true --grad_accum 4   # less memory
     torchrun --standalone --nproc_per_node 8 dpo.py --config small   # 8 GPUs, the same global batch
 """
 
