@@ -140,9 +140,9 @@ def grade(exercise, folder, timeout):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.strip().splitlines()[1:]))
+    first, rest = __doc__.strip().split("\n\n", 1)
+    parser = argparse.ArgumentParser(description=first, epilog=rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="the student copy")
     parser.add_argument("exercises", nargs="*", help="names or numbers (default: the copy's)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per exercise")

@@ -1,8 +1,9 @@
 """
-Write a student copy of the repository: its tracked files (`git ls-files`: no .git, no out/),
-with the body of every exercise's function (course/exercises.py) replaced by
+Write a student copy of the repository with the body of every exercise's function (the list in
+course/exercises.py) replaced by `raise NotImplementedError("exercise N: <what to implement>")`.
 
-    raise NotImplementedError("exercise N: <what to implement>")
+The copy holds the repository's tracked files (`git ls-files`: no .git history, no out/) but
+tests/test_course.py, which plants wrong solutions written from the reference.
 
 The signature, the docstring (the paper's equation, the shapes) and the body's whole-line comments
 stay; the code does not. A function without a docstring gets the exercise's task and hint as one.
@@ -138,9 +139,9 @@ def make(out, names=()):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.strip().splitlines()[1:]))
+    first, rest = __doc__.strip().split("\n\n", 1)
+    parser = argparse.ArgumentParser(description=first, epilog=rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a new or empty folder outside the repository")
     parser.add_argument("exercises", nargs="*", help="names or numbers (default: all)")
     args = parser.parse_args(argv)
