@@ -373,7 +373,7 @@ def plot_overoptimisation(points, bon, fits, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.0), gridspec_kw={"width_ratios": [1.3, 1, 1]})
     gold_colour, rm_colour = "tab:red", "tab:blue"
     ax = axes[0]
     if points:
@@ -389,10 +389,21 @@ def plot_overoptimisation(points, bon, fits, path, title):
         lines += ax.plot(kl[peak], gold[peak], "*", color="black", ms=14,
                          label=f"gold's peak: iteration {points[peak]['iteration']}, "
                                f"KL {kl[peak]:.1f}")
-        ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower center")
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.24), ncol=2)
+        # the KL grows fast once the policy exploits the reward model: a linear scale up to 1
+        # nat and a logarithmic one above keeps the gold's rise and its peak readable
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
+        ticks = [t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200) if t <= max(kl) * 1.2]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     else:
         ax.text(0.5, 0.5, "no over-optimisation run", ha="center", transform=ax.transAxes)
-    ax.set_xlabel(KL_AXIS)
+    ax.set_xlabel("KL to SFT (nats per response; log scale above 1):\n"
+                  "how far the policy has moved from SFT")
+
+
     ax.set_title("PPO without a KL penalty on the round-1 reward model: the score it\n"
                  "maximises (the reward model's) against the true preference (the gold)",
                  fontsize=9)
@@ -415,7 +426,7 @@ def plot_overoptimisation(points, bon, fits, path, title):
         ax.set_xlabel(SQRT_KL_AXIS)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     axes[1].set_title("the gold score: best-of-n against PPO at the same KL", fontsize=9)
     axes[2].set_title("the reward model's score: best-of-n against PPO", fontsize=9)
     fig.suptitle(title, fontsize=9)
