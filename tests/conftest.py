@@ -10,6 +10,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,6 +46,13 @@ _spec.loader.exec_module(prepare)
 
 HH_FIXTURES = Path(REPO) / "tests" / "fixtures" / "hh"  # <subset>/<split>.jsonl, plain text
 H, A = "\n\nHuman: ", "\n\nAssistant:"
+
+
+def ppo_models(policy, ref_policy, critic, reward_model=None, reward_fn=None):
+    """The record of models ppo.rollout and ppo.evaluate take (ppo.setup builds it in a run)."""
+    return SimpleNamespace(policy=policy, ref_policy=ref_policy, critic=critic,
+                           reward_model=reward_model, reward_fn=reward_fn)
+
 
 
 def gzip_fixtures(dest):
@@ -201,8 +209,8 @@ def rollout_case(prompt_lengths=PROMPT_LENGTHS):
     queries, query_mask = pad_left(prompts)  # (B, P)
     cfg = ppo.Config(**ROLLOUT_SHAPE, max_new_tokens=8, temperature=TEMPERATURE, gamma=GAMMA,
                      lam=LAM)
-    batch, stats = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, KL_COEF,
-                               reward_fn=score_fn, generator=torch.Generator().manual_seed(0))
+    batch, stats = ppo.rollout(ppo_models(policy, ref_policy, critic, reward_fn=score_fn), queries,
+                               query_mask, cfg, KL_COEF, generator=torch.Generator().manual_seed(0))
     return dict(policy=policy, ref_policy=ref_policy, critic=critic, prompts=prompts, cfg=cfg,
                 batch=batch, stats=stats)
 

@@ -15,6 +15,7 @@ from lib import winrate
 from lib.checkpoints import load_model, save_checkpoint
 from lib.config import UsageError
 from lib.data import spread
+from lib.responses import sample_and_judge
 from lib.tokens import get_tokenizer
 from model import GPT, GPTConfig, ScalarGPT
 
@@ -145,9 +146,11 @@ def test_ppo_judge_win_rate_is_one_half_while_the_policy_is_sft(ckpts, tmp_path)
     prompts = ppo.load_prompts(os.path.join(FIXTURES, "prompts_val.jsonl"), get_tokenizer(), 48)
     prompts = spread(prompts, 6)
     judge = load_model(ckpts["judge"], "scalar")[0].eval()
-    trained = ppo.judge_scores(load_model(result["ckpt_path"], "gpt")[0], judge, prompts, cfg,
-                               "cpu")
-    sft = ppo.judge_scores(load_model(ckpts["a"], "gpt")[0], judge, prompts, cfg, "cpu")
+    def judge_scores(ckpt):  # sampled as ppo.evaluate samples: seed cfg.seed + b for batch b
+        policy = load_model(ckpt, "gpt")[0]
+        return sample_and_judge(policy, prompts, {"judge": judge}, cfg.max_new_tokens,
+                                seed=cfg.seed, batch_size=cfg.batch_size)["judge"]
+    trained, sft = judge_scores(result["ckpt_path"]), judge_scores(ckpts["a"])
     wins, ties = sum(a > b for a, b in zip(trained, sft)), sum(a == b for a, b in zip(trained, sft))
     print(f"trained {trained}\nsft     {sft}\n"
           f"wins {wins} ties {ties} of 6: eval_win_rate {rows[-1]['eval_win_rate']}")

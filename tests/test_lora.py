@@ -16,6 +16,7 @@ import sft
 from conftest import (
     DEMOS,
     REWARD_TINY,
+    ppo_models,
     ppo_tiny_config,
     reward_tiny_config,
     score_fn,
@@ -169,9 +170,9 @@ def test_ema_follows_its_recursion_step_by_step(tmp_path, monkeypatch):
     device = torch.device("cpu")
     policy, ref_policy, reward_model, critic = ppo.build_models(cfg, device)
     queries = torch.randint(0, 50000, (4, 5))
-    batch, _ = ppo.rollout(policy, ref_policy, critic, reward_model, queries,
-                           torch.ones_like(queries), cfg, 0.05, None,
-                           torch.Generator().manual_seed(0))
+    batch, _ = ppo.rollout(ppo_models(policy, ref_policy, critic, reward_model), queries,
+                           torch.ones_like(queries), cfg, 0.05,
+                           generator=torch.Generator().manual_seed(0))
     optimizer = ppo.make_optimizer(policy, critic, cfg, device)
     trained = {k: p for k, p in policy.named_parameters() if p.requires_grad}
     ema = {k: p.detach().clone() for k, p in trained.items()}

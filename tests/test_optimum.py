@@ -14,6 +14,7 @@ import itertools
 import torch
 
 import ppo
+from conftest import ppo_models
 from lib.responses import policy_logprobs
 from model import GPT, GPTConfig, ScalarGPT
 
@@ -75,8 +76,8 @@ def train_ppo(rewards, iterations, kl_coef=BETA, seed=0, **overrides):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * (1 - 0.9 * it / iterations)
         g = torch.Generator().manual_seed(seed * 1000 + it)
-        batch, _ = ppo.rollout(policy, ref_policy, critic, None, queries, torch.ones_like(queries),
-                               cfg, kl_coef, reward_fn, g)
+        models = ppo_models(policy, ref_policy, critic, reward_fn=reward_fn)
+        batch, _ = ppo.rollout(models, queries, torch.ones_like(queries), cfg, kl_coef, generator=g)
         ppo.ppo_update(policy, critic, optimizer, batch, cfg, generator=g)
     return policy, ref_policy
 

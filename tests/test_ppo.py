@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import lib.ddp
 import ppo
 from conftest import (
     GAMMA,
@@ -28,6 +29,7 @@ from conftest import (
     gradients,
     hand_length,
     last_output,
+    ppo_models,
     ppo_tiny_config,
     ragged_policy,
     scalar_model,
@@ -38,6 +40,7 @@ from lib.responses import (
     policy_logprobs,
     response_mask_from_eos,
     sample_responses,
+    score_responses,
     score_sequences,
 )
 from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
@@ -236,7 +239,7 @@ def test_score_read_at_eos_appended_when_missing():
     # row 0: left pad, EOS; row 1: no EOS
     ids = torch.tensor([[EOS, 7, 8, 9, EOS, EOS], [5, 6, 7, 1, 2, 3]])
     attention_mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
-    scores = ppo.score_responses(rm, ids, attention_mask, has_eos=torch.tensor([True, False]))
+    scores = score_responses(rm, ids, attention_mask, has_eos=torch.tensor([True, False]))
     s0 = score_sequences(rm, torch.tensor([[7, 8, 9, EOS]]), torch.ones(1, 4, dtype=torch.long))
     s1 = score_sequences(rm, torch.tensor([[5, 6, 7, 1, 2, 3, EOS]]),
                          torch.ones(1, 7, dtype=torch.long))
@@ -301,8 +304,8 @@ def test_rollout_logprobs_are_what_the_update_recomputes(letters_policy):
                for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
     assert len({len(p) for p in prompts}) > 1, "need left padding"
-    batch, _ = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, 0.1,
-                           reward_fn=count_a, generator=torch.Generator().manual_seed(0))
+    batch, _ = ppo.rollout(ppo_models(policy, ref_policy, critic, reward_fn=count_a), queries,
+                           query_mask, cfg, 0.1, generator=torch.Generator().manual_seed(0))
     lengths = batch["response_mask"].sum(1)
     print(f"response lengths {lengths.tolist()} of {batch['responses'].size(1)}")
     assert (lengths < batch["responses"].size(1)).any()
@@ -346,8 +349,9 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_minibatch(letters
     prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
                for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
-    batch, _ = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask, cfg,
-                           0.1, reward_fn=count_a, generator=torch.Generator().manual_seed(0))
+    models = ppo_models(policy, copy.deepcopy(policy), critic, reward_fn=count_a)
+    batch, _ = ppo.rollout(models, queries, query_mask, cfg, 0.1,
+                           generator=torch.Generator().manual_seed(0))
     lengths = batch["response_mask"].sum(1).tolist()
     print(f"response lengths {lengths}")
     assert len(set(lengths)) >= 3, "the test needs responses of unequal length"
@@ -496,8 +500,9 @@ def test_missing_eos_penalty_lowers_exactly_the_scores_without_eos(letters_polic
         runs = {}
         for penalty in (0.0, 0.75):
             cfg = ppo.Config(**{**PPO_TINY, "max_new_tokens": 6, "missing_eos_penalty": penalty})
-            runs[penalty], _ = ppo.rollout(policy, policy, rm, reward_model, queries, query_mask,
-                                           cfg, 0.1, reward_fn, torch.Generator().manual_seed(3))
+            models = ppo_models(policy, policy, rm, reward_model, reward_fn)
+            runs[penalty], _ = ppo.rollout(models, queries, query_mask, cfg, 0.1,
+                                           generator=torch.Generator().manual_seed(3))
         base, penalised = runs[0.0], runs[0.75]
         assert torch.equal(base["ids"], penalised["ids"]), \
             "the same seed must sample the same responses"
@@ -582,8 +587,8 @@ def test_rollout_entropy_is_the_masked_mean_of_minus_logprobs_of_a_full_forward(
     prompts = [ppo.encode_prompt(enc, json.loads(line)["prompt"], cfg.max_prompt_tokens)
                for line in open(os.path.join(PPO_FIXTURES, "prompts_train.jsonl"))][:8]
     queries, query_mask = pad_left(prompts)
-    batch, stats = ppo.rollout(policy, copy.deepcopy(policy), critic, None, queries, query_mask,
-                               cfg, 0.1, reward_fn=count_a,
+    models = ppo_models(policy, copy.deepcopy(policy), critic, reward_fn=count_a)
+    batch, stats = ppo.rollout(models, queries, query_mask, cfg, 0.1,
                                generator=torch.Generator().manual_seed(0))
     ids, P = batch["ids"], queries.size(1)
     assert not batch["response_mask"].all(), "the test needs padding after an early EOS"
@@ -639,7 +644,9 @@ def test_train_adaptive_kl_coef_follows_the_controller_each_iteration(tmp_path, 
     # (tied lm_head) logits of std ~5: peaked
     torch.nn.init.normal_(far.transformer.wte.weight, std=1.0)
     rollout = ppo.rollout
-    far_rollout = lambda policy, ref_policy, *a, **kw: rollout(policy, far, *a, **kw)
+    far_rollout = lambda models, *a, **kw: rollout(
+        ppo_models(models.policy, far, models.critic, models.reward_model, models.reward_fn),
+        *a, **kw)
     monkeypatch.setattr(ppo, "rollout", far_rollout)
     coefs, kls = run("below", 1e-3)
     assert all(kl > 1.2e-3 for kl in kls), kls
@@ -671,8 +678,9 @@ def rollout_of(cfg, seed=0, reward_model=None, reward_fn=None):
     a random critic."""
     policy = ragged_policy()
     queries, query_mask = pad_left(PROMPTS)
-    return ppo.rollout(policy, noisy_copy(policy, seed=1, scale=0.2), scalar_model(seed=2),
-                       reward_model, queries, query_mask, cfg, KL_COEF, reward_fn=reward_fn,
+    models = ppo_models(policy, noisy_copy(policy, seed=1, scale=0.2), scalar_model(seed=2),
+                        reward_model, reward_fn)
+    return ppo.rollout(models, queries, query_mask, cfg, KL_COEF,
                        generator=torch.Generator().manual_seed(seed))
 
 
@@ -697,16 +705,18 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_exactly_the_responses_wi
 @pytest.mark.parametrize("penalty", [0.0, 0.75])
 def test_evaluation_subtracts_the_missing_eos_penalty_from_exactly_the_responses_without_eos(
         penalty):
-    """ppo.evaluate samples as rollouts do (with a generator seeded cfg.seed, in batches of
-    batch_size) and applies the same penalty: eval_score is the mean of the penalised scores."""
+    """ppo.evaluate samples as rollouts do (in batches of batch_size, batch b with seed
+    cfg.seed + b) and applies the same penalty: eval_score is the mean of the penalised scores."""
     policy = ragged_policy()
     cfg = ppo.Config(**ROLLOUT_SHAPE, max_new_tokens=12, temperature=1.0,
                      missing_eos_penalty=penalty, batch_size=4, seed=0)
-    metrics = ppo.evaluate(policy, noisy_copy(policy, seed=1, scale=0.2), None, RewardRecorder(),
-                           PROMPTS, cfg, "cpu")
-    generator, rows = torch.Generator().manual_seed(0), []
-    for i in range(0, len(PROMPTS), 4):
+    models = ppo_models(policy, noisy_copy(policy, seed=1, scale=0.2), None,
+                        reward_fn=RewardRecorder())
+    metrics = ppo.evaluate(models, PROMPTS, cfg)
+    rows = []
+    for b, i in enumerate(range(0, len(PROMPTS), 4)):
         queries, query_mask = pad_left(PROMPTS[i:i + 4])
+        generator = torch.Generator().manual_seed(0 + b)
         batch = sample_responses(policy, queries, query_mask, 12, 1.0, generator)
         rows += batch["responses"].tolist()
     assert any(EOS in r for r in rows) and not all(EOS in r for r in rows)
@@ -734,8 +744,8 @@ def rolled():
     cfg = ppo.Config(**ROLLOUT_SHAPE, **ROLLOUT)
     queries, query_mask = pad_left(PROMPTS)
     t0 = time.time()
-    batch, stats = ppo.rollout(policy, ref_policy, critic, None, queries, query_mask, cfg, KL_COEF,
-                               reward_fn=RewardRecorder(),
+    models = ppo_models(policy, ref_policy, critic, reward_fn=RewardRecorder())
+    batch, stats = ppo.rollout(models, queries, query_mask, cfg, KL_COEF,
                                generator=torch.Generator().manual_seed(5))
     return dict(policy=policy, ref_policy=ref_policy, critic=critic, cfg=cfg, batch=batch,
                 stats=stats, elapsed=time.time() - t0)
@@ -785,9 +795,9 @@ def test_rollout_with_a_reward_model_scores_with_it():
     response."""
     policy, rm = ragged_policy(), scalar_model(seed=9)
     queries, query_mask = pad_left(PROMPTS)
-    batch, stats = ppo.rollout(policy, noisy_copy(policy, 1, 0.2), scalar_model(seed=2), rm,
-                               queries, query_mask, ppo.Config(**ROLLOUT_SHAPE, **ROLLOUT), KL_COEF,
-                               generator=torch.Generator().manual_seed(5))
+    models = ppo_models(policy, noisy_copy(policy, 1, 0.2), scalar_model(seed=2), rm)
+    batch, stats = ppo.rollout(models, queries, query_mask, ppo.Config(**ROLLOUT_SHAPE, **ROLLOUT),
+                               KL_COEF, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = [last_output(rm, p + r[:hand_length(r)] + ([] if EOS in r else [EOS])).item()
                     for p, r in zip(PROMPTS, batch["responses"].tolist())]
@@ -886,6 +896,7 @@ def test_update_step_in_pieces_is_the_gradient_and_statistics_of_the_whole_minib
     assert both_clip, "the test needs both losses clipped"
     assert len(recorder.grads) == 1
     assert_close_grads(recorder.grads[0], gradients(loss, params))
+    expected["loss"] = loss.item()  # the objective's value, pg + vf_coef vf + ptx_coef ptx
     assert set(stats) == set(expected)
     for k, v in expected.items():
         assert stats[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
@@ -957,7 +968,7 @@ def test_update_syncs_ddp_gradients_once_after_the_last_micro_batch(rolled, monk
     batch = rolled["batch"]
     policy, critic = update_case(rolled)
     recorder = NoSyncRecorder()
-    monkeypatch.setattr(ppo, "no_sync", recorder)
+    monkeypatch.setattr(lib.ddp, "no_sync", recorder)
     cfg = update_config(grad_accum=3)
     ppo.ppo_update(policy, critic, GradRecorder(policy.parameters()), batch, cfg,
                    generator=torch.Generator())
@@ -976,7 +987,7 @@ def test_update_weights_its_losses_by_step_total_of_the_steps_response_and_ptx_t
     batch = rolled["batch"]
     policy, critic = update_case(rolled)
     calls = []
-    monkeypatch.setattr(ppo, "step_total", lambda n: calls.append(n) or 2.0 * n)
+    monkeypatch.setattr(lib.ddp, "step_total", lambda n: calls.append(n) or 2.0 * n)
     cfg = update_config(grad_accum=3, grad_clip=0.0, vf_coef=0.3, ptx_coef=0.7)
     params = list(policy.parameters()) + list(critic.parameters())
     recorder = GradRecorder(params)

@@ -233,12 +233,13 @@ def test_critic_starts_as_a_copy_of_the_reward_model_and_trains_apart_from_it(tm
     seen = []
     rollout = ppo.rollout
 
-    def capturing_rollout(policy, ref_policy, critic, reward_model, *args, **kwargs):
+    def capturing_rollout(models, *args, **kwargs):
+        critic, reward_model = models.critic, models.reward_model
         if not seen:
             rm_copy = None if reward_model is None else copy.deepcopy(reward_model.state_dict())
             seen.append(dict(critic=critic, reward_model=reward_model,
                              critic_state=copy.deepcopy(critic.state_dict()), rm_state=rm_copy))
-        return rollout(policy, ref_policy, critic, reward_model, *args, **kwargs)
+        return rollout(models, *args, **kwargs)
     monkeypatch.setattr(ppo, "rollout", capturing_rollout)
     result = ppo.train(train_config(tmp_path, reward_ckpt=reward_ckpt), reward_fn=reward_fn)
     start = seen[0]

@@ -224,9 +224,10 @@ def test_sft_step_on_one_of_two_identical_ranks_is_the_single_process_step(monke
     model, examples = sft_case()
     micro = [sft.collate(examples[:1]), sft.collate(examples[1:])]
     expected_loss, expected_grads = whole_batch_loss_and_grads(model, examples)
-    for module in (sft, lib.ddp):  # sft's loss over the ranks, and lib.ddp.step_total's token count
-        monkeypatch.setattr(module, "get_world_size", lambda: 2)
-        monkeypatch.setattr(module, "all_reduce_sum", lambda x: 2 * x)
+    # lib.ddp's token count (step_total) and the step's statistics over the ranks
+    monkeypatch.setattr(lib.ddp, "get_world_size", lambda: 2)
+    monkeypatch.setattr(lib.ddp, "all_reduce_sum", lambda x: [2 * v for v in x]
+                        if isinstance(x, list) else 2 * x)
     loss = sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
     assert loss == pytest.approx(expected_loss, abs=1e-5)
     assert_close_grads([p.grad for p in model.parameters()], expected_grads)
@@ -235,7 +236,7 @@ def test_sft_step_on_one_of_two_identical_ranks_is_the_single_process_step(monke
 def test_sft_step_syncs_ddp_gradients_once_after_the_last_micro_batch(monkeypatch):
     model, examples = sft_case()
     recorder = NoSyncRecorder()
-    monkeypatch.setattr(sft, "no_sync", recorder)
+    monkeypatch.setattr(lib.ddp, "no_sync", recorder)
     micro = [sft.collate(examples[:1]), sft.collate(examples[1:3]), sft.collate(examples[3:])]
     sft.accumulate_gradients(model.transformer, model, micro, contextlib.nullcontext())
     blocks = (model.transformer,)
