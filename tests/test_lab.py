@@ -762,7 +762,8 @@ def test_overoptimisation_plot_headline_marks_the_gold_peak_against_kl_in_words(
     fits = {"best_of_n": {"alpha": 0.1, "beta": 0.01}, "rl": {"alpha": 0.3, "beta": 0.2}}
     evaluate_lab.plot_overoptimisation(points, bon, fits, "o.png", "seed 1")
     headline = figures[0].axes[0]
-    assert headline.get_xlabel().startswith("KL to SFT (nats per response): ")
+    assert headline.get_xlabel().startswith("KL to SFT (nats per response")
+    assert "how far the policy has moved from SFT" in headline.get_xlabel()
     legend = [t.get_text() for t in headline.get_legend().get_texts()]
     assert any("gold" in t for t in legend) and any("reward model" in t for t in legend)
     assert "gold's peak: iteration 4, KL 6.0" in legend

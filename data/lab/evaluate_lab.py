@@ -361,7 +361,6 @@ STAGE_STYLE = {"base": ("#9e9e9e", "base (GPT)"), "sft": ("#1f77b4", "SFT"),
                "ppo_round1": ("#fdae61", "PPO round 1"), "ppo_round2": ("#f46d43", "PPO round 2"),
                "ppo": ("#a50026", "PPO"), "ppo_ptx": ("#762a83", "PPO-ptx"),
                "dpo": ("#1a9850", "DPO")}
-KL_AXIS = "KL to SFT (nats per response): how far the policy has moved from SFT"
 SQRT_KL_AXIS = "d = sqrt(KL to SFT), Gao et al.'s axis"
 
 
