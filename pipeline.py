@@ -19,8 +19,8 @@ demonstrations -> round 1: label.py ranks K = 8 samples per prompt, 4 of SFT and
 (twice, fresh samples each), with the noisy gold labeler -> reward.py -> ppo.py -> round 2: label.py
 ranks 4 samples of the round-1 PPO policy and 4 of SFT per prompt (twice) -> reward.py on both
 rounds -> ppo.py -> round 3: the same with the round-2 policy's samples -> reward.py (anew from SFT,
-on all three rounds) -> the final ppo.py (saving its EMA of the weights, as in the paper) -> ppo.py
-with PPO-ptx (the corpus as pretraining mix) -> DPO on every ranking -> an over-optimisation run
+on all three rounds) -> DPO on every ranking -> the final ppo.py (saving its EMA of the weights, as
+in the paper) -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> an over-optimisation run
 (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) -> data/lab/evaluate_lab.py:
 every policy judged by the exact gold on held-out prompts, DIR/results.json, DIR/results.md, plots.
 The gold function reaches the reward models only through label.py's rankings.
@@ -80,8 +80,9 @@ CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD
 KL_COEF = 0.1
 # PPO's (lr, iters). The round-2 and final policies take smaller steps for longer than round 1: at
 # round 1's step size, PPO's own seed alone decided whether the round-2 policy won or went back to
-# fabricating (data/lab/README.md, "PPO's own seed"). Round 1 keeps the larger steps: its drift to
-# wrong values is what the round-2 rankings teach the reward model to penalise.
+# fabricating (data/lab/EXPERIMENTS.md, "Later PPO runs take smaller steps for longer"). Round 1
+# keeps the larger steps: its drift to wrong values is what the round-2 rankings teach the reward
+# model to penalise.
 ROUND1_PPO = ("3e-4", 30)
 ROUND2_PPO = ("1e-4", 60)
 FINAL_PPO = ("1e-4", 90)
@@ -89,7 +90,8 @@ FINAL_PPO = ("1e-4", 90)
 # (appendix C.4): the rollouts come from the live weights, the EMA is what is saved and evaluated.
 # At 0.992 the EMA averages over about the last 125 optimizer steps, so the final run is 90
 # iterations (360 steps) rather than round 2's 60, for the average to catch up with the live
-# weights (data/lab/README.md, "The paper's EMA of the final policies").
+# weights (data/lab/EXPERIMENTS.md, "The final policies are the paper's EMA, after 90
+# iterations").
 # DEVIATION: the round-1 and round-2 policies are their live weights; their exploits are what the
 # next round's rankings teach the reward model to penalise.
 FINAL_EMA = ["--ema_decay", "0.992"]
@@ -120,7 +122,7 @@ LAB_CONFIGS = {
 # The knobs a user sets by flag: (type, check, what the check requires).
 KNOBS = {
     "kl_coef": (float, lambda v: 0 <= v <= 10, "a number in [0, 10] (the KL penalty's beta; 0 is "
-                "no penalty); DPO's beta too"),
+                "no penalty); DPO's beta too (0.1 when it is 0)"),
     "ptx_coef": (float, lambda v: 0 < v <= 100, "a number in (0, 100] (PPO-ptx's weight of the "
                  "pretraining loss; ptx off is the ppo row)"),
     "rounds": (int, lambda v: 1 <= v <= 3, "1, 2 or 3 (labeling rounds)"),
@@ -194,6 +196,13 @@ def reward(a, d, init_from, train_files, out_dir):
             "--eval_interval", quick(a, 10, 1), "--seed", str(a.seed)]
 
 
+def dpo_beta(a):
+    """DPO's beta is PPO's kl_coef, the same trade-off (Rafailov et al. 2023, eq. 3). With
+    --kl_coef 0 DPO keeps the default's: at beta 0 its loss is log 2 on every pair and its gradient
+    zero (dpo.py refuses it)."""
+    return a.kl_coef if a.kl_coef > 0 else KL_COEF
+
+
 def ppo(a, data, sft_ckpt, reward_ckpt, out_dir, *extra, kl_coef=None, every=None,
         steps=ROUND1_PPO):
     """A lab PPO run; `steps` = (lr, iters); kl_coef defaults to --kl_coef."""
@@ -237,8 +246,8 @@ def lab_steps(a):
             # DEVIATION: the paper ranks each prompt once; the world has only 283 labeling prompts,
             # so each is ranked twice with fresh samples. More comparisons per prompt raise the
             # reward model's agreement with the gold; more distinct prompts for the same number of
-            # comparisons show each fact in several phrasings (data/lab/README.md, "Checking a
-            # value").
+            # comparisons show each fact in several phrasings (data/lab/EXPERIMENTS.md, "Each fact
+            # is asked in ten phrasings").
             # DEVIATION: half of round 1's K samples come from the base model, half from SFT (the
             # paper's comparisons are of several models' outputs). SFT's demonstrations removed the
             # corpus's evasive and wrong answers to factual questions; a reward model that never
@@ -256,7 +265,8 @@ def lab_steps(a):
             # K/2 of SFT per prompt, ranked; the reward model retrained on every round so far
             # learns what the previous one missed (the policy's exploits). A third round ranks the
             # wrong values the round-2 policy still finds ("The flag of Kaze is blue."), which
-            # raises the final policy's helpfulness (data/lab/README.md, "A third round").
+            # raises the final policy's helpfulness (data/lab/EXPERIMENTS.md, "A third round, its
+            # reward model trained anew from SFT").
             steps.append((f"label_round{r}", label(
                 a, data, f"{d}/ppo_round{r - 1}/ckpt.pt,{sft_ckpt}", "prompts_label.jsonl",
                 f"{d}/{files[-1]}", a.label_noise, quick(a, 0, 4), a.seed + r, repeat)))
@@ -278,7 +288,7 @@ def lab_steps(a):
         ("dpo", [PY, "dpo.py", "--init_from", sft_ckpt, "--data_dir", d,
                  "--train_files", rankings, "--val_files", "rankings_val.jsonl",
                  "--out_dir", f"{d}/dpo", "--max_prompt_tokens", "32",
-                 "--max_response_tokens", "40", "--beta", str(a.kl_coef), "--batch_size", "32",
+                 "--max_response_tokens", "40", "--beta", str(dpo_beta(a)), "--batch_size", "32",
                  "--max_steps", quick(a, lab["dpo_steps"], 2), "--lr", "1e-4",
                  "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 25, 1),
                  "--seed", str(a.seed)]),

@@ -259,10 +259,11 @@ def adaptive_kl_coef(kl_coef, kl, kl_target, horizon, n_steps):
 
 
 @torch.no_grad()
-def ema_update(ema, params, decay):
+def ema_update(ema, policy, decay):
     """The policy's exponential moving average (InstructGPT, appendix C.4: decay 0.992), after every
     optimizer step: ema <- decay ema + (1 - decay) theta, for each trained parameter (with LoRA, the
-    adapters)."""
+    adapters). `policy` may be DDP-wrapped."""
+    params = dict(getattr(policy, "module", policy).named_parameters())
     for name, average in ema.items():
         average.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
 
@@ -325,19 +326,15 @@ def rollout(models, queries, query_mask, cfg, kl_coef, *, generator=None, iterat
 
 def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None,
                iteration="?", ema=None):
-    """Step 5: `noptepochs` passes over the batch in shuffled minibatches, one optimizer step each,
-    minimising pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss. Returns each statistic's mean over
-    the steps. `generator` (a CPU torch.Generator) shuffles the minibatches; `ptx_batches` yields a
-    batch of pretraining text per step (PPO-ptx); `ema` ({name: average}, --ema_decay) follows the
-    trained weights. A minibatch may run in micro-batches (grad_accum) on several ranks:
-    lib/ddp.py's accumulate_gradients makes that the same update as one batch on one process."""
-    policy.train()
-    critic.train()
-
+    """Step 5: `noptepochs` passes over the batch in shuffled minibatches (`generator`), one
+    optimizer step each, minimising pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss; `ptx_batches`
+    yields each step's pretraining text (PPO-ptx), `ema` follows the weights (--ema_decay). Returns
+    each statistic's mean over the steps. A step may run in micro-batches (grad_accum) on several
+    ranks: lib/ddp.py's accumulate_gradients makes that the update of one batch on one process."""
     def loss_fn(mb, share):  # one micro-batch; share: its part of the step's tokens (1 if whole)
-        logprobs = policy_logprobs(policy, mb["ids"], mb["attention_mask"], mb["n_query"],
-                                   cfg.temperature)  # (b, R)
-        values = critic_values(critic, mb["ids"], mb["attention_mask"], mb["n_query"])  # (b, R)
+        ids, attention_mask, n_query = mb["ids"], mb["attention_mask"], mb["n_query"]
+        logprobs = policy_logprobs(policy, ids, attention_mask, n_query, cfg.temperature)  # (b, R)
+        values = critic_values(critic, ids, attention_mask, n_query)  # (b, R)
         pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(
             logprobs, mb["logprobs"], mb["advantages"], mb["response_mask"], cfg.cliprange)
         vf_loss, vf_clipfrac = ppo_value_loss(
@@ -348,27 +345,34 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
                 + share["ptx"] * cfg.ptx_coef * ptx_loss)
         stats = dict(pg_loss=pg_loss, vf_loss=vf_loss, pg_clipfrac=pg_clipfrac,
                      vf_clipfrac=vf_clipfrac, approx_kl=approx_kl)
-        return loss, {"rollout": stats, "ptx": {"ptx_loss": ptx_loss} if cfg.ptx_coef > 0 else {}}
+        return loss, {"rollout": stats, "ptx": {"ptx_loss": ptx_loss} if cfg.ptx_coef else {}}
 
-    params = dict(getattr(policy, "module", policy).named_parameters())  # (unwrapped from DDP)
+    policy.train()
+    critic.train()
     steps = []
     for _ in range(cfg.noptepochs):
-        order = torch.randperm(batch["ids"].size(0), generator=generator).to(batch["ids"].device)
+        order = torch.randperm(len(batch["ids"]), generator=generator).to(batch["ids"].device)
         for start in range(0, len(order), cfg.minibatch_size):
-            ptx = next(ptx_batches) if cfg.ptx_coef > 0 else None
+            ptx = next(ptx_batches) if cfg.ptx_coef > 0 else None  # PPO-ptx: pretraining text
             micro, counts = micro_batches(batch, order[start:start + cfg.minibatch_size], ptx,
                                           cfg.grad_accum)
             steps.append(accumulate_gradients(loss_fn, micro, counts, (policy, critic),
                                               step=iteration, what="the PPO loss"))
-            if cfg.grad_clip > 0:  # separately: the critic's large early gradients must not
-                clip = torch.nn.utils.clip_grad_norm_  # shrink the policy's step
-                steps[-1]["grad_norm"] = clip(policy.parameters(), cfg.grad_clip).item()
-                clip(critic.parameters(), cfg.grad_clip)
+            if cfg.grad_clip > 0:
+                steps[-1]["grad_norm"] = clip_separately(policy, critic, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema:
-                ema_update(ema, params, cfg.ema_decay)
+                ema_update(ema, policy, cfg.ema_decay)
     return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+
+
+def clip_separately(policy, critic, max_norm):
+    """Clip the policy's and the critic's gradients each to max_norm: the critic's large early
+    value gradients must not shrink the policy's step. Returns the policy's norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm)
+    return norm.item()
 
 
 def minibatch(batch, idx):
@@ -754,7 +758,7 @@ def train(cfg, reward_fn=None):
                                 s.ema)
             panels = dict(PANELS, **({"judge: win rate vs SFT (eval)": ["eval_win_rate"]}
                                      if s.judge else {}))
-            plot_metrics(s.log.path, s.png_path, panels,
+            plot_metrics(s.log.path, s.png_path, panels, xlabel="iteration",
                          title=f"PPO ({cfg.preset or 'custom'}, {cfg.sft_ckpt})")
     print(f"done: score {metrics.get('score', float('nan')):.4f} | "
           f"kl {metrics.get('kl', float('nan')):.4f} | saved {s.ckpt_path} and {s.png_path} | "

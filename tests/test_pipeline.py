@@ -131,6 +131,15 @@ def test_each_knob_reaches_the_steps_it_names():
     assert flag_of(steps, "evaluate", "--label_noise") == "0.0"
 
 
+def test_kl_coef_0_turns_the_ppo_penalty_off_and_dpo_keeps_a_beta_it_can_train_with():
+    """DPO's beta is PPO's kl_coef, but dpo.py refuses beta 0 (its loss would be log 2 on every
+    pair): with --kl_coef 0 the PPO runs have no penalty and DPO keeps the default's 0.1."""
+    steps = step_commands("lab", "--config", "class", "--kl_coef", "0")
+    assert all(flag_of(steps, name, "--kl_coef") == "0.0"
+               for name, argv in steps if argv[1] == "ppo.py" and name != "overopt")
+    assert flag_of(steps, "dpo", "--beta") == "0.1"
+
+
 @pytest.mark.parametrize("rounds", [1, 2, 3])
 def test_fewer_rounds_skip_the_later_rounds_and_train_the_final_models_on_the_rounds_run(rounds):
     steps = step_commands("lab", "--rounds", str(rounds), "--out_dir", "out/r")
