@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,6 +62,18 @@ def gzip_fixtures(dest):
         (dest / src.parent.name).mkdir(parents=True, exist_ok=True)
         (dest / src.parent.name / (src.name + ".gz")).write_bytes(gzip.compress(src.read_bytes()))
     return dest
+
+
+@pytest.fixture(scope="session")
+def quick_lab(tmp_path_factory):
+    """One `pipeline.py --task lab --quick --in_process` run for the whole session (its folder and
+    what it printed): tests/test_lab.py checks its results' shape, tests/test_course.py compares a
+    student copy's run with it."""
+    out = tmp_path_factory.mktemp("quick_lab") / "lab"
+    run = subprocess.run([sys.executable, "pipeline.py", "--task", "lab", "--quick", "--in_process",
+                          "--out_dir", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out, run.stdout
 
 
 @pytest.fixture(scope="session")

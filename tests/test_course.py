@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -303,20 +302,18 @@ def without_timing(value):
     return value
 
 
-def test_the_copy_with_the_reference_bodies_gives_the_reference_quick_lab(solved, tmp_path):
+def test_the_copy_with_the_reference_bodies_gives_the_reference_quick_lab(solved, tmp_path,
+                                                                          quick_lab):
     """The lab as the final exam: the student copy (here with the reference bodies) runs the quick
-    lab to the same results.json as the repository, seed for seed. Both run at once."""
-    def lab(folder, out):
-        command = [sys.executable, "pipeline.py", "--task", "lab", "--quick", "--in_process",
-                   "--out_dir", str(out)]
-        result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        with open(os.path.join(out, "results.json")) as f:
-            return json.load(f)
-
-    with ThreadPoolExecutor(2) as pool:
-        student = pool.submit(lab, solved, tmp_path / "student")
-        reference = pool.submit(lab, REPO, tmp_path / "reference")
-        student, reference = student.result(), reference.result()
+    lab to the same results.json as the repository's (conftest's quick_lab), seed for seed."""
+    out = tmp_path / "student"
+    command = [sys.executable, "pipeline.py", "--task", "lab", "--quick", "--in_process",
+               "--out_dir", str(out)]
+    result = subprocess.run(command, cwd=solved, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(os.path.join(out, "results.json")) as f:
+        student = json.load(f)
+    with open(os.path.join(quick_lab[0], "results.json")) as f:
+        reference = json.load(f)
     as_text = [json.dumps(without_timing(r), sort_keys=True) for r in (student, reference)]
     assert as_text[0] == as_text[1]  # as text: NaN (no premise prompt in --quick) equals NaN

@@ -205,11 +205,8 @@ def test_training_stages_never_reach_the_gold_function(stage):
     assert "data/lab" not in source and "gold" not in source.lower()
 
 
-def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
-    out = tmp_path / "lab"
-    run = subprocess.run([sys.executable, "pipeline.py", "--task", "lab", "--quick", "--in_process",
-                          "--out_dir", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+def test_lab_pipeline_quick_writes_results_of_the_documented_shape(quick_lab):
+    out, stdout = quick_lab
     with open(out / "results.json") as f:
         results = json.load(f)
     assert isinstance(results["seed"], int) and isinstance(results["minutes"], float)
@@ -248,7 +245,7 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(tmp_path):
     md = (out / "results.md").read_text()
     assert "| dpo |" in md and "Columns: gold score" in md
     # a smoke test says so, where it starts and where its results are read
-    assert md.startswith("**--quick: a smoke test") and "numbers mean nothing" in run.stdout[:2000]
+    assert md.startswith("**--quick: a smoke test") and "numbers mean nothing" in stdout[:2000]
     assert results["settings"] == {"config": "full", "kl_coef": 0.1, "ptx_coef": 1.0, "rounds": 3,
                                    "k": 8, "rankings_per_prompt": 2, "label_noise": 1.5,
                                    "ppo_iters": 90, "quick": True}
