@@ -168,7 +168,8 @@ def accumulate_gradients(loss_fn, micro_batches, counts, modules, step="?", what
 
     DDP: modules (the trained, DDP-wrapped models) all-reduce once, in the last micro-batch's
     backward. A loss that is NaN or inf stops the run before the optimizer can apply it
-    (lib/training.py). Returns {name: the step's mean over all ranks, "loss": the step's loss}."""
+    (lib/training.py). Returns {name: the step's mean over all ranks, "loss": the step's loss}
+    ("loss" is this function's: a stat of that name would be counted twice)."""
     totals = {part: step_total(sum(c[part] for c in counts)) for part in counts[0]}
     sums = {"loss": 0.0}
     for j, (mb, count) in enumerate(zip(micro_batches, counts)):
