@@ -731,18 +731,19 @@ def train(cfg, reward_fn=None):
         with s.ctx:
             # 1.-4. rollout and score, logprobs and values, KL-shaped reward, GAE
             generator = torch.Generator(device=s.device).manual_seed(s.seed + it)
-            batch, metrics = rollout(m, queries, query_mask, cfg, kl_coef, generator=generator,
-                                     iteration=it + 1)
+            batch, metrics = rollout(m, queries, query_mask, cfg, kl_coef=kl_coef,
+                                     generator=generator, iteration=it + 1)
             # 5. PPO epochs: pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss
             t1 = time.time()
-            metrics.update(ppo_update(s.policy_ddp, s.critic_ddp, s.optimizer, batch, cfg,
-                                      ptx_batches, torch.Generator().manual_seed(s.seed + it),
-                                      iteration=it + 1, ema=s.ema))
+            metrics.update(ppo_update(s.policy_ddp, s.critic_ddp, s.optimizer, batch, cfg=cfg,
+                                      ptx_batches=ptx_batches, iteration=it + 1, ema=s.ema,
+                                      generator=torch.Generator().manual_seed(s.seed + it)))
         metrics.update(kl_coef=kl_coef, lr=lr, t_update=time.time() - t1, t_iter=time.time() - t0)
         # 6. KL coefficient: fixed, or adapted to this batch's KL (all ranks' episodes)
         if cfg.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon,
-                                       cfg.batch_size * get_world_size())
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], kl_target=cfg.kl_target,
+                                       horizon=cfg.kl_horizon,
+                                       n_steps=cfg.batch_size * get_world_size())
 
         step = it + 1
         if step % cfg.sample_every == 0 or step == 1:
@@ -754,8 +755,8 @@ def train(cfg, reward_fn=None):
                                        "eval_win_rate", "pg_loss", "vf_loss", "entropy",
                                        "resp_len", "t_generate", "t_update", "t_iter"])
         if evaluating:
-            save_ppo_checkpoint(s.ckpt_path, m.policy, m.critic, s.optimizer, cfg, step, kl_coef,
-                                s.ema)
+            save_ppo_checkpoint(s.ckpt_path, m.policy, m.critic, s.optimizer, cfg=cfg,
+                                iteration=step, kl_coef=kl_coef, ema=s.ema)
             panels = dict(PANELS, **({"judge: win rate vs SFT (eval)": ["eval_win_rate"]}
                                      if s.judge else {}))
             plot_metrics(s.log.path, s.png_path, panels, xlabel="iteration",
