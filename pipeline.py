@@ -99,7 +99,8 @@ FINAL_EMA = ["--ema_decay", "0.992"]
 # inter-labeler agreement (README)
 LABEL_NOISE = 1.5
 
-# The lab's settings. "full" is the lab; "class" the class lab, within 5 minutes on a 2-core CPU.
+# The lab's settings. "full" is the lab; "class" the class lab, meant to take at most 5 minutes on
+# a 2-core CPU (about 4.7 by the full lab's step times; not yet timed on its own).
 # The class lab is the full lab's first round: the same world, base model, SFT, rankings and
 # reward model, and its PPO policy is the full lab's round-1 policy (round 1's larger steps for 30
 # iterations, its live weights: a 0.992 EMA needs more steps than that to catch up). One round
