@@ -131,11 +131,11 @@ def write(page, blocks):
     with open(page) as f:
         text = f.read()
     for name, table in blocks.items():
-        pattern = re.compile(rf"(<!-- experiments:{name} -->\n).*?(\n<!-- /experiments:{name} -->)",
+        pattern = re.compile(rf"(<!-- experiments:{name} -->\n).*?(<!-- /experiments:{name} -->)",
                              re.S)
         if not pattern.search(text):
             sys.exit(f"error: {page} has no <!-- experiments:{name} --> block")
-        text = pattern.sub(lambda m: m.group(1) + "\n" + table + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + "\n" + table + "\n\n" + m.group(2), text)
     with open(page + ".tmp", "w") as f:
         f.write(text)
     os.replace(page + ".tmp", page)
