@@ -127,8 +127,15 @@ class Config:
     vf_coef: float = 0.1  # weight of the value loss (lm-human-preferences: 0.1)
     gamma: float = 1.0  # GAE discount (paper: 1); not eq. (2)'s gamma, which is ptx_coef
     lam: float = 0.95  # GAE lambda (paper: 0.95)
+    # the advantage: gae (the paper's, with the critic) or a critic-free estimator of the responses
+    # to one prompt (rloo, grpo, dr_grpo: samples_per_prompt >= 2) or of the batch (reinforce_pp)
+    advantage_estimator: str = "gae"
+    samples_per_prompt: int = 1  # K responses sampled per prompt; batch_size is prompts x K
+    loss_agg: str = "token_mean"  # how the policy loss averages its tokens (see aggregate)
     # rlhf
     kl_coef: float = 0.02  # beta, InstructGPT eq. (2) (paper: 0.02)
+    kl_penalty: str = "reward"  # where beta KL goes: per-token reward (paper) or the loss (GRPO)
+    kl_estimator: str = "k1"  # the per-token KL sample: k1, k2 or k3 (see kl_estimate)
     adaptive_kl: bool = False  # adapt kl_coef towards kl_target (Ziegler et al. 2019, 2.2)
     kl_target: float = 6.0  # adaptive controller's KL per response, nats (lm-human-preferences: 6)
     kl_horizon: int = 10000  # episodes over which the controller acts (Ziegler et al.: 10000)
@@ -148,7 +155,11 @@ class Config:
     dtype: str = "auto"  # autocast: auto = bfloat16 on CUDA, float32 on CPU; or bfloat16, float32
     seed: int = 1337
 
-    RANGES = {"temperature": "> 0"}  # logprobs divide the logits by it (lib/config.py says >= 0)
+    # temperature: logprobs divide the logits by it (lib/config.py allows 0)
+    RANGES = {"temperature": "> 0", "samples_per_prompt": ">= 1",
+              "advantage_estimator": ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"),
+              "kl_penalty": ("reward", "loss"), "kl_estimator": ("k1", "k2", "k3"),
+              "loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")}
     PATHS = {"out_dir": "out_dir", "data_dir": "dir", "sft_ckpt": "model", "reward_ckpt": "model",
              "judge_ckpt": "model", "ptx_file": "file"}  # checked where the flags are parsed
 
@@ -188,12 +199,34 @@ def whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(global_masked_mean((x - mean) ** 2, mask) + eps) * mask
 
 
-def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+def kl_estimate(logprobs, ref_logprobs, estimator="k1"):
+    """A per-token sample of KL(pi || pi_ref) at the sampled token y_t ~ pi, from x = log pi(y_t) -
+    log pi_ref(y_t) (J. Schulman, "Approximating KL Divergence", 2020):
+        k1 = x                   unbiased, can be negative (the paper's: log(pi_RL / pi_SFT), eq. 2)
+        k2 = x^2 / 2             biased, >= 0
+        k3 = exp(-x) - 1 + x     unbiased, >= 0 (GRPO's, Shao et al. 2024, eq. 4)
+    Unbiased for the VALUE of the KL; their GRADIENTS in a loss differ (tests/test_optimum.py):
+    through the current logprobs with sampling stopped, k1's expected gradient is 0, k2's is that
+    of KL(pi || pi_ref) at each state, k3's that of the forward KL(pi_ref || pi).
+    (B, T) -> (B, T)."""
+    x = logprobs - ref_logprobs  # (B, T)
+    if estimator == "k1":
+        return x
+    if estimator == "k2":
+        return 0.5 * x ** 2
+    if estimator == "k3":
+        return torch.exp(-x) - 1 + x
+    raise ValueError(f"unknown kl_estimator {estimator!r} (k1, k2 or k3)")
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator="k1"):
     """InstructGPT eq. (2) as a per-token reward: r_t = -beta (log pi_RL(y_t) - log pi_SFT(y_t)),
     plus the reward model's score r_theta(x, y) on the last response token (Ziegler et al. 2019).
-    scores (B,), logprobs, ref_logprobs, mask (B, T) -> rewards (B, T), kl (B, T) (0 on padding)."""
+    Another kl_estimator pays its sample instead of the log-ratio (k1); kl_coef 0 leaves the score
+    alone (--kl_penalty loss). scores (B,), logprobs, ref_logprobs, mask (B, T) -> rewards (B, T),
+    kl (B, T): the log-ratio, whose sum over t is a sample of the response's KL (0 on padding)."""
     kl = (logprobs - ref_logprobs) * mask  # (B, T) summed over t: the log-ratio of y, a KL sample
-    rewards = -kl_coef * kl  # (B, T)
+    rewards = -kl_coef * kl_estimate(logprobs, ref_logprobs, kl_estimator) * mask  # (B, T)
     last = last_token_index(mask)  # (B,) the EOS if the response has one
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype)), kl
 
@@ -216,14 +249,80 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages, advantages + values
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
-    """PPO eq. (7): -E[min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)], ratio = pi / pi_old (eq. 6).
-    Returns (loss, clipfrac, approx_kl); approx_kl = E[ratio - 1 - log ratio] (always >= 0)."""
+def group_advantages(returns, samples_per_prompt, estimator):
+    """Critic-free advantages of whole responses from the K = samples_per_prompt responses to the
+    same prompt (contiguous in `returns`, (B,): each response's return, the score minus beta times
+    its KL when the KL is in the reward). With R_i the return of response i of its group:
+        rloo     R_i - mean_{j != i} R_j         (Ahmadian et al. 2024, "Back to Basics")
+        dr_grpo  R_i - mean_j R_j                (Liu et al. 2025, "Understanding R1-Zero-Like
+                                                 Training", Dr. GRPO)
+        grpo     (R_i - mean_j R_j) / (std_j R_j + 1e-6), the std unbiased (Bessel), as torch.std
+                                                 (Shao et al. 2024, DeepSeekMath, section 4.1.2)
+    rloo's baseline leaves out the sample itself, so it is unbiased; dr_grpo's is (K-1)/K times
+    rloo's (the same direction); grpo divides by the group's own spread. -> (B,)"""
+    K = samples_per_prompt
+    groups = returns.view(-1, K)  # (prompts, K)
+    if estimator == "rloo":
+        return (groups - (groups.sum(1, keepdim=True) - groups) / (K - 1)).view(-1)
+    centred = groups - groups.mean(1, keepdim=True)
+    if estimator == "dr_grpo":
+        return centred.view(-1)
+    if estimator == "grpo":
+        return (centred / (groups.std(1, keepdim=True) + 1e-6)).view(-1)
+    raise ValueError(f"unknown group estimator {estimator!r} (rloo, grpo or dr_grpo)")
+
+
+def compute_advantages(rewards, values, mask, cfg):
+    """Step 4: advantages (B, T) and the critic's returns (B, T) by cfg.advantage_estimator.
+    gae           GAE on the critic's values, whitened over the batch (the paper's, C.4)
+    reinforce_pp  each token's return-to-go sum_{s >= t} gamma^(s-t) r_s, no critic (GAE with
+                  V = 0 and lambda = 1), whitened over the batch's tokens: REINFORCE++ (Hu et al.
+                  2025, arXiv:2501.03262: A_t = r(x, y) - beta sum_{i >= t} KL_i, normalised by
+                  the global batch's mean and std)
+    rloo, grpo, dr_grpo  group_advantages of each response's return sum_t r_t, the same for every
+                  one of its tokens (Ahmadian et al. 2024; Shao et al. 2024; Liu et al. 2025)
+    The returns are the critic's targets (gae only; None otherwise)."""
+    if cfg.advantage_estimator == "gae":
+        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # (B, T)
+        return whiten(advantages, mask), returns
+    if cfg.advantage_estimator == "reinforce_pp":
+        returns_to_go, _ = compute_gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
+        return whiten(returns_to_go, mask), None
+    per_response = group_advantages(rewards.sum(1), cfg.samples_per_prompt,
+                                    cfg.advantage_estimator)  # (B,)
+    return per_response[:, None] * mask, None  # (B, T)
+
+
+def aggregate(losses, mask, loss_agg="token_mean"):
+    """The policy loss's average of its per-token terms (B, T) -> scalar:
+        token_mean           sum over every token / number of tokens: long responses weigh more
+                             (this project's default, InstructGPT's code, OpenRLHF, verl, DAPO)
+        seq_mean_token_mean  each response's token mean, then their mean: a token of a long
+                             response weighs less (GRPO as published, TRL loss_type "grpo")
+        seq_mean_token_sum   each response's token sum, then their mean: every token weighs the
+                             same whatever its response's length (Dr. GRPO's fix, up to its
+                             constant divisor; verl "seq-mean-token-sum")"""
+    mask = mask.to(losses.dtype)
+    if loss_agg == "token_mean":
+        return (losses * mask).sum() / mask.sum().clamp(min=1)
+    per_response = (losses * mask).sum(1)  # (B,)
+    if loss_agg == "seq_mean_token_mean":
+        per_response = per_response / mask.sum(1).clamp(min=1)
+    elif loss_agg != "seq_mean_token_sum":
+        raise ValueError(f"unknown loss_agg {loss_agg!r}")
+    return per_response.mean()
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_agg="token_mean"):
+    """PPO eq. (7): -E[min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)], ratio = pi / pi_old (eq. 6),
+    averaged over tokens by `aggregate`. Returns (loss, clipfrac, approx_kl); approx_kl =
+    E[ratio - 1 - log ratio] (always >= 0)."""
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)
     losses = -advantages * ratio
     losses_clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(losses, losses_clipped), mask)  # max of negatives: eq. (7)'s min
+    # max of negatives: eq. (7)'s min
+    loss = aggregate(torch.max(losses, losses_clipped), mask, loss_agg)
     with torch.no_grad():
         clipfrac = masked_mean((losses_clipped > losses).float(), mask)
         approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
@@ -303,21 +402,27 @@ def rollout(models, queries, query_mask, cfg, kl_coef, *, generator=None, iterat
     # 2. logprobs and values: one forward each, logits divided by the sampling temperature
     logprobs = policy_logprobs(models.policy, ids, attention_mask, P, cfg.temperature)  # (B, R)
     ref_logprobs = policy_logprobs(models.ref_policy, ids, attention_mask, P, cfg.temperature)
-    models.critic.eval()
-    values = critic_values(models.critic, ids, attention_mask, P)  # (B, R)
-    # 3. KL-shaped reward, InstructGPT eq. (2)
-    rewards, kl = compute_rewards(batch["scores"], logprobs, ref_logprobs, mask, kl_coef)  # (B, R)
-    # 4. GAE; returns from the raw advantages, then advantages whitened over the batch's tokens
-    advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # (B, R)
-    advantages = whiten(advantages, mask)
+    values = torch.zeros_like(logprobs)  # (B, R) no critic: the estimator needs no values
+    if models.critic is not None:
+        models.critic.eval()
+        values = critic_values(models.critic, ids, attention_mask, P)  # (B, R)
+    # 3. KL-shaped reward, InstructGPT eq. (2) (--kl_penalty loss: the score alone, the KL is paid
+    # in the loss)
+    beta = kl_coef if cfg.kl_penalty == "reward" else 0.0
+    rewards, kl = compute_rewards(batch["scores"], logprobs, ref_logprobs, mask, beta,
+                                  cfg.kl_estimator)  # (B, R)
+    # 4. advantages: GAE on the critic's values, whitened (or a critic-free estimator)
+    advantages, returns = compute_advantages(rewards, values, mask, cfg)  # (B, R)
     batch.update(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
                  kl=kl, advantages=advantages, returns=returns)
     # statistics over the batches of all ranks; the entropy E_y~pi[-log pi(y)] is estimated from
     # the sampled tokens (free; the exact value would cost another pass over the (B, R, V) logits)
     mean = global_masked_mean
-    stats = {"score": mean(batch["scores"]).item(), "reward": mean(rewards.sum(1)).item(),
+    objective = batch["scores"] - kl_coef * kl.sum(1)  # (B,) eq. (2) with the KL's k1 sample
+    stats = {"score": mean(batch["scores"]).item(), "reward": mean(objective).item(),
              "kl": mean(kl.sum(1)).item(), "entropy": mean(-logprobs, mask).item(),
-             "explained_var": explained_variance(values, returns, mask).item(),
+             **({"explained_var": explained_variance(values, returns, mask).item()}
+                if returns is not None else {}),
              "resp_len": mean(mask.float().sum(1)).item(),
              "eos_frac": mean(batch["has_eos"].float()).item(),
              "t_generate": t_generate, "t_forward": time.time() - t0 - t_generate}
@@ -327,36 +432,47 @@ def rollout(models, queries, query_mask, cfg, kl_coef, *, generator=None, iterat
 def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generator=None,
                iteration="?", ema=None):
     """Step 5: `noptepochs` passes over the batch in shuffled minibatches (`generator`), one
-    optimizer step each, minimising pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss; `ptx_batches`
-    yields each step's pretraining text (PPO-ptx), `ema` follows the weights (--ema_decay). Returns
-    each statistic's mean over the steps. A step may run in micro-batches (grad_accum) on several
-    ranks: lib/ddp.py's accumulate_gradients makes that the update of one batch on one process."""
+    optimizer step each, minimising pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss (+ kl_coef *
+    kl_loss with --kl_penalty loss; no vf_loss without a critic, critic None); `ptx_batches` yields
+    each step's pretraining text (PPO-ptx), `ema` follows the weights (--ema_decay). Returns each
+    statistic's mean over the steps. A step may run in micro-batches (grad_accum) on several ranks:
+    lib/ddp.py's accumulate_gradients makes that the update of one batch on one process."""
     def loss_fn(mb, share):  # one micro-batch; share: its part of the step's tokens (1 if whole)
         ids, attention_mask, n_query = mb["ids"], mb["attention_mask"], mb["n_query"]
+        mask = mb["response_mask"]  # (b, R)
         logprobs = policy_logprobs(policy, ids, attention_mask, n_query, cfg.temperature)  # (b, R)
-        values = critic_values(critic, ids, attention_mask, n_query)  # (b, R)
         pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(
-            logprobs, mb["logprobs"], mb["advantages"], mb["response_mask"], cfg.cliprange)
-        vf_loss, vf_clipfrac = ppo_value_loss(
-            values, mb["values"], mb["returns"], mb["response_mask"], cfg.cliprange_value)
+            logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange, cfg.loss_agg)
+        stats = dict(pg_loss=pg_loss, pg_clipfrac=pg_clipfrac, approx_kl=approx_kl)
+        loss = pg_loss
+        if critic is not None:
+            values = critic_values(critic, ids, attention_mask, n_query)  # (b, R)
+            vf_loss, vf_clipfrac = ppo_value_loss(
+                values, mb["values"], mb["returns"], mask, cfg.cliprange_value)
+            loss = loss + cfg.vf_coef * vf_loss
+            stats.update(vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
+        if cfg.kl_penalty == "loss":  # eq. (2)'s KL as a loss, its gradient through logprobs (GRPO)
+            kl_loss = aggregate(kl_estimate(logprobs, mb["ref_logprobs"], cfg.kl_estimator), mask,
+                                cfg.loss_agg)
+            loss = loss + cfg.kl_coef * kl_loss
+            stats.update(kl_loss=kl_loss)
         ptx_loss = lm_loss(policy, *mb["ptx"]) if share["ptx"] > 0 else 0.0  # -log pi_RL(x)
         # InstructGPT eq. (2) through PPO's clipped surrogate, eq. (7)
-        loss = (share["rollout"] * (pg_loss + cfg.vf_coef * vf_loss)
-                + share["ptx"] * cfg.ptx_coef * ptx_loss)
-        stats = dict(pg_loss=pg_loss, vf_loss=vf_loss, pg_clipfrac=pg_clipfrac,
-                     vf_clipfrac=vf_clipfrac, approx_kl=approx_kl)
+        loss = share["rollout"] * loss + share["ptx"] * cfg.ptx_coef * ptx_loss
         return loss, {"rollout": stats, "ptx": {"ptx_loss": ptx_loss} if cfg.ptx_coef else {}}
 
-    policy.train()
-    critic.train()
+    trained = (policy,) if critic is None else (policy, critic)
+    for m in trained:
+        m.train()
+    per = "token" if cfg.loss_agg == "token_mean" else "response"  # what a step's mean is over
     steps = []
     for _ in range(cfg.noptepochs):
         order = torch.randperm(len(batch["ids"]), generator=generator).to(batch["ids"].device)
         for start in range(0, len(order), cfg.minibatch_size):
             ptx = next(ptx_batches) if cfg.ptx_coef > 0 else None  # PPO-ptx: pretraining text
             micro, counts = micro_batches(batch, order[start:start + cfg.minibatch_size], ptx,
-                                          cfg.grad_accum)
-            steps.append(accumulate_gradients(loss_fn, micro, counts, (policy, critic),
+                                          cfg.grad_accum, per)
+            steps.append(accumulate_gradients(loss_fn, micro, counts, trained,
                                               step=iteration, what="the PPO loss"))
             if cfg.grad_clip > 0:
                 steps[-1]["grad_norm"] = clip_separately(policy, critic, cfg.grad_clip)
@@ -371,7 +487,8 @@ def clip_separately(policy, critic, max_norm):
     """Clip the policy's and the critic's gradients each to max_norm: the critic's large early
     value gradients must not shrink the policy's step. Returns the policy's norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-    torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm)
+    if critic is not None:
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm)
     return norm.item()
 
 
@@ -382,23 +499,24 @@ def minibatch(batch, idx):
     P = batch["queries"].size(1)
     R = int(batch["response_mask"][idx].sum(1).max())
     first = int(batch["attention_mask"][idx, :P].any(0).long().argmax())  # first real column
-    mb = {k: batch[k][idx, :R] for k in ("logprobs", "values", "advantages", "returns",
-                                         "response_mask")}
+    mb = {k: batch[k][idx, :R] for k in ("logprobs", "ref_logprobs", "values", "advantages",
+                                         "returns", "response_mask") if batch[k] is not None}
     mb.update(ids=batch["ids"][idx, first:P + R],
               attention_mask=batch["attention_mask"][idx, first:P + R], n_query=P - first)
     return mb
 
 
-def micro_batches(batch, rows, ptx, pieces):
+def micro_batches(batch, rows, ptx, pieces, per="token"):
     """An optimizer step's rollout rows and ptx text (or None) split into `pieces` micro-batches,
-    each cut to its own columns, and what each counts: {"rollout": response tokens, "ptx":
-    predicted tokens of its text}, the weights of accumulate_gradients."""
+    each cut to its own columns, and what each counts: {"rollout": its response tokens (or its
+    responses, per="response", when the loss is a mean over responses), "ptx": predicted tokens of
+    its text}, the weights of accumulate_gradients."""
     micro, counts = [], []
     ptx_parts = split_ptx(ptx, pieces) if ptx is not None else [None] * pieces
     for idx, ptx_part in zip(rows.tensor_split(pieces), ptx_parts):
         micro.append(dict(minibatch(batch, idx), ptx=ptx_part))
-        counts.append({"rollout": int(micro[-1]["response_mask"].sum()),
-                       "ptx": n_predicted(ptx_part) if ptx_part is not None else 0})
+        n = int(micro[-1]["response_mask"].sum()) if per == "token" else len(idx)
+        counts.append({"rollout": n, "ptx": n_predicted(ptx_part) if ptx_part is not None else 0})
     return micro, counts
 
 
@@ -420,7 +538,7 @@ def make_optimizer(policy, critic, cfg, device):
     """One AdamW over both networks (one state to checkpoint). They share no parameters and Adam
     normalises each parameter's step, so with separate gradient clipping vf_coef barely changes the
     critic's updates (it scales the value gradients, which Adam divides out)."""
-    params = list(policy.parameters()) + list(critic.parameters())
+    params = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
     return make_adamw(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device,
                       eps=cfg.adam_eps)
 
@@ -433,13 +551,16 @@ def load_prompts(path, enc, max_prompt_tokens, strict=False):
     return [encode_prompt(enc, row["prompt"], max_prompt_tokens) for row in rows]
 
 
-def prompt_batch(prompts, batch_size, iteration, seed, device):
+def prompt_batch(prompts, batch_size, iteration, seed, device, samples_per_prompt=1):
     """The prompts of one iteration: random, without replacement within the batch, a function of the
     iteration number only (so a resumed run sees the same prompts). Under torchrun one draw of
-    world_size * batch_size prompts, the same on every rank, of which each rank takes its share."""
+    world_size * batch_size prompts, the same on every rank, of which each rank takes its share.
+    With K = samples_per_prompt, batch_size / K prompts each K times in a row: a prompt's group of
+    responses is on one rank, so its statistics (group_advantages) need no communication."""
+    n = batch_size // samples_per_prompt
     g = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
-    idx = shard(torch.randperm(len(prompts), generator=g)[:batch_size * get_world_size()].tolist())
-    queries, query_mask = pad_left([prompts[i] for i in idx])
+    idx = shard(torch.randperm(len(prompts), generator=g)[:n * get_world_size()].tolist())
+    queries, query_mask = pad_left([prompts[i] for i in idx for _ in range(samples_per_prompt)])
     return queries.to(device), query_mask.to(device)
 
 
@@ -557,6 +678,28 @@ def build_models(cfg, device, reward_fn=None, resume_ckpt=None):
         reward_model, _ = load_model(cfg.reward_ckpt, "scalar", shape, dropout=0.0, device=device,
                                      seed=cfg.seed + 1)
         reward_model.eval().requires_grad_(False)
+    critic = (build_critic(cfg, device, reward_model, shape, resume_ckpt)
+              if cfg.advantage_estimator == "gae" else None)  # critic-free estimators: none
+    if resume_ckpt and cfg.lora_rank:  # the adapters where the run left them
+        load_adapters(policy, resume_ckpt["model"], "policy")
+    if autocast_dtype(device, cfg.dtype) == torch.bfloat16:  # frozen weights in bf16: half memory
+        for m in (ref_policy, reward_model, critic):
+            store_frozen_in(m, torch.bfloat16)
+    for m in (policy, critic):
+        if m is not None:
+            m.transformer.grad_checkpoint = cfg.grad_checkpoint
+    longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
+    for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
+        block_size = m.config.block_size if m is not None else longest
+        require(longest <= block_size, f"max_prompt_tokens + max_new_tokens + 1 = {longest} "
+                f"exceeds the {name}'s block_size {block_size}")
+    return policy, ref_policy, reward_model, critic
+
+
+def build_critic(cfg, device, reward_model, shape, resume_ckpt=None):
+    """The value function: the reward model's copy (InstructGPT 3.5), with LoRA its network plus
+    adapters and its own value head; a resumed run's from its checkpoint; with a reward_fn (no
+    reward model) a trunk from --reward_ckpt and a new head."""
     if resume_ckpt and not cfg.lora_rank:
         critic = ScalarGPT(GPTConfig(**resume_ckpt["critic_config"])).to(device)
         critic.load_state_dict(resume_ckpt["critic"])
@@ -570,20 +713,9 @@ def build_models(cfg, device, reward_fn=None, resume_ckpt=None):
         critic = add_lora(critic, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         # the value head: its own, trained
         critic.score_head = copy.deepcopy(critic.score_head).requires_grad_(True)
-    if resume_ckpt and cfg.lora_rank:  # the adapters (and value head) where the run left them
-        load_adapters(policy, resume_ckpt["model"], "policy")
-        load_adapters(critic, resume_ckpt["critic"], "critic")
-    if autocast_dtype(device, cfg.dtype) == torch.bfloat16:  # frozen weights in bf16: half memory
-        for m in (ref_policy, reward_model, critic):
-            store_frozen_in(m, torch.bfloat16)
-    for m in (policy, critic):
-        m.transformer.grad_checkpoint = cfg.grad_checkpoint
-    longest = cfg.max_prompt_tokens + cfg.max_new_tokens + 1  # + the EOS appended for scoring
-    for name, m in (("policy", policy), ("reward model", reward_model), ("critic", critic)):
-        block_size = m.config.block_size if m is not None else longest
-        require(longest <= block_size, f"max_prompt_tokens + max_new_tokens + 1 = {longest} "
-                f"exceeds the {name}'s block_size {block_size}")
-    return policy, ref_policy, reward_model, critic
+        if resume_ckpt:
+            load_adapters(critic, resume_ckpt["critic"], "critic")
+    return critic
 
 
 def load_judge(cfg, device):
@@ -605,11 +737,11 @@ def save_ppo_checkpoint(path, policy, critic, optimizer, cfg, iteration, kl_coef
                if ema else None)
     base = lora_base(cfg.sft_ckpt, seed=cfg.seed) if cfg.lora_rank else None
     with weights_swapped(policy, ema or {}):  # the EMA is the policy every other script sees
-        save_checkpoint(path, policy, cfg, base=base,
-                        critic=lora_state_dict(critic) if cfg.lora_rank else critic.state_dict(),
-                        critic_config=dataclasses.asdict(critic.config),
-                        optimizer=optimizer.state_dict(), iteration=iteration, kl_coef=kl_coef,
-                        trained=trained)
+        critic_state = {} if critic is None else dict(
+            critic=lora_state_dict(critic) if cfg.lora_rank else critic.state_dict(),
+            critic_config=dataclasses.asdict(critic.config))  # none without a critic
+        save_checkpoint(path, policy, cfg, base=base, optimizer=optimizer.state_dict(),
+                        iteration=iteration, kl_coef=kl_coef, trained=trained, **critic_state)
     if cfg.keep_checkpoints and is_main():  # rank 0 alone wrote ckpt.pt
         kept = os.path.join(os.path.dirname(path), f"ckpt_{iteration:04d}.pt")
         shutil.copyfile(path, kept + ".tmp")
@@ -632,6 +764,16 @@ def setup(cfg, reward_fn=None):
             "batch_size must be a multiple of minibatch_size")
     require(cfg.minibatch_size % cfg.grad_accum == 0,
             "minibatch_size must be a multiple of grad_accum (the micro-batch size)")
+    K, grouped = cfg.samples_per_prompt, cfg.advantage_estimator in ("rloo", "grpo", "dr_grpo")
+    require(K >= 2 or not grouped, f"--advantage_estimator {cfg.advantage_estimator} compares the "
+            "responses to one prompt: it needs --samples_per_prompt 2 or more (got 1)")
+    require(cfg.batch_size % K == 0, f"--batch_size {cfg.batch_size} must be a multiple of "
+            f"--samples_per_prompt {K} (batch_size is prompts x K, per rank)")
+    # Ziegler et al.'s controller adapts the reward's beta; with the KL in the loss (GRPO, verl's
+    # kl_loss) the coefficient is fixed
+    require(not (cfg.adaptive_kl and cfg.kl_penalty == "loss"), "--adaptive_kl adapts the KL "
+            "penalty in the reward (Ziegler et al. 2019); with --kl_penalty loss use a fixed "
+            "--kl_coef (as GRPO does)")
     os.makedirs(cfg.out_dir, exist_ok=True)
     print_config(cfg, cfg.out_dir)
     device = setup_device(cfg.device, cfg.seed)
@@ -639,7 +781,12 @@ def setup(cfg, reward_fn=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resume_ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if resume_ckpt:
-        check_resumable(resume_ckpt, ckpt_path, ("critic", "critic_config", "optimizer", "kl_coef",
+        saved = resume_ckpt.get("config", {}).get("advantage_estimator", "gae")
+        require(saved == cfg.advantage_estimator, f"{ckpt_path} was trained with "
+                f"--advantage_estimator {saved}: resume with the same (not "
+                f"{cfg.advantage_estimator}), or drop --resume to start afresh")
+        critic_keys = ("critic", "critic_config") if cfg.advantage_estimator == "gae" else ()
+        check_resumable(resume_ckpt, ckpt_path, (*critic_keys, "optimizer", "kl_coef",
                                                  "iteration"), "ppo.py", cfg.lora_rank)
         require(resume_ckpt["iteration"] < cfg.iters, f"{ckpt_path} is at iteration "
                 f"{resume_ckpt['iteration']} of iters {cfg.iters}: nothing left to do")
@@ -652,9 +799,13 @@ def setup(cfg, reward_fn=None):
     prompts = {split: load_prompts(os.path.join(cfg.data_dir, f"prompts_{split}.jsonl"), enc,
                                    cfg.max_prompt_tokens, cfg.strict) for split in ("train", "val")}
     val_prompts = shard(spread(prompts["val"], cfg.eval_prompts))
-    require(len(prompts["train"]) >= cfg.batch_size * world_size, f"{len(prompts['train'])} "
-            f"prompts < batch_size {cfg.batch_size} x {world_size} processes")
+    require(len(prompts["train"]) >= cfg.batch_size // K * world_size, f"{len(prompts['train'])} "
+            f"prompts < batch_size / samples_per_prompt {cfg.batch_size // K} x {world_size} "
+            "processes")
     ptx_seqs = load_ptx_text(cfg, enc) if cfg.ptx_coef > 0 else None
+    if critic is None:
+        print(f"note: --advantage_estimator {cfg.advantage_estimator} needs no critic: none is "
+              "built, trained or saved, and --vf_coef, --cliprange_value and --lam are not used")
     if cfg.ptx_file and cfg.ptx_coef == 0:
         print(f"note: --ptx_file {cfg.ptx_file} is not used: PPO-ptx is off (--ptx_coef 0; "
               "the paper's is 27.8)")
@@ -681,18 +832,21 @@ def setup(cfg, reward_fn=None):
         print(f"resumed from {ckpt_path} at iteration {start}, kl_coef {kl_coef:.4g}")
     log = MetricsLog(cfg.out_dir, cfg.iters, resume_step=start if resume_ckpt else None,
                      log_to=cfg.log_to, run_config=cfg)
-    trained = sum(p.numel() for m in (policy, critic) for p in m.parameters() if p.requires_grad)
+    trained = sum(p.numel() for m in (policy, critic) if m is not None
+                  for p in m.parameters() if p.requires_grad)
     lora = f" with LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""
+    critic_from = f"critic from {cfg.reward_ckpt}" if critic is not None else "no critic"
     print(f"policy {policy.num_params() / 1e6:.1f}M parameters from {cfg.sft_ckpt} "
-          f"({trained / 1e6:.2f}M trained, policy and critic){lora}; "
-          f"critic from {cfg.reward_ckpt}; "
-          f"reward: {'reward_fn' if reward_fn else cfg.reward_ckpt}; {cfg.iters} iterations of "
-          f"{cfg.batch_size} prompts, {cfg.noptepochs * cfg.batch_size // cfg.minibatch_size} "
-          "updates each")
+          f"({trained / 1e6:.2f}M trained{', policy and critic' if critic else ''}){lora}; "
+          f"{critic_from}; reward: {'reward_fn' if reward_fn else cfg.reward_ckpt}; "
+          f"{cfg.iters} iterations of {cfg.batch_size // K} prompts x {K} responses, "
+          f"advantages by {cfg.advantage_estimator}, KL ({cfg.kl_estimator}) in the "
+          f"{cfg.kl_penalty}, {cfg.noptepochs * cfg.batch_size // cfg.minibatch_size} updates each")
     # DDP: the two trained models average their gradients over ranks; the frozen ones stay
     # unwrapped, and so do rollouts and evaluation (no gradients)
     return SimpleNamespace(
-        models=models, policy_ddp=wrap_ddp(policy, device), critic_ddp=wrap_ddp(critic, device),
+        models=models, policy_ddp=wrap_ddp(policy, device),
+        critic_ddp=wrap_ddp(critic, device) if critic is not None else None,
         optimizer=optimizer, ema=ema, kl_coef=kl_coef, start=start, enc=enc, device=device,
         ctx=ctx, seed=cfg.seed + 1_000_000 * rank,  # rank 0 keeps cfg.seed; ranks never share one
         train_prompts=prompts["train"], val_prompts=val_prompts, ptx_seqs=ptx_seqs, judge=judge,
@@ -724,7 +878,8 @@ def train(cfg, reward_fn=None):
         for group in s.optimizer.param_groups:
             group["lr"] = lr
         # this iteration's prompts (this rank's) and ptx text: functions of `it` (exact resume)
-        queries, query_mask = prompt_batch(s.train_prompts, cfg.batch_size, it, cfg.seed, s.device)
+        queries, query_mask = prompt_batch(s.train_prompts, cfg.batch_size, it, cfg.seed, s.device,
+                                           cfg.samples_per_prompt)
         ptx_batches = None if s.ptx_seqs is None else ptx_iterator(
             s.ptx_seqs, cfg.ptx_batch_size, s.seed, s.device,
             start=it * updates_per_iter * cfg.ptx_batch_size)
