@@ -12,7 +12,8 @@ Stages write files on rank 0 only; here every rank also saves the weights it wou
 $RANK_COPIES/<checkpoint name>.rank<r> (through the stage's save_checkpoint), so ranks can be
 compared. $FAIL_ON_RANK=r makes rank r alone fail in its first training batch (sft: collate raises
 an assertion). $PLAIN_SGD=1 gives the stage plain SGD instead of AdamW (its step shows the
-gradient's scale).
+gradient's scale). $RECORD_ROLLOUTS=DIR saves each rank's rollout batch of each iteration to
+DIR/rollout.it<i>.rank<r> (its queries, rewards, response mask and advantages).
 """
 import os
 import sys
@@ -97,6 +98,18 @@ def run_stage(name, argv):
         stage.save_checkpoint = save_on_every_rank
     if os.environ.get("PLAIN_SGD"):  # a step proportional to the gradient (Adam's first is not)
         stage.make_adamw = lambda params, lr, *_, **__: torch.optim.SGD(params, lr)
+    record = os.environ.get("RECORD_ROLLOUTS")
+    if record:
+        rollout = stage.rollout
+
+        def recorded_rollout(models, queries, query_mask, *args, iteration="?", **kw):
+            batch, stats = rollout(models, queries, query_mask, *args, iteration=iteration, **kw)
+            keys = ("rewards", "response_mask", "advantages")
+            torch.save({"queries": queries, "query_mask": query_mask,
+                        **{k: batch[k] for k in keys}},
+                       os.path.join(record, f"rollout.it{iteration}.rank{rank}"))
+            return batch, stats
+        stage.rollout = recorded_rollout
     if os.environ.get("FAIL_ON_RANK") == str(rank):
         def failing_collate(examples):
             raise lib.config.UsageError(f"injected failure on rank {rank}")

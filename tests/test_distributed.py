@@ -5,8 +5,9 @@ SFT, reward and DPO: the two ranks end with identical weights, equal (to float t
 process running the same global batch. PPO: whitening over two ranks equals whitening the
 concatenated batch; one update on the two halves of a global batch (ragged responses, ptx) equals
 one process's update on all of it; a 2-process run writes one checkpoint and one metrics file, and
-resumes. A failure on one rank ends the job with its message. Each launch starts two Python
-processes (a few seconds each); marked `distributed`, run by default.
+resumes; with RLOO each prompt's group of responses stays on one rank. A failure on one rank ends
+the job with its message. Each launch starts two Python processes (a few seconds each); marked
+`distributed`, run by default.
 """
 import json
 import os
@@ -266,6 +267,45 @@ def test_ppo_two_processes_write_one_checkpoint_and_resume(tmp_path, lora_rank):
     assert out.stdout.count("resumed from") == 1  # printed by rank 0 only
     assert [r["step"] for r in metrics(tmp_path / "out" / "metrics.jsonl")] == [0, 1, 2, 3]
     assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["iteration"] == 3
+
+
+def test_rloo_over_two_processes_keeps_each_group_on_one_rank_and_uses_its_own_rows(tmp_path):
+    """--advantage_estimator rloo --samples_per_prompt 2 on two ranks, no critic: in every
+    iteration each rank holds whole groups (rows 2i and 2i + 1 the same prompt, no prompt on both
+    ranks), every response token's advantage is the RLOO advantage of that rank's own returns (a
+    naive loop), the ranks end with the same policy, and the checkpoint has no critic."""
+    shape = {k: v for k, v in SHAPE.items() if k not in ("init_from", "dropout")}
+    cfg = dict(shape, data_dir=PPO_FIXTURES, sft_ckpt="scratch", reward_ckpt="scratch",
+               out_dir=tmp_path / "out", max_prompt_tokens=48, max_new_tokens=4, iters=2,
+               batch_size=4, minibatch_size=2, noptepochs=1, lr=1e-3, warmup_iters=1,
+               eval_interval=2, eval_prompts=2, sample_every=2, n_samples=1,
+               advantage_estimator="rloo", samples_per_prompt=2, kl_penalty="loss",
+               kl_estimator="k3")
+    copies, record = tmp_path / "copies", tmp_path / "rollouts"
+    copies.mkdir()
+    record.mkdir()
+    check(torchrun(["ppo", *flags(cfg)], env={"RANK_COPIES": str(copies),
+                                              "RECORD_ROLLOUTS": str(record)}))
+    for it in (1, 2):
+        prompts = []
+        for r in (0, 1):
+            b = torch.load(record / f"rollout.it{it}.rank{r}", weights_only=True)
+            rows = [q[m.bool()].tolist() for q, m in zip(b["queries"], b["query_mask"])]
+            assert len(rows) == 4 and rows[0] == rows[1] and rows[2] == rows[3], (it, r)
+            prompts.append({tuple(rows[0]), tuple(rows[2])})
+            returns = b["rewards"].sum(1).tolist()
+            for i, n in enumerate(b["response_mask"].sum(1).tolist()):
+                other = returns[i + 1 if i % 2 == 0 else i - 1]
+                assert b["advantages"][i, :n].tolist() == pytest.approx(
+                    [returns[i] - other] * n, abs=1e-5), (it, r, i)
+                assert (b["advantages"][i, n:] == 0).all()
+        assert len(prompts[0]) == len(prompts[1]) == 2 and not prompts[0] & prompts[1], it
+    rank0, rank1 = (torch.load(copies / f"ckpt.pt.rank{r}", weights_only=True) for r in (0, 1))
+    assert "critic" not in rank0 and "critic" not in rank1
+    assert all(torch.equal(v, rank1["model"][k]) for k, v in rank0["model"].items())
+    saved = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
+    assert saved["iteration"] == 2 and "critic" not in saved
+    assert "vf_loss" not in metrics(tmp_path / "out" / "metrics.jsonl")[-1]
 
 
 def test_a_failure_on_one_rank_ends_the_job_with_its_message(tmp_path, hh_data):
