@@ -177,6 +177,58 @@ EXERCISES = [
         hint="The docstring has the formula; clamp to [0, 1] and return (0.0, 1.0) for n = 0.",
         tests=("test_evaluate.py::test_wilson_interval_matches_the_quadratic",
                "test_evaluate.py::test_wilson_interval_known_values_and_edge_cases")),
+    Exercise(
+        16, "kl_estimate", "ppo.py", ("kl_estimate",),
+        task="the per-token KL samples k1, k2 and k3 from x = log pi - log pi_ref",
+        section="J. Schulman, \"Approximating KL Divergence\" (2020); Shao et al. 2024 "
+                "(DeepSeekMath, GRPO), eq. (4)",
+        hint="x = logprobs - ref_logprobs, elementwise. k1 is x itself (unbiased, can be "
+             "negative), k2 is half its square (biased, never negative), k3 is exp(-x) - 1 + x "
+             "(unbiased and never negative: e^-x >= 1 - x). Any other name is a ValueError.",
+        tests=("test_estimators.py::test_kl_estimate_k1_k2_k3_are_the_formulas_computed_by_hand",
+               "test_estimators.py::test_k2_and_k3_are_never_negative_where_k1_is",
+               "test_estimators.py::test_k1_and_k3_are_unbiased_for_the_kl_by_enumeration_and_"
+               "k2_is_not",
+               "test_estimators.py::test_kl_reward_pays_the_estimators_sample_per_token_and_"
+               "returns_the_log_ratio")),
+    Exercise(
+        17, "group_advantages", "ppo.py", ("group_advantages",),
+        task="RLOO, GRPO and Dr. GRPO advantages within each prompt's K responses",
+        section="Ahmadian et al. 2024 (RLOO), section 3; Shao et al. 2024 (GRPO), section 4.1.2; "
+                "Liu et al. 2025 (Dr. GRPO), section 3",
+        hint="returns.view(-1, K) puts each prompt's K contiguous responses in a row. RLOO's "
+             "baseline leaves the response out: (row sum - R_i) / (K - 1). Dr. GRPO subtracts the "
+             "row mean; GRPO then divides by the row's unbiased std (torch.std's default) + 1e-6. "
+             "Flatten back to (B,).",
+        tests=("test_estimators.py::test_group_advantages_match_a_naive_loop_over_contiguous_"
+               "groups",
+               "test_estimators.py::test_group_advantages_differ_from_the_planted_mistakes",
+               "test_estimators.py::test_grpo_of_a_group_of_equal_returns_is_zero_not_nan")),
+    Exercise(
+        18, "aggregate", "ppo.py", ("aggregate",),
+        task="the policy loss's average of its tokens: token_mean or a mean over responses",
+        section="Liu et al. 2025 (Dr. GRPO), section 3.1 (GRPO's per-response mean against a "
+                "token sum); Shao et al. 2024, eq. (3)",
+        hint="Multiply by the mask first (padding may hold anything). token_mean: the sum over "
+             "the batch / the number of tokens. The per-response modes sum each row over t "
+             "(seq_mean_token_mean then divides by the row's own token count), then take the mean "
+             "over rows. Clamp the counts to at least 1.",
+        tests=("test_estimators.py::test_aggregate_token_mean_and_the_two_per_response_means_by_"
+               "hand",)),
+    Exercise(
+        19, "advantages", "ppo.py", ("compute_advantages",),
+        task="step 4 by cfg.advantage_estimator: GAE, REINFORCE++ or a group estimator",
+        section="Hu et al. 2025 (REINFORCE++), section 3; Ahmadian et al. 2024; Shao et al. 2024; "
+                "InstructGPT C.4 (GAE)",
+        hint="gae: compute_gae, then whiten the advantages (the returns are the raw ones). "
+             "reinforce_pp: the returns-to-go are compute_gae with zero values and lambda 1, "
+             "whitened; no returns. rloo, grpo, dr_grpo: group_advantages of each row's summed "
+             "reward, broadcast to its tokens and masked; no returns.",
+        tests=("test_estimators.py::test_reinforce_pp_advantages_are_whitened_returns_to_go_of_a_"
+               "naive_loop",
+               "test_estimators.py::test_group_estimators_give_every_response_token_its_responses_"
+               "advantage",
+               "test_estimators.py::test_gae_advantages_are_compute_gae_whitened_and_its_returns")),
 ]
 
 BY_NAME = {e.name: e for e in EXERCISES}

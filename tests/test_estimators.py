@@ -85,16 +85,16 @@ def test_k1_and_k3_are_unbiased_for_the_kl_by_enumeration_and_k2_is_not():
 
 # -------------------------------------------------------------------------------- group_advantages
 
-def naive_group(returns, K, estimator):
+def naive_group(returns, K, kind):
     """A loop over responses; response i's group is rows K * (i // K) ... K * (i // K) + K - 1."""
     out = []
     for i, r in enumerate(returns):
         group = returns[K * (i // K):K * (i // K) + K]
         mean = sum(group) / K
-        if estimator == "rloo":
+        if kind == "rloo":
             others = [x for j, x in enumerate(group) if j != i % K]
             out.append(r - sum(others) / (K - 1))
-        elif estimator == "dr_grpo":
+        elif kind == "dr_grpo":
             out.append(r - mean)
         else:  # grpo, Bessel's std
             std = math.sqrt(sum((x - mean) ** 2 for x in group) / (K - 1))
@@ -122,11 +122,11 @@ def test_group_advantages_differ_from_the_planted_mistakes():
     biased (population) std: each gives other numbers than the project's."""
     returns = torch.tensor(RETURNS)
     groups = returns.view(-1, 3)
-    centred = groups - groups.mean(1, keepdim=True)
-    wrong = {"rloo": [("baseline includes itself", centred)],
-             "grpo": [("no std", centred),
-                      ("biased std", centred / (groups.std(1, unbiased=False, keepdim=True)
-                                                + 1e-6))]}
+    deviation = groups - groups.mean(1, keepdim=True)
+    wrong = {"rloo": [("baseline includes itself", deviation)],
+             "grpo": [("no std", deviation),
+                      ("biased std", deviation / (groups.std(1, unbiased=False, keepdim=True)
+                                                  + 1e-6))]}
     for estimator, variants in wrong.items():
         got = ppo.group_advantages(returns, 3, estimator)
         for name, variant in variants:
@@ -283,14 +283,14 @@ def group_rollout(critic=None, estimator="rloo"):
     return policy, cfg, batch
 
 
-def hand_aggregate(v, mask, loss_agg):
+def hand_aggregate(v, mask, how):
     mask = mask.float()
-    if loss_agg == "token_mean":
+    if how == "token_mean":
         return (v * mask).sum() / mask.sum()
-    per_response = (v * mask).sum(1)
-    if loss_agg == "seq_mean_token_mean":
-        per_response = per_response / mask.sum(1)
-    return per_response.mean()
+    per_row = (v * mask).sum(1)
+    if how == "seq_mean_token_mean":
+        per_row = per_row / mask.sum(1)
+    return per_row.sum() / len(per_row)
 
 
 def hand_objective(policy, batch, cfg):
