@@ -23,16 +23,28 @@ One iteration, numbered as in train():
      pg_loss: clipped surrogate, PPO eq. (7); vf_loss: clipped value loss; ptx_loss: -log pi_RL(x)
   6. KL coefficient: fixed (paper: 0.02) or adaptive (Ziegler et al. 2019, section 2.2)
 
+What the field ships beside the paper's method, as flags (tests/test_optimum.py derives and checks
+the point each one converges to): critic-free advantages (--advantage_estimator rloo, grpo, dr_grpo,
+reinforce_pp; rloo/grpo/dr_grpo compare the --samples_per_prompt K responses to each prompt), the KL
+in the loss instead of the reward (--kl_penalty loss, as GRPO), Schulman's k1/k2/k3 KL samples
+(--kl_estimator), and how the loss averages its tokens (--loss_agg). Whatever the estimator, only
+the paper's KL (in the reward, k1) has eq. (2)'s optimum pi_SFT exp(r / beta) / Z as a fixed point.
+
 References: InstructGPT (arXiv:2203.02155) eq. (2) and C.4; PPO, Schulman et al. 2017
 (arXiv:1707.06347); GAE, Schulman et al. 2016 (arXiv:1506.02438); Ziegler et al. 2019,
 "Fine-Tuning Language Models from Human Preferences" (arXiv:1909.08593) and its code,
-openai/lm-human-preferences.
+openai/lm-human-preferences; RLOO, Ahmadian et al. 2024 (arXiv:2402.14740); GRPO, Shao et al. 2024
+(arXiv:2402.03300); Dr. GRPO, Liu et al. 2025 (arXiv:2503.20783); REINFORCE++, Hu et al. 2025
+(arXiv:2501.03262); J. Schulman, "Approximating KL Divergence" (2020).
 
     python ppo.py --config tiny                  # after sft.py and reward.py --config tiny (CPU)
     python ppo.py --config tiny --sft_ckpt scratch --reward_ckpt scratch   # no earlier stage needed
     python ppo.py --config tiny --resume true    # continue from out/ppo/ckpt.pt
     python ppo.py --config small --ptx_coef 27.8 # GPT-2 124M on one GPU, PPO-ptx
     torchrun --standalone --nproc_per_node 8 ppo.py --config small   # 8 x batch_size episodes
+    python ppo.py --config tiny --advantage_estimator rloo --samples_per_prompt 4    # no critic
+    python ppo.py --config tiny --advantage_estimator grpo --samples_per_prompt 4 \
+        --kl_penalty loss --kl_estimator k3 --loss_agg seq_mean_token_mean  # GRPO as published
 """
 
 import copy
@@ -209,13 +221,13 @@ def kl_estimate(logprobs, ref_logprobs, estimator="k1"):
     through the current logprobs with sampling stopped, k1's expected gradient is 0, k2's is that
     of KL(pi || pi_ref) at each state, k3's that of the forward KL(pi_ref || pi).
     (B, T) -> (B, T)."""
-    x = logprobs - ref_logprobs  # (B, T)
+    log_ratio = logprobs - ref_logprobs  # (B, T) x
     if estimator == "k1":
-        return x
+        return log_ratio
     if estimator == "k2":
-        return 0.5 * x ** 2
+        return 0.5 * log_ratio ** 2
     if estimator == "k3":
-        return torch.exp(-x) - 1 + x
+        return torch.exp(-log_ratio) - 1 + log_ratio
     raise ValueError(f"unknown kl_estimator {estimator!r} (k1, k2 or k3)")
 
 
@@ -437,29 +449,32 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
     each step's pretraining text (PPO-ptx), `ema` follows the weights (--ema_decay). Returns each
     statistic's mean over the steps. A step may run in micro-batches (grad_accum) on several ranks:
     lib/ddp.py's accumulate_gradients makes that the update of one batch on one process."""
-    def loss_fn(mb, share):  # one micro-batch; share: its part of the step's tokens (1 if whole)
+    def loss_fn(mb, share):  # one micro-batch; share: its part of the step's items (1 if whole)
         ids, attention_mask, n_query = mb["ids"], mb["attention_mask"], mb["n_query"]
         mask = mb["response_mask"]  # (b, R)
         logprobs = policy_logprobs(policy, ids, attention_mask, n_query, cfg.temperature)  # (b, R)
         pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(
             logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange, cfg.loss_agg)
-        stats = dict(pg_loss=pg_loss, pg_clipfrac=pg_clipfrac, approx_kl=approx_kl)
-        loss = pg_loss
+        policy_part, token_means = {"pg_loss": pg_loss}, dict(pg_clipfrac=pg_clipfrac,
+                                                               approx_kl=approx_kl)
+        vf_loss = kl_loss = 0.0
         if critic is not None:
             values = critic_values(critic, ids, attention_mask, n_query)  # (b, R)
             vf_loss, vf_clipfrac = ppo_value_loss(
                 values, mb["values"], mb["returns"], mask, cfg.cliprange_value)
-            loss = loss + cfg.vf_coef * vf_loss
-            stats.update(vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
+            token_means.update(vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
         if cfg.kl_penalty == "loss":  # eq. (2)'s KL as a loss, its gradient through logprobs (GRPO)
             kl_loss = aggregate(kl_estimate(logprobs, mb["ref_logprobs"], cfg.kl_estimator), mask,
                                 cfg.loss_agg)
-            loss = loss + cfg.kl_coef * kl_loss
-            stats.update(kl_loss=kl_loss)
+            policy_part.update(kl_loss=kl_loss)
         ptx_loss = lm_loss(policy, *mb["ptx"]) if share["ptx"] > 0 else 0.0  # -log pi_RL(x)
-        # InstructGPT eq. (2) through PPO's clipped surrogate, eq. (7)
-        loss = share["rollout"] * loss + share["ptx"] * cfg.ptx_coef * ptx_loss
-        return loss, {"rollout": stats, "ptx": {"ptx_loss": ptx_loss} if cfg.ptx_coef else {}}
+        # InstructGPT eq. (2) through PPO's clipped surrogate, eq. (7). Each term is a mean over
+        # its own items (the policy's over --loss_agg's, the value loss's over tokens), so each is
+        # weighted by the micro-batch's share of those items.
+        loss = (share["policy"] * (pg_loss + cfg.kl_coef * kl_loss)
+                + share["tokens"] * cfg.vf_coef * vf_loss + share["ptx"] * cfg.ptx_coef * ptx_loss)
+        return loss, {"policy": policy_part, "tokens": token_means,
+                      "ptx": {"ptx_loss": ptx_loss} if cfg.ptx_coef else {}}
 
     trained = (policy,) if critic is None else (policy, critic)
     for m in trained:
@@ -508,15 +523,16 @@ def minibatch(batch, idx):
 
 def micro_batches(batch, rows, ptx, pieces, per="token"):
     """An optimizer step's rollout rows and ptx text (or None) split into `pieces` micro-batches,
-    each cut to its own columns, and what each counts: {"rollout": its response tokens (or its
-    responses, per="response", when the loss is a mean over responses), "ptx": predicted tokens of
-    its text}, the weights of accumulate_gradients."""
+    each cut to its own columns, and what each counts, the weights of accumulate_gradients:
+    {"tokens": its response tokens, "policy": the items the policy loss averages (its tokens, or
+    its responses with per="response"), "ptx": predicted tokens of its text}."""
     micro, counts = [], []
     ptx_parts = split_ptx(ptx, pieces) if ptx is not None else [None] * pieces
     for idx, ptx_part in zip(rows.tensor_split(pieces), ptx_parts):
         micro.append(dict(minibatch(batch, idx), ptx=ptx_part))
-        n = int(micro[-1]["response_mask"].sum()) if per == "token" else len(idx)
-        counts.append({"rollout": n, "ptx": n_predicted(ptx_part) if ptx_part is not None else 0})
+        tokens = int(micro[-1]["response_mask"].sum())
+        counts.append({"tokens": tokens, "policy": tokens if per == "token" else len(idx),
+                       "ptx": n_predicted(ptx_part) if ptx_part is not None else 0})
     return micro, counts
 
 

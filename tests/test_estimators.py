@@ -378,9 +378,6 @@ def test_micro_batches_of_a_per_response_mean_are_weighted_by_responses(loss_agg
             assert stats[k] == pytest.approx(results[1][1][k], rel=1e-5, abs=1e-7), k
 
 
-@pytest.mark.xfail(strict=True, reason="ppo.py weighs every term of a micro-batch by its share of "
-                   "the responses with a per-response loss_agg, also the token means (vf_loss, "
-                   "pg_clipfrac, approx_kl, vf_clipfrac), which need its share of the tokens")
 def test_with_a_critic_and_a_per_response_mean_micro_batches_keep_the_value_losss_token_weights():
     """GAE with loss_agg seq_mean_token_mean: the value loss is still a token mean, so grad_accum 2
     must give grad_accum 1's critic gradient, and every statistic its whole-minibatch value."""
