@@ -10,8 +10,8 @@ only: grade.py finds it under the student copy's tests/ folder (`def <name>(`), 
 
 Exercise 1 is the model's attention because every later test that runs a model needs it; a course
 about RLHF alone leaves it out (`python course/make.py --out DIR sft_loss gae ...` blanks only the
-exercises named). To add an exercise (the critic-free estimators RLOO and GRPO, the KL estimators),
-append an `Exercise` with the next number.
+exercises named). To add an exercise, insert an `Exercise` where it belongs in the papers' order
+(before every exercise whose function calls it) and renumber.
 
 Also here, for make.py and the kit's test: `function_body`, where a function's body lies in its
 file.
@@ -81,107 +81,10 @@ EXERCISES = [
                "test_reward.py::test_score_read_at_eos_whatever_the_padding",
                "test_lib.py::test_score_sequences_reads_the_last_real_token_of_right_padding")),
     Exercise(
-        5, "kl_reward", "ppo.py", ("compute_rewards",),
-        task="eq. (2): per-token -beta log(pi_RL / pi_SFT), the score on the last token",
-        section="InstructGPT 3.5, RL, eq. (2); Ziegler et al. 2019, section 2",
-        hint="The per-token KL is (logprobs - ref_logprobs) * mask. Add each score at its "
-             "response's last token (last_token_index) with scatter_add, in the rewards' dtype. "
-             "Return (rewards, kl).",
-        tests=("test_ppo.py::test_kl_reward_puts_score_on_last_real_token",
-               "test_ppo.py::test_kl_reward_takes_scores_of_another_float_dtype",
-               "test_optimum.py::test_the_per_token_kl_summed_over_a_response_is_the_sequence_kl")),
-    Exercise(
-        6, "gae", "ppo.py", ("compute_gae",),
-        task="GAE advantages and returns, backwards over each response (GAE eq. 16)",
-        section="InstructGPT 3.5 (PPO); Schulman et al. 2016, eq. (16)",
-        hint="Loop t from T-1 down to 0 with a running lastgaelam (B,): delta_t = r_t + gamma "
-             "V_{t+1} - V_t with V = 0 after the last real token; lastgaelam = delta_t + gamma lam "
-             "lastgaelam, zeroed on padding. returns = advantages + values.",
-        tests=("test_ppo.py::test_gae_matches_naive_loop",
-               "test_ppo.py::test_gae_of_one_token_responses_is_reward_minus_value")),
-    Exercise(
-        7, "whiten", "ppo.py", ("whiten",),
-        task="(x - mean) / std over the masked entries, padding set to 0",
-        section="advantage normalisation (Ziegler et al. 2019; Huang et al., The N Implementation "
-                "Details of RLHF with PPO)",
-        hint="Use global_masked_mean (lib/ddp.py) for the mean and for the population variance, so "
-             "that under torchrun every rank whitens with the whole batch's statistics; add eps "
-             "inside the square root.",
-        tests=("test_ppo.py::test_whiten_gives_masked_mean_zero_variance_one",
-               "test_ppo.py::test_whiten_of_equal_values_is_zero_not_nan")),
-    Exercise(
-        8, "policy_loss", "ppo.py", ("ppo_policy_loss",),
-        task="PPO's clipped surrogate, eq. (7), with clipfrac and approx_kl",
-        section="Schulman et al. 2017 (PPO), eqs. (6) and (7); InstructGPT 3.5 and C.4",
-        hint="ratio = exp(logprobs - old_logprobs). The loss is the masked mean of "
-             "max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)); clipfrac is the share of tokens "
-             "where the clipped term is the larger, approx_kl the mean of ratio - 1 - log ratio.",
-        tests=("test_ppo.py::test_policy_loss_hand_computed_clipping",
-               "test_ppo.py::test_policy_loss_gradient_vanishes_where_clipped",
-               "test_ppo.py::test_policy_loss_ratio_is_new_over_old_probability_with_nonzero_"
-               "old_logprobs")),
-    Exercise(
-        9, "value_loss", "ppo.py", ("ppo_value_loss",),
-        task="the clipped value loss 0.5 E[max((V - R)^2, (V_clip - R)^2)], clipfrac",
-        section="OpenAI baselines' PPO2 and lm-human-preferences (not in the PPO paper)",
-        hint="V_clip = old_values + clamp(values - old_values, -eps_v, eps_v); take the larger of "
-             "the two squared errors per token, then 0.5 times the masked mean.",
-        tests=("test_ppo.py::test_value_loss_clips_as_specified",
-               "test_ppo.py::test_value_loss_clips_values_within_cliprange_of_nonzero_old_"
-               "values_on_both_sides")),
-    Exercise(
-        10, "adaptive_kl", "ppo.py", ("adaptive_kl_coef",),
-        task="the adaptive KL coefficient of Ziegler et al. 2019, section 2.2",
-        section="Ziegler et al. 2019, section 2.2",
-        hint="Plain Python floats: clip the proportional error to [-0.2, 0.2] and scale it by "
-             "n_steps / horizon.",
-        tests=("test_ppo.py::test_adaptive_kl_controller_proportional_and_clipped",)),
-    Exercise(
-        11, "ptx_loss", "ppo.py", ("lm_loss",),
-        task="PPO-ptx's -log pi_RL(x): mean next-token NLL over the real tokens",
-        section="InstructGPT 3.5, eq. (2), the pretraining term (PPO-ptx)",
-        hint="GPT's forward with targets= returns the targets' log-probabilities (model.py). "
-             "Position t predicts token t + 1; a prediction counts where its target is a real "
-             "token of the right-padded text (masked_mean).",
-        tests=("test_ppo.py::test_lm_loss_is_the_token_mean_nll_of_each_text_alone",)),
-    Exercise(
-        12, "dpo_loss", "dpo.py", ("dpo_loss",),
-        task="DPO eq. (7) with the implicit rewards beta log pi/pi_ref of each side",
-        section="Rafailov et al. 2023 (DPO), eq. (7)",
-        hint="Each side's implicit reward is beta (log pi - log pi_ref) of that same response; the "
-             "loss is -logsigmoid(chosen - rejected), weighted by `weights` if given. Return the "
-             "rewards detached.",
-        tests=("test_dpo.py::test_dpo_loss_against_a_hand_computation",)),
-    Exercise(
-        13, "best_of_n_kl", "data/lab/evaluate_lab.py", ("best_of_n_kl",),
-        task="KL(best-of-n || base) in closed form",
-        section="Stiennon et al. 2020, appendix; Gao et al. 2022, section 2",
-        hint="log n - (n - 1) / n: 0 for n = 1, growing like log n.",
-        tests=("test_lab.py::test_best_of_n_kl_in_closed_form_against_an_enumeration",
-               "test_lab.py::test_best_of_n_curve_keeps_the_highest_rm_sample_of_each_group_by_"
-               "hand")),
-    Exercise(
-        14, "lora_forward", "model.py", ("LoRALinear.forward",),
-        task="LoRA's W x + b + (alpha / r) B A x; the base layer alone when disabled",
-        section="Hu et al. 2021 (LoRA), eq. (3)",
-        hint="super().forward(x) is the frozen layer W x + b. The update runs x through "
-             "lora_dropout, then A (r, in), then B (out, r), times self.scale; with self.enabled "
-             "False (PPO's reference policy) the layer is the base layer alone.",
-        tests=("test_lora.py::test_lora_starts_at_the_base_model_and_merges_to_its_own_outputs",
-               "test_lora.py::test_only_adapters_and_unfrozen_heads_get_gradients",
-               "test_lora.py::test_a_lora_checkpoint_holds_adapters_and_loads_merged")),
-    Exercise(
-        15, "wilson_interval", "lib/winrate.py", ("wilson_interval",),
-        task="the Wilson score interval of successes / n",
-        section="the win rates of InstructGPT section 4 (Figure 1) with a 95% interval",
-        hint="The docstring has the formula; clamp to [0, 1] and return (0.0, 1.0) for n = 0.",
-        tests=("test_evaluate.py::test_wilson_interval_matches_the_quadratic",
-               "test_evaluate.py::test_wilson_interval_known_values_and_edge_cases")),
-    Exercise(
-        16, "kl_estimate", "ppo.py", ("kl_estimate",),
+        5, "kl_estimate", "ppo.py", ("kl_estimate",),
         task="the per-token KL samples k1, k2 and k3 from x = log pi - log pi_ref",
         section="J. Schulman, \"Approximating KL Divergence\" (2020); Shao et al. 2024 "
-                "(DeepSeekMath, GRPO), eq. (4)",
+                "(DeepSeekMath, GRPO), eq. (4); the KL of InstructGPT eq. (2) is k1",
         hint="x = logprobs - ref_logprobs, elementwise. k1 is x itself (unbiased, can be "
              "negative), k2 is half its square (biased, never negative), k3 is exp(-x) - 1 + x "
              "(unbiased and never negative: e^-x >= 1 - x). Any other name is a ValueError.",
@@ -192,10 +95,118 @@ EXERCISES = [
                "test_estimators.py::test_kl_reward_pays_the_estimators_sample_per_token_and_"
                "returns_the_log_ratio")),
     Exercise(
-        17, "group_advantages", "ppo.py", ("group_advantages",),
+        6, "kl_reward", "ppo.py", ("compute_rewards",),
+        task="eq. (2): per-token -beta log(pi_RL / pi_SFT), the score on the last token",
+        section="InstructGPT 3.5, RL, eq. (2); Ziegler et al. 2019, section 2",
+        hint="The per-token KL is (logprobs - ref_logprobs) * mask. Add each score at its "
+             "response's last token (last_token_index) with scatter_add, in the rewards' dtype. "
+             "Return (rewards, kl).",
+        tests=("test_ppo.py::test_kl_reward_puts_score_on_last_real_token",
+               "test_ppo.py::test_kl_reward_takes_scores_of_another_float_dtype",
+               "test_optimum.py::test_the_per_token_kl_summed_over_a_response_is_the_sequence_kl")),
+    Exercise(
+        7, "gae", "ppo.py", ("compute_gae",),
+        task="GAE advantages and returns, backwards over each response (GAE eq. 16)",
+        section="InstructGPT 3.5 (PPO); Schulman et al. 2016, eq. (16)",
+        hint="Loop t from T-1 down to 0 with a running lastgaelam (B,): delta_t = r_t + gamma "
+             "V_{t+1} - V_t with V = 0 after the last real token; lastgaelam = delta_t + gamma lam "
+             "lastgaelam, zeroed on padding. returns = advantages + values.",
+        tests=("test_ppo.py::test_gae_matches_naive_loop",
+               "test_ppo.py::test_gae_of_one_token_responses_is_reward_minus_value")),
+    Exercise(
+        8, "whiten", "ppo.py", ("whiten",),
+        task="(x - mean) / std over the masked entries, padding set to 0",
+        section="advantage normalisation (Ziegler et al. 2019; Huang et al., The N Implementation "
+                "Details of RLHF with PPO)",
+        hint="Use global_masked_mean (lib/ddp.py) for the mean and for the population variance, so "
+             "that under torchrun every rank whitens with the whole batch's statistics; add eps "
+             "inside the square root.",
+        tests=("test_ppo.py::test_whiten_gives_masked_mean_zero_variance_one",
+               "test_ppo.py::test_whiten_of_equal_values_is_zero_not_nan")),
+    Exercise(
+        9, "aggregate", "ppo.py", ("aggregate",),
+        task="the policy loss's average of its tokens: token_mean or a mean over responses",
+        section="Liu et al. 2025 (Dr. GRPO: GRPO's per-response mean against a token sum); "
+                "Shao et al. 2024, eq. (3)",
+        hint="Multiply by the mask first (padding may hold anything). token_mean: the sum over "
+             "the batch / the number of tokens. The per-response modes sum each row over t "
+             "(seq_mean_token_mean then divides by the row's own token count), then take the mean "
+             "over rows. Clamp the counts to at least 1.",
+        tests=("test_estimators.py::test_aggregate_token_mean_and_the_two_per_response_means_by_"
+               "hand",)),
+    Exercise(
+        10, "policy_loss", "ppo.py", ("ppo_policy_loss",),
+        task="PPO's clipped surrogate, eq. (7), with clipfrac and approx_kl",
+        section="Schulman et al. 2017 (PPO), eqs. (6) and (7); InstructGPT 3.5 and C.4",
+        hint="ratio = exp(logprobs - old_logprobs). The loss is the masked mean of "
+             "max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)); clipfrac is the share of tokens "
+             "where the clipped term is the larger, approx_kl the mean of ratio - 1 - log ratio.",
+        tests=("test_ppo.py::test_policy_loss_hand_computed_clipping",
+               "test_ppo.py::test_policy_loss_gradient_vanishes_where_clipped",
+               "test_ppo.py::test_policy_loss_ratio_is_new_over_old_probability_with_nonzero_"
+               "old_logprobs")),
+    Exercise(
+        11, "value_loss", "ppo.py", ("ppo_value_loss",),
+        task="the clipped value loss 0.5 E[max((V - R)^2, (V_clip - R)^2)], clipfrac",
+        section="OpenAI baselines' PPO2 and lm-human-preferences (not in the PPO paper)",
+        hint="V_clip = old_values + clamp(values - old_values, -eps_v, eps_v); take the larger of "
+             "the two squared errors per token, then 0.5 times the masked mean.",
+        tests=("test_ppo.py::test_value_loss_clips_as_specified",
+               "test_ppo.py::test_value_loss_clips_values_within_cliprange_of_nonzero_old_"
+               "values_on_both_sides")),
+    Exercise(
+        12, "adaptive_kl", "ppo.py", ("adaptive_kl_coef",),
+        task="the adaptive KL coefficient of Ziegler et al. 2019, section 2.2",
+        section="Ziegler et al. 2019, section 2.2",
+        hint="Plain Python floats: clip the proportional error to [-0.2, 0.2] and scale it by "
+             "n_steps / horizon.",
+        tests=("test_ppo.py::test_adaptive_kl_controller_proportional_and_clipped",)),
+    Exercise(
+        13, "ptx_loss", "ppo.py", ("lm_loss",),
+        task="PPO-ptx's -log pi_RL(x): mean next-token NLL over the real tokens",
+        section="InstructGPT 3.5, eq. (2), the pretraining term (PPO-ptx)",
+        hint="GPT's forward with targets= returns the targets' log-probabilities (model.py). "
+             "Position t predicts token t + 1; a prediction counts where its target is a real "
+             "token of the right-padded text (masked_mean).",
+        tests=("test_ppo.py::test_lm_loss_is_the_token_mean_nll_of_each_text_alone",)),
+    Exercise(
+        14, "dpo_loss", "dpo.py", ("dpo_loss",),
+        task="DPO eq. (7) with the implicit rewards beta log pi/pi_ref of each side",
+        section="Rafailov et al. 2023 (DPO), eq. (7)",
+        hint="Each side's implicit reward is beta (log pi - log pi_ref) of that same response; the "
+             "loss is -logsigmoid(chosen - rejected), weighted by `weights` if given. Return the "
+             "rewards detached.",
+        tests=("test_dpo.py::test_dpo_loss_against_a_hand_computation",)),
+    Exercise(
+        15, "best_of_n_kl", "data/lab/evaluate_lab.py", ("best_of_n_kl",),
+        task="KL(best-of-n || base) in closed form",
+        section="Stiennon et al. 2020, appendix; Gao et al. 2022, section 2",
+        hint="log n - (n - 1) / n: 0 for n = 1, growing like log n.",
+        tests=("test_lab.py::test_best_of_n_kl_in_closed_form_against_an_enumeration",
+               "test_lab.py::test_best_of_n_curve_keeps_the_highest_rm_sample_of_each_group_by_"
+               "hand")),
+    Exercise(
+        16, "lora_forward", "model.py", ("LoRALinear.forward",),
+        task="LoRA's W x + b + (alpha / r) B A x; the base layer alone when disabled",
+        section="Hu et al. 2021 (LoRA), eq. (3)",
+        hint="super().forward(x) is the frozen layer W x + b. The update runs x through "
+             "lora_dropout, then A (r, in), then B (out, r), times self.scale; with self.enabled "
+             "False (PPO's reference policy) the layer is the base layer alone.",
+        tests=("test_lora.py::test_lora_starts_at_the_base_model_and_merges_to_its_own_outputs",
+               "test_lora.py::test_only_adapters_and_unfrozen_heads_get_gradients",
+               "test_lora.py::test_a_lora_checkpoint_holds_adapters_and_loads_merged")),
+    Exercise(
+        17, "wilson_interval", "lib/winrate.py", ("wilson_interval",),
+        task="the Wilson score interval of successes / n",
+        section="the win rates of InstructGPT section 4 (Figure 1) with a 95% interval",
+        hint="The docstring has the formula; clamp to [0, 1] and return (0.0, 1.0) for n = 0.",
+        tests=("test_evaluate.py::test_wilson_interval_matches_the_quadratic",
+               "test_evaluate.py::test_wilson_interval_known_values_and_edge_cases")),
+    Exercise(
+        18, "group_advantages", "ppo.py", ("group_advantages",),
         task="RLOO, GRPO and Dr. GRPO advantages within each prompt's K responses",
-        section="Ahmadian et al. 2024 (RLOO), section 3; Shao et al. 2024 (GRPO), section 4.1.2; "
-                "Liu et al. 2025 (Dr. GRPO), section 3",
+        section="Ahmadian et al. 2024 (RLOO); Shao et al. 2024 (GRPO), section 4.1.2; "
+                "Liu et al. 2025 (Dr. GRPO)",
         hint="returns.view(-1, K) puts each prompt's K contiguous responses in a row. RLOO's "
              "baseline leaves the response out: (row sum - R_i) / (K - 1). Dr. GRPO subtracts the "
              "row mean; GRPO then divides by the row's unbiased std (torch.std's default) + 1e-6. "
@@ -205,20 +216,9 @@ EXERCISES = [
                "test_estimators.py::test_group_advantages_differ_from_the_planted_mistakes",
                "test_estimators.py::test_grpo_of_a_group_of_equal_returns_is_zero_not_nan")),
     Exercise(
-        18, "aggregate", "ppo.py", ("aggregate",),
-        task="the policy loss's average of its tokens: token_mean or a mean over responses",
-        section="Liu et al. 2025 (Dr. GRPO), section 3.1 (GRPO's per-response mean against a "
-                "token sum); Shao et al. 2024, eq. (3)",
-        hint="Multiply by the mask first (padding may hold anything). token_mean: the sum over "
-             "the batch / the number of tokens. The per-response modes sum each row over t "
-             "(seq_mean_token_mean then divides by the row's own token count), then take the mean "
-             "over rows. Clamp the counts to at least 1.",
-        tests=("test_estimators.py::test_aggregate_token_mean_and_the_two_per_response_means_by_"
-               "hand",)),
-    Exercise(
         19, "advantages", "ppo.py", ("compute_advantages",),
         task="step 4 by cfg.advantage_estimator: GAE, REINFORCE++ or a group estimator",
-        section="Hu et al. 2025 (REINFORCE++), section 3; Ahmadian et al. 2024; Shao et al. 2024; "
+        section="Hu et al. 2025 (REINFORCE++); Ahmadian et al. 2024; Shao et al. 2024; "
                 "InstructGPT C.4 (GAE)",
         hint="gae: compute_gae, then whiten the advantages (the returns are the raw ones). "
              "reinforce_pp: the returns-to-go are compute_gae with zero values and lambda 1, "

@@ -120,7 +120,7 @@ def solved(blank, tmp_path_factory):
 def test_the_list_is_numbered_in_order_and_names_each_function_and_test_once():
     assert [e.number for e in EXERCISES] == list(range(1, len(EXERCISES) + 1))
     assert len({e.name for e in EXERCISES}) == len(EXERCISES)
-    assert find("6") is find("gae") is EXERCISES[5] and find("nope") is None
+    assert find("7") is find("gae") is EXERCISES[6] and find("nope") is None
     tests_dir = os.path.join(REPO, "tests")
     sources = "".join(open(os.path.join(tests_dir, f)).read() for f in os.listdir(tests_dir)
                       if f.startswith("test_") and f.endswith(".py"))
