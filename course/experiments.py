@@ -7,7 +7,12 @@ tables are this script's output (between `<!-- experiments:NAME -->` markers), n
     python course/experiments.py run --seeds 21 22 23 --out_dir out/course      # every experiment
     python course/experiments.py run --seeds 21 --only kl0 noise3 --out_dir out/course
     python course/experiments.py table out/course                  # print the tables
-    python course/experiments.py table out/course --write course/instructor.md
+    python course/experiments.py table out/course --save course/results \
+        --write course/instructor.md                     # keep the runs' results, fill the page
+    python course/experiments.py table course/results --write course/instructor.md  # from those
+
+`--save` keeps each run's results.json without its example answers as course/results/NAME_seedN.json
+(committed: tests/test_course.py checks the page's tables are this script's output on them).
 
 A run already finished (its results.json exists) is not run again.
 """
@@ -75,19 +80,33 @@ def value(results, path):
 
 
 def collect(out_dir):
-    """{experiment: [results.json of each seed]} for the runs found in out_dir."""
+    """{experiment: [results.json of each seed]} for the runs found in out_dir: run folders
+    (NAME_seedN/results.json) or saved summaries (NAME_seedN.json), by seed."""
     found = {}
     for name in EXPERIMENTS:
         runs = []
-        for entry in sorted(os.listdir(out_dir)):
-            m = re.fullmatch(rf"{name}_seed(\d+)", entry)
-            path = os.path.join(out_dir, entry, "results.json")
+        for entry in os.listdir(out_dir):
+            m = re.fullmatch(rf"{name}_seed(\d+)(\.json)?", entry)
+            path = os.path.join(out_dir, entry, "results.json") if m and not m.group(2) else \
+                os.path.join(out_dir, entry)
             if m and os.path.isfile(path):
                 with open(path) as f:
                     runs.append(json.load(f))
         if runs:
-            found[name] = runs
+            found[name] = sorted(runs, key=lambda r: r["seed"])
     return found
+
+
+def save(found, folder):
+    """Each run's results without its example answers, as folder/NAME_seedN.json."""
+    os.makedirs(folder, exist_ok=True)
+    for name, runs in found.items():
+        for r in runs:
+            path = os.path.join(folder, f"{name}_seed{r['seed']}.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump({k: v for k, v in r.items() if k != "examples"}, f, indent=1)
+                f.write("\n")
+            os.replace(path + ".tmp", path)
 
 
 def cell(values, fmt):
@@ -124,7 +143,21 @@ def tables(found):
             per_seed.append(f"| {name} | {r['seed']} | {p['sft']['gold_score']:.2f} | "
                             f"{p['ppo']['gold_score']:.2f} | {p['ppo_ptx']['corpus_loss']:.3f} | "
                             f"{p['ppo']['corpus_loss']:.3f} | {curve} | {best} |")
-    return {"experiments": "\n".join(lines), "per_seed": "\n".join(per_seed)}
+    behaviour = ["| experiment | policy | gold | helpful | truthful | harmless | false premise "
+                 "| KL to SFT |", "|---|---|---|---|---|---|---|---|"]
+    for name, runs in found.items():
+        for policy in ("sft", "ppo", "ppo_ptx", "dpo"):
+            cells = [cell([r["policies"][policy][key] for r in runs], fmt) for key, fmt in
+                     (("gold_score", "{:.2f}"), ("helpful", "{:.2f}"), ("truthful", "{:.2f}"),
+                      ("harmless", "{:.2f}"), ("false_premise", "{:.2f}"),
+                      ("kl_to_sft", "{:.1f}"))]
+            behaviour.append(f"| {name} | {policy} | " + " | ".join(cells) + " |")
+    behaviour += ["", "Median [min, max] over the seeds of each experiment. gold: the exact "
+                  "labeler's mean score; helpful, truthful, harmless, false premise: the share of "
+                  "held-out prompts of each kind answered as the world's instructions ask "
+                  "(course/README.md, glossary)."]
+    return {"experiments": "\n".join(lines), "per_seed": "\n".join(per_seed),
+            "behaviour": "\n".join(behaviour)}
 
 
 def write(page, blocks):
@@ -152,6 +185,7 @@ def main(argv=None):
     t = sub.add_parser("table", help="the tables of the runs in a folder")
     t.add_argument("out_dir")
     t.add_argument("--write", help="replace the <!-- experiments:NAME --> blocks of this page")
+    t.add_argument("--save", help="keep each run's results (no examples) in this folder")
     args = p.parse_args(argv)
     if args.command == "run":
         return run(args)
@@ -159,9 +193,11 @@ def main(argv=None):
         p.error(f"{args.out_dir} is not a folder of experiment runs (course/experiments.py run)")
     found = collect(args.out_dir)
     if not found:
-        p.error(f"{args.out_dir} holds no finished run named EXPERIMENT_seedN "
+        p.error(f"{args.out_dir} holds no finished run named EXPERIMENT_seedN (or .json) "
                 f"({', '.join(EXPERIMENTS)})")
     blocks = tables(found)
+    if args.save:
+        save(found, args.save)
     if args.write:
         write(args.write, blocks)
     else:

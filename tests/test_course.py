@@ -317,3 +317,22 @@ def test_the_copy_with_the_reference_bodies_gives_the_reference_quick_lab(solved
         reference = json.load(f)
     as_text = [json.dumps(without_timing(r), sort_keys=True) for r in (student, reference)]
     assert as_text[0] == as_text[1]  # as text: NaN (no premise prompt in --quick) equals NaN
+
+
+# ------------------------------------------------------------------------- the instructor's tables
+
+def test_the_instructors_tables_are_the_scripts_output_on_the_saved_runs():
+    """course/instructor.md's tables are course/experiments.py's output on the committed runs
+    (course/results/NAME_seedN.json): every experiment on three seeds or more; a number edited by
+    hand, or a run saved without its table being written again, fails here."""
+    from course import experiments
+    found = experiments.collect(os.path.join(REPO, "course", "results"))
+    assert set(found) == set(experiments.EXPERIMENTS)
+    assert all(len(runs) >= 3 for runs in found.values()), {k: len(v) for k, v in found.items()}
+    with open(os.path.join(REPO, "course", "instructor.md")) as f:
+        page = f.read()
+    for name, table in experiments.tables(found).items():
+        block = f"<!-- experiments:{name} -->\n\n{table}\n\n<!-- /experiments:{name} -->"
+        assert block in page, (f"course/instructor.md's {name} table is not the script's output: "
+                               "python course/experiments.py table course/results --write "
+                               "course/instructor.md")
