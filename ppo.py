@@ -855,7 +855,8 @@ def setup(cfg, reward_fn=None):
     print(f"policy {policy.num_params() / 1e6:.1f}M parameters from {cfg.sft_ckpt} "
           f"({trained / 1e6:.2f}M trained{', policy and critic' if critic else ''}){lora}; "
           f"{critic_from}; reward: {'reward_fn' if reward_fn else cfg.reward_ckpt}; "
-          f"{cfg.iters} iterations of {cfg.batch_size // K} prompts x {K} responses, "
+          f"{cfg.iters} iterations of {cfg.batch_size // K} prompts"
+          f"{f' x {K} responses' if K > 1 else ''}, "
           f"advantages by {cfg.advantage_estimator}, KL ({cfg.kl_estimator}) in the "
           f"{cfg.kl_penalty}, {cfg.noptepochs * cfg.batch_size // cfg.minibatch_size} updates each")
     # DDP: the two trained models average their gradients over ranks; the frozen ones stay
