@@ -127,8 +127,8 @@ def tables(found):
     lines += ["", "Median [min, max] over the seeds; every column is of the final `ppo` policy "
               "but RM agreement (the final reward model), PPO-ptx, DPO and minutes (the whole run, "
               "on the machine that ran it)."]
-    per_seed = ["| experiment | seed | SFT gold | PPO gold | PPO-ptx corpus loss | PPO corpus loss "
-                "| over-optimisation gold: start, peak (KL), end (KL) "
+    per_seed = ["| experiment | seed | SFT gold | PPO gold (KL) | corpus loss: SFT, PPO, PPO-ptx "
+                "| over-optimisation gold: start, peak (KL), end (KL) | its RM score: start, end "
                 "| best-of-n gold at n = 1, max |",
                 "|---|---|---|---|---|---|---|---|"]
     for name, runs in found.items():
@@ -138,11 +138,13 @@ def tables(found):
             curve = (f"{oo[0]['gold_score']:.2f}, {peak['gold_score']:.2f} "
                      f"({peak['kl_to_sft']:.1f}), {oo[-1]['gold_score']:.2f} "
                      f"({oo[-1]['kl_to_sft']:.1f})") if oo else "-"
+            rm = f"{oo[0]['rm_score']:.2f}, {oo[-1]['rm_score']:.2f}" if oo else "-"
             best = (f"{bon[0]['gold_score']:.2f}, {bon[-1]['gold_score']:.2f} (n = {bon[-1]['n']}, "
                     f"KL {bon[-1]['kl_to_sft']:.2f})") if bon else "-"
+            losses = ", ".join(f"{p[k]['corpus_loss']:.3f}" for k in ("sft", "ppo", "ppo_ptx"))
             per_seed.append(f"| {name} | {r['seed']} | {p['sft']['gold_score']:.2f} | "
-                            f"{p['ppo']['gold_score']:.2f} | {p['ppo_ptx']['corpus_loss']:.3f} | "
-                            f"{p['ppo']['corpus_loss']:.3f} | {curve} | {best} |")
+                            f"{p['ppo']['gold_score']:.2f} ({p['ppo']['kl_to_sft']:.1f}) | "
+                            f"{losses} | {curve} | {rm} | {best} |")
     behaviour = ["| experiment | policy | gold | helpful | truthful | harmless | false premise "
                  "| KL to SFT |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in found.items():
