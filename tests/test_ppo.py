@@ -822,8 +822,8 @@ def test_minibatch_takes_the_rows_and_drops_only_the_columns_that_are_padding_in
     assert 0 < first and R < batch["responses"].size(1), \
         "the test needs columns to drop on both sides"
     mb = ppo.minibatch(batch, idx)
-    assert set(mb) == {"logprobs", "values", "advantages", "returns", "response_mask", "ids",
-                       "attention_mask", "n_query"}
+    assert set(mb) == {"logprobs", "ref_logprobs", "values", "advantages", "returns",
+                       "response_mask", "ids", "attention_mask", "n_query"}
     for k in ("logprobs", "values", "advantages", "returns", "response_mask"):
         assert torch.equal(mb[k], batch[k][idx][:, :R]), k
     assert torch.equal(mb["ids"], batch["ids"][idx][:, first:P + R])
@@ -981,8 +981,9 @@ def test_update_syncs_ddp_gradients_once_after_the_last_micro_batch(rolled, monk
 def test_update_weights_its_losses_by_step_total_of_the_steps_response_and_ptx_tokens(
         rolled, monkeypatch):
     """Under torchrun a step's token counts are lib.ddp.step_total's (all ranks' / world_size):
-    ppo_update asks it for the minibatch's response tokens and the ptx batch's predicted tokens,
-    once per step, and divides by what it returns. A stand-in returning twice the local count halves
+    ppo_update asks it for the minibatch's response tokens (twice: the items of the value loss's
+    mean and of the policy loss's token mean) and the ptx batch's predicted tokens, once per step,
+    and divides by what it returns. A stand-in returning twice the local count halves
     the whole step's gradient."""
     batch = rolled["batch"]
     policy, critic = update_case(rolled)
@@ -994,7 +995,8 @@ def test_update_weights_its_losses_by_step_total_of_the_steps_response_and_ptx_t
     ptx = ptx_batch()
     ppo.ppo_update(policy, critic, recorder, batch, cfg, iter([ptx]),
                    torch.Generator().manual_seed(0))
-    assert calls == [int(batch["response_mask"].sum()), sum(n - 1 for n in PTX_LENGTHS)]
+    tokens = int(batch["response_mask"].sum())
+    assert calls == [tokens, tokens, sum(n - 1 for n in PTX_LENGTHS)]
     loss, _ = reference_loss(policy, critic, batch, torch.arange(6), cfg, ptx)
     assert_close_grads(recorder.grads[0], [g / 2 for g in gradients(loss, params)])
 

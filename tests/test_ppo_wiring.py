@@ -169,9 +169,9 @@ def test_update_recomputes_the_rollout_values_and_logprobs_before_its_first_step
         calls["value"].append((values.detach().clone(), old_values.clone(), mask.clone()))
         return value_loss(values, old_values, returns, mask, cliprange_value)
 
-    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_agg):
         calls["policy"].append((logprobs.detach().clone(), old_logprobs.clone(), mask.clone()))
-        return policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+        return policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_agg)
     monkeypatch.setattr(ppo, "ppo_value_loss", recording_value_loss)
     monkeypatch.setattr(ppo, "ppo_policy_loss", recording_policy_loss)
     batch = case["batch"]
