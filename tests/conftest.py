@@ -236,6 +236,11 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18], [19, 20],
            [21, 22, 23, 24, 25]]
 
 
+def ragged_mask(lengths, T):
+    """(B, T) float mask: row b is 1 on its first lengths[b] columns."""
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()
+
+
 def ragged_policy(seed=0, strength=4.0):
     """eos_prone_policy (above) in eval mode: responses of mixed lengths, some without EOS."""
     return eos_prone_policy(seed, strength).eval()

@@ -23,6 +23,7 @@ from conftest import (
     gradients,
     ppo_models,
     ppo_tiny_config,
+    ragged_mask,
     ragged_policy,
     scalar_model,
 )
@@ -31,11 +32,6 @@ from lib.config import UsageError, parse_config
 from lib.responses import policy_logprobs
 from lib.tokens import EOS, get_tokenizer, pad_left
 from model import GPT, GPTConfig
-
-
-def ragged_mask(lengths, T):
-    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()  # (B, T)
-
 
 # ------------------------------------------------------------------------------------- kl_estimate
 

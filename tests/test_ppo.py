@@ -31,6 +31,7 @@ from conftest import (
     last_output,
     ppo_models,
     ppo_tiny_config,
+    ragged_mask,
     ragged_policy,
     scalar_model,
 )
@@ -47,10 +48,6 @@ from lib.tokens import EOS, get_tokenizer, pad_left, pad_right
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
 
 # --------------------------------------------------------------------------------------------- math
-
-def ragged_mask(lengths, T):
-    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()  # (B, T)
-
 
 def test_gae_matches_naive_loop():
     torch.manual_seed(0)
