@@ -455,8 +455,8 @@ def ppo_update(policy, critic, optimizer, batch, cfg, ptx_batches=None, generato
         logprobs = policy_logprobs(policy, ids, attention_mask, n_query, cfg.temperature)  # (b, R)
         pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(
             logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange, cfg.loss_agg)
-        policy_part, token_means = {"pg_loss": pg_loss}, dict(pg_clipfrac=pg_clipfrac,
-                                                               approx_kl=approx_kl)
+        policy_part = {"pg_loss": pg_loss}  # statistics averaged like the loss (--loss_agg)
+        token_means = {"pg_clipfrac": pg_clipfrac, "approx_kl": approx_kl}  # over tokens
         vf_loss = kl_loss = 0.0
         if critic is not None:
             values = critic_values(critic, ids, attention_mask, n_query)  # (b, R)
