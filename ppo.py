@@ -314,9 +314,9 @@ def aggregate(losses, mask, loss_agg="token_mean"):
         seq_mean_token_sum   each response's token sum, then their mean: every token weighs the
                              same whatever its response's length (Dr. GRPO's fix, up to its
                              constant divisor; verl "seq-mean-token-sum")"""
-    mask = mask.to(losses.dtype)
     if loss_agg == "token_mean":
-        return (losses * mask).sum() / mask.sum().clamp(min=1)
+        return masked_mean(losses, mask)
+    mask = mask.to(losses.dtype)
     per_response = (losses * mask).sum(1)  # (B,)
     if loss_agg == "seq_mean_token_mean":
         per_response = per_response / mask.sum(1).clamp(min=1)

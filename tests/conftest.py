@@ -236,6 +236,20 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18], [19, 20],
            [21, 22, 23, 24, 25]]
 
 
+class GradRecorder:
+    """Stands in for the optimizer: keeps the gradient of each step instead of applying it."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads.append([None if p.grad is None else p.grad.clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
 def ragged_mask(lengths, T):
     """(B, T) float mask: row b is 1 on its first lengths[b] columns."""
     return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()

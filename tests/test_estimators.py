@@ -18,6 +18,7 @@ from conftest import (
     PPO_FIXTURES,
     PROMPTS,
     ROLLOUT_SHAPE,
+    GradRecorder,
     RewardRecorder,
     assert_close_grads,
     gradients,
@@ -238,20 +239,6 @@ def test_kl_reward_pays_the_estimators_sample_per_token_and_returns_the_log_rati
 
 
 # ------------------------------------------------------ ppo_update with the KL in the loss, by hand
-
-class GradRecorder:
-    """Stands in for the optimizer: keeps the gradient of each step instead of applying it."""
-
-    def __init__(self, params):
-        self.params, self.grads = list(params), []
-
-    def step(self):
-        self.grads.append([None if p.grad is None else p.grad.clone() for p in self.params])
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
-
 
 def moved(model, seed, scale):
     """A copy of `model` with noise on every parameter, in eval mode."""

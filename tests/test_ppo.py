@@ -23,6 +23,7 @@ from conftest import (
     PROMPTS,
     ROLLOUT_SHAPE,
     TEMPERATURE,
+    GradRecorder,
     NoSyncRecorder,
     RewardRecorder,
     assert_close_grads,
@@ -315,20 +316,6 @@ def test_rollout_logprobs_are_what_the_update_recomputes(letters_policy):
         ratio = torch.exp(logprobs - mb["logprobs"])[mb["response_mask"]]
         print(f"max |ratio - 1| = {(ratio - 1).abs().max().item():.2e}")
         assert (ratio - 1).abs().max() < 1e-5
-
-
-class GradRecorder:
-    """Stands in for the optimizer: keeps the gradient of each step instead of applying it."""
-
-    def __init__(self, params):
-        self.params, self.grads = list(params), []
-
-    def step(self):
-        self.grads.append([None if p.grad is None else p.grad.clone() for p in self.params])
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
 
 
 @pytest.mark.parametrize("ptx_coef", [0.0, 0.5])
