@@ -49,7 +49,7 @@ from lib.data import data_paths, index_batches, read_rankings
 from lib.ddp import accumulate_gradients, all_gather_cat, init_distributed, shard, wrap_ddp
 from lib.responses import policy_logprobs
 from lib.tokens import EOS, encode_prompt, encode_response, get_tokenizer, pad_left, pad_right
-from lib.tracking import MetricsLog, plot_metrics
+from lib.tracking import MetricsLog, plot_metrics, replot_due
 from lib.training import (
     autocast,
     autocast_dtype,
@@ -313,6 +313,7 @@ def train(cfg):
         return share["pairs"] * loss, {"pairs": stats}
 
     batches = index_batches(len(train_pairs), cfg.batch_size, cfg.seed)
+    last_plot = float("-inf")  # when dpo.png was last drawn
     for step in range(1, steps + 1):
         lr = lr_at(step - 1, cfg.lr, cfg.lr * cfg.min_lr_frac, cfg.warmup_steps, steps)
         for group in optimizer.param_groups:
@@ -335,10 +336,13 @@ def train(cfg):
             if metrics["val/loss"] < best["val/loss"]:
                 best = {k: metrics[k] for k in best}
                 save_checkpoint(ckpt_path, policy, cfg, base=base, step=step, val_metrics=best)
-            plot_metrics(log.path, png_path, {"DPO loss (eq. 7)": ["loss", "val/loss"],
-                                              "implicit reward accuracy": ["acc", "val/acc"],
-                                              "implicit reward margin": ["margin", "val/margin"]},
-                         title=f"dpo.py ({cfg.preset or 'custom'}, beta {cfg.beta})")
+            if replot_due(last_plot, final=step == steps):
+                last_plot = time.time()
+                plot_metrics(log.path, png_path,
+                             {"DPO loss (eq. 7)": ["loss", "val/loss"],
+                              "implicit reward accuracy": ["acc", "val/acc"],
+                              "implicit reward margin": ["margin", "val/margin"]},
+                             title=f"dpo.py ({cfg.preset or 'custom'}, beta {cfg.beta})")
         log.log(step, metrics, keys=["loss", "acc", "val/loss", "val/acc", "lr"])
     print(f"best val loss {best['val/loss']:.4f} (accuracy {best['val/acc']:.3f}) | saved "
           f"{ckpt_path} | {time.time() - t_start:.0f}s")

@@ -106,19 +106,22 @@ LABEL_NOISE = 1.5
 # iterations, its live weights: a 0.992 EMA needs more steps than that to catch up). One round
 # already turns fabrication into "I don't know" and harmful compliance into refusals, and wins
 # over SFT by the gold (data/lab/README.md, "The loop works"); rounds 2 and 3 and their reward
-# models are half of the full lab's time. The over-optimisation run is the full lab's. What is cut
-# beyond that: DPO's steps, and the evaluation's samples (2 per held-out prompt and policy; 4 SFT
-# samples per prompt for the reward model's agreement; best-of-n up to n = 16).
+# models are half of the full lab's time. The over-optimisation run is the full lab's, its policy
+# kept and evaluated every 4 iterations instead of 2 (the same weights: evaluating changes no
+# training step). What is cut beyond that: DPO's steps, and the evaluation's samples (2 per
+# held-out prompt and policy; 4 SFT samples per prompt for the reward model's agreement;
+# best-of-n up to n = 16).
 # Flags override these values: `--config class --rounds 3` is the class lab with three rounds.
 LAB_CONFIGS = {
     "full": dict(kl_coef=KL_COEF, ptx_coef=1.0, rounds=3, k=8, rankings_per_prompt=2,
                  label_noise=LABEL_NOISE, ppo_iters=FINAL_PPO[1], ppo_lr=FINAL_PPO[0], ema=True,
                  pretrain_steps=PRETRAIN_STEPS, dpo_steps=150, overopt_iters=ROUND1_PPO[1],
-                 eval_samples=4, rm_samples=8, bon_samples=64),
+                 overopt_every=2, eval_samples=4, rm_samples=8, bon_samples=64),
     "class": dict(kl_coef=KL_COEF, ptx_coef=1.0, rounds=1, k=8, rankings_per_prompt=2,
                   label_noise=LABEL_NOISE, ppo_iters=ROUND1_PPO[1], ppo_lr=ROUND1_PPO[0],
                   ema=False, pretrain_steps=PRETRAIN_STEPS, dpo_steps=50,
-                  overopt_iters=ROUND1_PPO[1], eval_samples=2, rm_samples=4, bon_samples=16),
+                  overopt_iters=ROUND1_PPO[1], overopt_every=4, eval_samples=2, rm_samples=4,
+                  bon_samples=16),
 }
 # The knobs a user sets by flag: (type, check, what the check requires).
 KNOBS = {
@@ -299,7 +302,8 @@ def lab_steps(a):
         # Over-optimisation (Gao et al. 2022): the round-1 reward model, no KL penalty, the policy
         # kept at every evaluation (ckpt_NNNN.pt)
         ("overopt", ppo(a, data, sft_ckpt, f"{reward_round1}/ckpt.pt", f"{d}/overopt",
-                        "--keep_checkpoints", "true", kl_coef=0, every=quick(a, 2, 1),
+                        "--keep_checkpoints", "true", kl_coef=0,
+                        every=quick(a, lab["overopt_every"], 1),
                         steps=(ROUND1_PPO[0], lab["overopt_iters"]))),
     ]
     rounds = [flag for r in range(1, a.rounds)

@@ -81,7 +81,7 @@ from lib.ddp import (
 )
 from lib.responses import last_token_index, policy_logprobs, sample_and_judge, sample_and_score
 from lib.tokens import EOS, encode_prompt, get_tokenizer, pad_left, pad_right
-from lib.tracking import MetricsLog, plot_metrics
+from lib.tracking import MetricsLog, plot_metrics, replot_due
 from lib.training import (
     autocast,
     autocast_dtype,
@@ -888,7 +888,7 @@ def train(cfg, reward_fn=None):
             return evaluate(m, s.val_prompts, cfg, s.judge, s.baseline)
     if s.start == 0:  # the SFT policy's own score on the held-out prompts: the plot's baseline
         s.log.log(0, held_out())
-    metrics = {}
+    metrics, last_plot = {}, float("-inf")  # last_plot: when ppo.png was last drawn
     for it in range(s.start, cfg.iters):
         t0 = time.time()
         lr = cfg.lr * min(1.0, 0.1 + 0.9 * it / max(cfg.warmup_iters, 1))  # warmup from lr / 10
@@ -929,6 +929,8 @@ def train(cfg, reward_fn=None):
         if evaluating:
             save_ppo_checkpoint(s.ckpt_path, m.policy, m.critic, s.optimizer, cfg=cfg,
                                 iteration=step, kl_coef=kl_coef, ema=s.ema)
+        if evaluating and replot_due(last_plot, final=step == cfg.iters):
+            last_plot = time.time()
             panels = dict(PANELS, **({"judge: win rate vs SFT (eval)": ["eval_win_rate"]}
                                      if s.judge else {}))
             plot_metrics(s.log.path, s.png_path, panels, xlabel="iteration",

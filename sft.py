@@ -48,7 +48,7 @@ from lib.tokens import (
     pad_left,
     pad_right,
 )
-from lib.tracking import MetricsLog, plot_metrics
+from lib.tracking import MetricsLog, plot_metrics, replot_due
 from lib.training import (
     autocast,
     autocast_dtype,
@@ -354,7 +354,7 @@ def train(cfg):
                      log_to=cfg.log_to, run_config=cfg)
     png_path = os.path.join(cfg.out_dir, "sft.png")
     batches = index_batches(len(train_demos), cfg.batch_size, cfg.seed, start=data_position)
-    metrics, t_start = {}, time.time()
+    metrics, t_start, last_plot = {}, time.time(), float("-inf")  # last_plot: sft.png last drawn
 
     # `step` = optimizer updates done so far; step 0 evaluates the init
     for step in range(start + 1 if resume_ckpt else 0, cfg.max_steps + 1):
@@ -410,9 +410,11 @@ def train(cfg):
             for prompt, response in zip(sample_prompts, responses):
                 print(f"---- prompt (end): ...{enc.decode(prompt)[-200:]!r}\n"
                       f"---- greedy response: {response!r}")
-            panels = {"loss (response tokens)": ["loss", "val_loss"], "learning rate": ["lr"]}
-            plot_metrics(log.path, png_path, panels,
-                         title=f"sft.py --config {cfg.preset}" if cfg.preset else "sft.py")
+            if replot_due(last_plot, final=step == cfg.max_steps):
+                last_plot = time.time()
+                panels = {"loss (response tokens)": ["loss", "val_loss"], "learning rate": ["lr"]}
+                plot_metrics(log.path, png_path, panels,
+                             title=f"sft.py --config {cfg.preset}" if cfg.preset else "sft.py")
             # the latest state, for --resume: written at each evaluation (and so at the end), after
             # ckpt.pt
             save_checkpoint(last_path, model, cfg, base=base, step=step,

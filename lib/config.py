@@ -282,14 +282,17 @@ def run(train, config_cls, presets):
     (a FloatingPointError from check_finite or GPT.generate)."""
     cfg = parse_config(config_cls, presets)
     check_paths(cfg)
+    finished = False
     try:
-        return train(cfg)
+        out = train(cfg)
+        finished = True
+        return out
     except UsageError as e:
         sys.exit(f"error{rank_tag()}: {e}")
     except FloatingPointError as e:  # check_finite: a diverged run; or NaN/inf in GPT.generate
         sys.exit(f"error{rank_tag()}: {e}")
     finally:
-        close_distributed()
+        close_distributed(finished)
 
 
 def print_config(cfg, out_dir=None):

@@ -10,6 +10,7 @@ so all ranks see the same numbers; only rank 0 prints, logs, plots and writes fi
 the job's).
 """
 import contextlib
+import gc
 import os
 import sys
 
@@ -35,8 +36,16 @@ def init_distributed(device="auto"):
     return get_rank(), get_world_size()
 
 
-def close_distributed():
+def close_distributed(finished=True):
+    """Leave the process group. The trained models' DDP wrappers hold it and may sit in reference
+    cycles: collected now, while the interpreter is whole, not at its shutdown, where gloo's
+    teardown can abort the process (a rank ending in SIGABRT after a run that succeeded).
+    finished: this rank's run ended normally, so it waits for the others first (a failed rank
+    must not wait for ranks that may never arrive)."""
     if dist.is_initialized():
+        gc.collect()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

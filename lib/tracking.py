@@ -113,6 +113,18 @@ def read_metrics(path):
     return read_jsonl(path, "metrics", {"step": int}, allow_empty=True, hint="")
 
 
+# A plot takes about half a second on a CPU: a run redraws its PNG at an evaluation when this many
+# seconds have passed since it last did, and always at its end (a short run's 15 evaluations would
+# otherwise spend several seconds on plots nobody looks at before it ends).
+REPLOT_SECONDS = 30.0
+
+
+def replot_due(last_plot, final):
+    """Redraw the run's PNG now? last_plot: time.time() of the previous drawing (-inf: none yet);
+    final: this is the run's last evaluation."""
+    return final or time.time() - last_plot >= REPLOT_SECONDS
+
+
 def plot_metrics(metrics_path, png_path, panels, title=None, xlabel="step"):
     """One PNG with a panel per entry of `panels` ({panel title: [metric keys]}) against the rows'
     "step", with the x-axis labelled `xlabel`: what a step is ("iteration" for PPO, whose logged

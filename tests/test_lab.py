@@ -505,7 +505,7 @@ def test_lab_judge_category_fractions_count_content_by_category():
     names = [(0, "right"), (0, "fragment"), (0, "hedge"), (1, "dont_know"), (1, "made_up"),
              (2, "decline"), (2, "comply"), (2, "comply"), (2, "decline_then_comply"),
              (3, "no_such_land"), (3, "made_up_capital"), (3, "made_up_capital")]
-    rows = [(i, j, t[name], 0.0, 0.0) for j, (i, name) in enumerate(names)]
+    rows = [(i, j, t[name], 0.0, 0.0, 5) for j, (i, name) in enumerate(names)]
     scores, fractions = evaluate_lab.judge(world, prompts, rows)
     assert scores == [3, 2, 1, 3, 1, 3, 1, 1, 1, 3, 1, 1]
     assert fractions == {"helpful": pytest.approx(2 / 3), "truthful": pytest.approx(2 / 5),
@@ -555,7 +555,7 @@ def test_lab_reward_model_agreement_leaves_gold_ties_and_identical_responses_out
     #   (mu,mu) identical: 4 pairs, 2 agree, 1 tie
     # prompt 2, gold 3,1,3,1: (d,c) disagree | (d,d) identical | (d,dtc) agree | (c,d) disagree |
     #   (c,dtc) tie | (d,dtc) agree: 4 pairs, 2 agree, 1 tie
-    rows = [(i, j, t[name], 0.0, rm)
+    rows = [(i, j, t[name], 0.0, rm, 5)
             for i, items in samples.items() for j, (name, rm) in enumerate(items)]
     calls = []
 
@@ -614,12 +614,13 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
     def fake_sample(policy, ref_policy, reward_model, enc, prompts_, n_samples, max_new_tokens,
                     seed):
         if seed == 11 + 1:  # reward_model_agreement's samples: not what this test checks
-            return [(0, 0, t["right"], 0.0, 1.0), (0, 1, t["hedge"], 0.0, 0.0)]
+            return [(0, 0, t["right"], 0.0, 1.0, 9), (0, 1, t["hedge"], 0.0, 0.0, 9)]
         if seed == 11 + 2:  # best-of-n's samples: nor these
-            return [(i, j, t["right"], 0.0, 1.0)
+            return [(i, j, t["right"], 0.0, 1.0, 9)
                     for i in range(len(prompts_)) for j in range(n_samples)]
         assert ref_policy.path == "sft.pt" and n_samples == 2 and seed == 11
-        return [(i, j, t[name], kl, rm)
+        # a response's length in tokens: here its length in characters
+        return [(i, j, t[name], kl, rm, len(t[name]))
                 for (i, j), (name, kl, rm) in sorted(responses[policy.path].items())]
     monkeypatch.setattr(evaluate_lab, "load_model", lambda path, kind, device: (Named(path), {}))
     monkeypatch.setattr(evaluate_lab, "sample", fake_sample)
@@ -643,6 +644,12 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
     assert ppo_["rm_score"] == pytest.approx(12.0 / 6)
     assert sft["kl_to_sft"] == 0.0 and sft["rm_score"] == pytest.approx(6.0 / 6)
     assert ppo_["corpus_loss"] == 2.5
+    # lengths by kind of prompt: 0 helpful, 1 truthful, 2 harmless
+    n = {name: len(t[name]) for name in ("right", "fragment", "dont_know", "made_up", "decline")}
+    assert ppo_["response_tokens"] == pytest.approx({
+        "all": (n["right"] + n["fragment"] + n["dont_know"] + n["made_up"] + 2 * n["decline"]) / 6,
+        "helpful": (n["right"] + n["fragment"]) / 2, "truthful": (n["dont_know"] + n["made_up"]) / 2,
+        "harmless": n["decline"]})
     assert (ppo_["wins"], ppo_["ties"], ppo_["losses"]) == (2, 3, 1)
     assert ppo_["win_rate_vs_sft"] == pytest.approx((2 + 3 / 2) / 6)
     assert ppo_["win_rate_ci"] == pytest.approx(list(evaluate_lab.wilson_interval(3.5, 6)))
@@ -671,7 +678,9 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
     assert verdicts["a harmful request"] == {"sft": (t["comply"], 1, False),
                                              "ppo": (t["decline"], 3, True)}
     md = (tmp_path / "out" / "results.md").read_text()
-    assert md.count("Columns:") == 1 + 3 + 1  # the policies, each example, best-of-n
+    # the policies, their lengths, each example, best-of-n
+    assert md.count("Columns:") == 1 + 1 + 3 + 1
+    assert f"| ppo | {ppo_['response_tokens']['all']:.1f} | " in md
     assert "| sft | " + t["made_up"].strip() + " | made up (1) |" in md
     assert "| ppo | " + t["decline"].strip() + " | declined (3) |" in md
 
@@ -879,8 +888,8 @@ def test_labelers_ceiling_is_the_expected_agreement_with_noisy_labels(monkeypatc
     import math
     world, prompts, t = small_world()
     # each prompt: gold 3 vs 1; the RM agrees on the first, disagrees on the second
-    rows = [(0, 0, t["right"], 0.0, 2.0), (0, 1, t["hedge"], 0.0, 1.0),
-            (1, 0, t["dont_know"], 0.0, 0.0), (1, 1, t["made_up"], 0.0, 1.0)]
+    rows = [(0, 0, t["right"], 0.0, 2.0, 9), (0, 1, t["hedge"], 0.0, 1.0, 9),
+            (1, 0, t["dont_know"], 0.0, 0.0, 9), (1, 1, t["made_up"], 0.0, 1.0, 9)]
     monkeypatch.setattr(evaluate_lab, "sample", lambda *args, **kwargs: rows)
     enc = get_tokenizer()
     agreement = lambda noise: evaluate_lab.reward_model_agreement(  # 2 samples per prompt

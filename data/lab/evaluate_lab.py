@@ -3,7 +3,7 @@ The lab's evaluation: every policy of the pipeline judged by the exact gold pref
 (data/lab/gold.py) on the held-out prompts of the world, plus the reward model's agreement with the
 gold and the over-optimisation curve. Writes OUT_DIR/results.json, OUT_DIR/results.md and plots.
 
-Per policy (base, sft, ppo_round1, ppo_round2, ppo, ppo_ptx, dpo), on prompts_val.jsonl,
+Per policy (base, sft, ppo_round1, ppo_round2, ppo, ppo_ptx, rloo, grpo, dpo), on prompts_val.jsonl,
 `--samples` responses per prompt sampled at temperature 1 (the distribution PPO optimises and the
 KL is measured under), the same seeds for every policy:
     gold_score       mean exact gold score (0..3), with a normal 95% interval (gold_score_ci)
@@ -20,6 +20,8 @@ KL is measured under), the same seeds for every policy:
     kl_to_sft        mean over responses of sum_t log pi(y_t) - log pi_SFT(y_t) (responses sampled
                      from pi)
     rm_score         mean reward-model score (the judge PPO optimised: biased)
+    response_tokens  mean response length in tokens (its EOS included), by kind of prompt
+                     (helpful, truthful, harmless, false_premise) and over all: length bias
     corpus_loss      LM loss on corpus_val.jsonl (held-out "internet" text): the alignment tax
 category_n holds how many responses each fraction is over; examples, one held-out prompt per
 behaviour (a correct fact, a fabrication or "I don't know", a harmful request, a false premise)
@@ -78,14 +80,14 @@ from lib.winrate import wilson_interval, win_rate  # noqa: E402
 sys.path.insert(0, HERE)
 from gold import gold_score, load_world, verdict  # noqa: E402
 
-STAGES = ("base", "sft", "ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "dpo")
+STAGES = ("base", "sft", "ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "rloo", "grpo", "dpo")
 
 
 @torch.no_grad()
 def sample(policy, ref_policy, reward_model, enc, prompts, n_samples, max_new_tokens, seed,
            batch_size=64):
     """n_samples responses per prompt at temperature 1 -> list (prompt index, sample index, text,
-    kl, rm)."""
+    kl, rm, tokens)."""
     rows = []
     jobs = [(i, j) for j in range(n_samples) for i in range(len(prompts))]
     tokens = [enc.encode_ordinary(p) for p in prompts]
@@ -95,9 +97,12 @@ def sample(policy, ref_policy, reward_model, enc, prompts, n_samples, max_new_to
         generator = torch.Generator().manual_seed(seed * 7919 + b)
         batch = sample_and_score(policy, queries, query_mask, max_new_tokens, 1.0, generator,
                                  reward_model)
-        kl = sequence_kl(policy, ref_policy, batch)  # (B,)
+        # the KL of a policy to itself is 0: two forwards saved (best-of-n samples SFT)
+        kl = (torch.zeros(len(chunk)) if policy is ref_policy
+              else sequence_kl(policy, ref_policy, batch))  # (B,)
+        tokens = batch["response_mask"].sum(1)  # (B,) the EOS included
         for k, ((i, j), text) in enumerate(zip(chunk, decode_responses(enc, batch))):
-            rows.append((i, j, text, kl[k].item(), batch["scores"][k].item()))
+            rows.append((i, j, text, kl[k].item(), batch["scores"][k].item(), tokens[k].item()))
     rows.sort(key=lambda r: (r[0], r[1]))
     return rows
 
@@ -123,7 +128,7 @@ def judge(world, prompts, rows):
     """Gold verdicts of sampled rows -> per-row scores and the category metrics (and false_premise:
     truthful on the questions about a land that does not exist, a subset of the truthful ones)."""
     scores, by_cat = [], {"helpful": [], "truthful": [], "harmless": [], "false_premise": []}
-    for i, _, text, _, _ in rows:
+    for i, _, text, *_ in rows:
         v = verdict(world, prompts[i], text)
         scores.append(gold_score(world, prompts[i], text))
         by_cat[v["category"]].append(v["good"])
@@ -204,7 +209,7 @@ def reward_model_agreement(world, reward_model, sft, enc, prompts, k, max_new_to
     = 0; a gold tie is a coin flip)."""
     rows = sample(sft, sft, reward_model, enc, prompts, k, max_new_tokens, seed + 1)
     by_prompt = {}
-    for i, _, text, _, rm in rows:
+    for i, _, text, _, rm, _ in rows:
         item = (gold_score(world, prompts[i], text), rm, len(enc.encode_ordinary(text)), text)
         by_prompt.setdefault(i, []).append(item)
     agree, shorter, ties, n = 0, 0.0, 0, 0
@@ -360,6 +365,7 @@ def rankings_agreement(world, path):
 STAGE_STYLE = {"base": ("#9e9e9e", "base (GPT)"), "sft": ("#1f77b4", "SFT"),
                "ppo_round1": ("#fdae61", "PPO round 1"), "ppo_round2": ("#f46d43", "PPO round 2"),
                "ppo": ("#a50026", "PPO"), "ppo_ptx": ("#762a83", "PPO-ptx"),
+               "rloo": ("#e7298a", "RLOO"), "grpo": ("#8c510a", "GRPO"),
                "dpo": ("#1a9850", "DPO")}
 SQRT_KL_AXIS = "d = sqrt(KL to SFT), Gao et al.'s axis"
 
@@ -646,6 +652,22 @@ def examples_markdown(examples):
     return lines
 
 
+def lengths_markdown(policies):
+    """One line per policy: its mean response length in tokens, over all and by kind of prompt."""
+    kinds = ("helpful", "truthful", "harmless", "false_premise")
+    rows = [(name, p["response_tokens"]) for name, p in policies.items()
+            if "response_tokens" in p]
+    if not rows:
+        return []
+    lines = ["", "| policy | tokens per response | " + " | ".join(kinds) + " |",
+             "|---" * (len(kinds) + 2) + "|"]
+    lines += [f"| {name} | {t['all']:.1f} | " + " | ".join(
+        f"{t[k]:.1f}" if k in t else "" for k in kinds) + " |" for name, t in rows]
+    return lines + ["", "Columns: the mean length in tokens (the EOS included) of the sampled "
+                        "responses, over all held-out prompts and by kind of prompt: a policy "
+                        "that gains by saying more shows it here."]
+
+
 def markdown(results):
     lines = [f"# Lab results, seed {results['seed']}", "",
              "| policy | gold score | win rate vs SFT [95% CI] | helpful | truthful | harmless | "
@@ -661,6 +683,7 @@ def markdown(results):
         f" Each share is over {counts['helpful']} / {counts['truthful']} / {counts['harmless']} "
         f"responses; the win rate over {results['n_prompts'] * results['samples_per_prompt']}."
         if counts else "")]
+    lines += lengths_markdown(results["policies"])
     rm = results["reward_model"]
     lines += ["", f"A perfect policy (gold 3 on every response) would win "
                   f"{results['win_rate_ceiling']:.2f} against SFT."]
@@ -782,6 +805,15 @@ def mean_of(rows, column):
     return sum(r[column] for r in rows) / len(rows)
 
 
+def response_tokens(world, prompts, rows):
+    """Mean response length in tokens of sampled rows, by kind of prompt (kind_of) and over all:
+    does a method's gain come with longer answers, and on which prompts?"""
+    by_kind = {}
+    for i, _, _, _, _, n in rows:
+        by_kind.setdefault(kind_of(world, prompts[i]), []).append(n)
+    return {"all": mean_of(rows, 5), **{k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
+
+
 def reward_model_report(world, reward_model, sft, enc, prompts, args, label_noise=0.0):
     """A reward model's agreement with the gold on SFT samples, its value check and premise
     check."""
@@ -842,10 +874,11 @@ def main(argv=None):
         scores, categories = judge(world, prompts, sampled)
         judged[stage] = scores
         answers[stage] = {i: (text, s, verdict(world, prompts[i], text)["good"])
-                          for (i, j, text, _, _), s in zip(sampled, scores) if j == 0}
+                          for (i, j, text, *_), s in zip(sampled, scores) if j == 0}
         results["policies"][stage] = {
             "gold_score": sum(scores) / len(scores), "gold_score_ci": mean_interval(scores),
             **categories, "kl_to_sft": mean_of(sampled, 3), "rm_score": mean_of(sampled, 4),
+            "response_tokens": response_tokens(world, prompts, sampled),
             "corpus_loss": corpus_loss(policy, enc, docs)}
         print(f"{stage}: {results['policies'][stage]}", flush=True)
     # the room SFT leaves: the win rate over SFT of a policy whose every response scores 3
@@ -876,7 +909,7 @@ def main(argv=None):
     rows = sample(sft, sft, reward_round1, enc, prompts, args.bon_samples, args.max_new_tokens,
                   args.seed + 2)
     samples = [[] for _ in prompts]
-    for i, _, text, _, rm in rows:
+    for i, _, text, _, rm, _ in rows:
         samples[i].append((rm, gold_score(world, prompts[i], text)))
     ns = [2 ** k for k in range(int(math.log2(args.bon_samples)) + 1)]
     results["best_of_n"] = best_of_n_curve(samples, ns)
