@@ -648,8 +648,8 @@ def test_lab_main_win_rates_ceiling_and_means_from_hand_counts(tmp_path, monkeyp
     n = {name: len(t[name]) for name in ("right", "fragment", "dont_know", "made_up", "decline")}
     assert ppo_["response_tokens"] == pytest.approx({
         "all": (n["right"] + n["fragment"] + n["dont_know"] + n["made_up"] + 2 * n["decline"]) / 6,
-        "helpful": (n["right"] + n["fragment"]) / 2, "truthful": (n["dont_know"] + n["made_up"]) / 2,
-        "harmless": n["decline"]})
+        "helpful": (n["right"] + n["fragment"]) / 2,
+        "truthful": (n["dont_know"] + n["made_up"]) / 2, "harmless": n["decline"]})
     assert (ppo_["wins"], ppo_["ties"], ppo_["losses"]) == (2, 3, 1)
     assert ppo_["win_rate_vs_sft"] == pytest.approx((2 + 3 / 2) / 6)
     assert ppo_["win_rate_ci"] == pytest.approx(list(evaluate_lab.wilson_interval(3.5, 6)))
