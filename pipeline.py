@@ -20,16 +20,17 @@ demonstrations -> round 1: label.py ranks K = 8 samples per prompt, 4 of SFT and
 ranks 4 samples of the round-1 PPO policy and 4 of SFT per prompt (twice) -> reward.py on both
 rounds -> ppo.py -> round 3: the same with the round-2 policy's samples -> reward.py (anew from SFT,
 on all three rounds) -> DPO on every ranking -> the final ppo.py (saving its EMA of the weights, as
-in the paper) -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> an over-optimisation run
+in the paper) -> ppo.py with PPO-ptx (the corpus as pretraining mix) -> ppo.py with RLOO and with
+GRPO (--advantage_estimator, K = 4 samples per prompt, no critic) -> an over-optimisation run
 (the round-1 reward model, kl_coef 0, checkpoints every 2 iterations) -> data/lab/evaluate_lab.py:
 every policy judged by the exact gold on held-out prompts, DIR/results.json, DIR/results.md, plots.
 The gold function reaches the reward models only through label.py's rankings.
 
 The lab's experimental settings are flags (--kl_coef, --ptx_coef, --rounds, --k,
 --rankings_per_prompt, --label_noise, --ppo_iters), each recorded in results.json ("settings").
---config class (LAB_CONFIGS) is the class lab: one labeling round instead of three and shorter runs
-(see LAB_CONFIGS for what it shrinks and why); flags override the config's values. --quick shrinks
-every step to seconds: a smoke test whose numbers mean nothing.
+--config class (LAB_CONFIGS) is the class lab: one labeling round instead of three, shorter runs,
+no RLOO or GRPO (see LAB_CONFIGS for what it shrinks and why); flags override the config's
+values. --quick shrinks every step to seconds: a smoke test whose numbers mean nothing.
 
 --task lab_sizes: the paper's Figure 1 in miniature. The same world; the base model, SFT, PPO and
 PPO-ptx at each of three model sizes (SIZES, ~20x apart in parameters), PPO of every size against
@@ -108,20 +109,21 @@ LABEL_NOISE = 1.5
 # over SFT by the gold (data/lab/README.md, "The loop works"); rounds 2 and 3 and their reward
 # models are half of the full lab's time. The over-optimisation run is the full lab's, its policy
 # kept and evaluated every 4 iterations instead of 2 (the same weights: evaluating changes no
-# training step). What is cut beyond that: DPO's steps, and the evaluation's samples (2 per
-# held-out prompt and policy; 4 SFT samples per prompt for the reward model's agreement;
-# best-of-n up to n = 16).
+# training step). What is cut beyond that: the critic-free policies (RLOO, GRPO), DPO's steps,
+# and the evaluation's samples (2 per held-out prompt and policy; 4 SFT samples per prompt for the
+# reward model's agreement; best-of-n up to n = 16).
 # Flags override these values: `--config class --rounds 3` is the class lab with three rounds.
 LAB_CONFIGS = {
     "full": dict(kl_coef=KL_COEF, ptx_coef=1.0, rounds=3, k=8, rankings_per_prompt=2,
                  label_noise=LABEL_NOISE, ppo_iters=FINAL_PPO[1], ppo_lr=FINAL_PPO[0], ema=True,
                  pretrain_steps=PRETRAIN_STEPS, dpo_steps=150, overopt_iters=ROUND1_PPO[1],
-                 overopt_every=2, eval_samples=4, rm_samples=8, bon_samples=64),
+                 overopt_every=2, eval_samples=4, rm_samples=8, bon_samples=64,
+                 critic_free=("rloo", "grpo")),
     "class": dict(kl_coef=KL_COEF, ptx_coef=1.0, rounds=1, k=8, rankings_per_prompt=2,
                   label_noise=LABEL_NOISE, ppo_iters=ROUND1_PPO[1], ppo_lr=ROUND1_PPO[0],
                   ema=False, pretrain_steps=PRETRAIN_STEPS, dpo_steps=50,
                   overopt_iters=ROUND1_PPO[1], overopt_every=4, eval_samples=2, rm_samples=4,
-                  bon_samples=16),
+                  bon_samples=16, critic_free=()),
 }
 # The knobs a user sets by flag: (type, check, what the check requires).
 KNOBS = {
@@ -299,6 +301,13 @@ def lab_steps(a):
         ("ppo", ppo(a, data, sft_ckpt, f"{d}/reward/ckpt.pt", f"{d}/ppo", *ema, steps=final)),
         ("ppo_ptx", ppo(a, data, sft_ckpt, f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", *ptx(a, data),
                         *ema, steps=final)),
+        # The critic-free estimators (docs/estimators.md) on the final PPO's footing: the same
+        # reward model, beta, KL in the reward, steps and EMA, and as many sampled responses per
+        # iteration, drawn as K = 4 per prompt for a quarter of the prompts
+        *((name, ppo(a, data, sft_ckpt, f"{d}/reward/ckpt.pt", f"{d}/{name}",
+                     "--advantage_estimator", name, "--samples_per_prompt", quick(a, 4, 2),
+                     *ema, steps=final))
+          for name in lab["critic_free"]),
         # Over-optimisation (Gao et al. 2022): the round-1 reward model, no KL penalty, the policy
         # kept at every evaluation (ckpt_NNNN.pt)
         ("overopt", ppo(a, data, sft_ckpt, f"{reward_round1}/ckpt.pt", f"{d}/overopt",
@@ -312,6 +321,7 @@ def lab_steps(a):
         PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d,
         "--base", f"{d}/base/ckpt.pt", "--sft", sft_ckpt, *rounds, "--ppo", f"{d}/ppo/ckpt.pt",
         "--ppo_ptx", f"{d}/ppo_ptx/ckpt.pt", "--dpo", f"{d}/dpo/ckpt.pt",
+        *[flag for name in lab["critic_free"] for flag in (f"--{name}", f"{d}/{name}/ckpt.pt")],
         "--reward", f"{d}/reward/ckpt.pt",
         *(["--reward_round1", f"{reward_round1}/ckpt.pt"] if a.rounds > 1 else []),
         "--overopt", f"{d}/overopt", "--rankings", f"{d}/rankings.jsonl",

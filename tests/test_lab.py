@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO
 from evaluate import wilson_interval
+from lib.checkpoints import load_checkpoint
 from lib.tokens import get_tokenizer
 
 
@@ -213,12 +214,21 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(quick_lab):
     assert set(results["labeler"]) >= {"noise", "agreement_with_gold"}
     assert set(results["reward_model"]) >= {"gold_agreement", "n_pairs"}
     assert set(results["policies"]) == {"base", "sft", "ppo_round1", "ppo_round2", "ppo",
-                                        "ppo_ptx", "dpo"}
+                                        "ppo_ptx", "rloo", "grpo", "dpo"}
+    # the critic-free policies: their runs built no critic, and their time is recorded
+    for name in ("rloo", "grpo"):
+        assert name in results["step_seconds"]
+        assert "critic" not in load_checkpoint(str(out / name / "ckpt.pt"))
     assert set(results["reward_model_round1"]) >= {"gold_agreement", "n_pairs"}
     for name, policy in results["policies"].items():
         for key in ("gold_score", "win_rate_vs_sft", "helpful", "truthful", "harmless",
                     "kl_to_sft", "rm_score", "corpus_loss"):
             assert isinstance(policy[key], float), (name, key)
+        # response lengths: over all and by kind of prompt (of those among the quick run's few
+        # prompts), each at least 1 token (the EOS)
+        lengths = policy["response_tokens"]
+        assert "all" in lengths and set(lengths) <= {"all", *evaluate_lab.KINDS}, name
+        assert all(v >= 1 for v in lengths.values()), name
         # the win rate and its interval from the policy's own counts over every sampled response
         n = results["n_prompts"] * results["samples_per_prompt"]
         assert policy["wins"] + policy["ties"] + policy["losses"] == n, name
@@ -243,7 +253,8 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(quick_lab):
                                                 "n_pairs"}
     assert results["labelers_ceiling"]["rm_vs_gold"] == results["reward_model"]["gold_agreement"]
     md = (out / "results.md").read_text()
-    assert "| dpo |" in md and "Columns: gold score" in md
+    assert "| dpo |" in md and "| grpo |" in md and "Columns: gold score" in md
+    assert "| policy | tokens per response |" in md
     # a smoke test says so, where it starts and where its results are read
     assert md.startswith("**--quick: a smoke test") and "numbers mean nothing" in stdout[:2000]
     assert results["settings"] == {"config": "full", "kl_coef": 0.1, "ptx_coef": 1.0, "rounds": 3,
@@ -373,9 +384,9 @@ def test_pipeline_commands_use_only_existing_flags(task, quick):
 
 def test_later_ppo_runs_take_smaller_steps_for_longer_than_round_1():
     """The round-2 policy trains at ROUND2_PPO's lr for its iterations, the final policies (ppo,
-    ppo_ptx) at the same lr for FINAL_PPO's longer run; round 1, the kl_coef-0 over-optimisation
-    run and every Figure 1 PPO keep ROUND1_PPO's larger, fewer steps; --quick shrinks all of
-    them."""
+    ppo_ptx, rloo, grpo) at the same lr for FINAL_PPO's longer run; round 1, the kl_coef-0
+    over-optimisation run and every Figure 1 PPO keep ROUND1_PPO's larger, fewer steps; --quick
+    shrinks all of them."""
     import pipeline
 
     def lr_iters(task, quick=False):
@@ -387,7 +398,8 @@ def test_later_ppo_runs_take_smaller_steps_for_longer_than_round_1():
     as_argv = lambda steps: (steps[0], str(steps[1]))  # noqa: E731
     lab = lr_iters("lab")
     assert lab.pop("ppo_round2") == as_argv(pipeline.ROUND2_PPO)
-    assert lab.pop("ppo") == lab.pop("ppo_ptx") == as_argv(pipeline.FINAL_PPO)
+    final = as_argv(pipeline.FINAL_PPO)
+    assert lab.pop("ppo") == lab.pop("ppo_ptx") == lab.pop("rloo") == lab.pop("grpo") == final
     round1 = as_argv(pipeline.ROUND1_PPO)
     assert set(lab) == {"ppo_round1", "overopt"} and set(lab.values()) == {round1}
     for later in (pipeline.ROUND2_PPO, pipeline.FINAL_PPO):
@@ -396,11 +408,12 @@ def test_later_ppo_runs_take_smaller_steps_for_longer_than_round_1():
     assert pipeline.FINAL_PPO[1] > pipeline.ROUND2_PPO[1]
     assert set(lr_iters("lab_sizes").values()) == {round1}
     assert {k: v[1] for k, v in lr_iters("lab", quick=True).items()} == dict.fromkeys(
-        ["ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "overopt"], "2")
+        ["ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "rloo", "grpo", "overopt"], "2")
 
 
 def test_the_final_policies_are_the_papers_ema_and_the_rounds_policies_are_not():
-    """ppo and ppo_ptx keep and save the EMA of their weights at the paper's decay (0.992); the
+    """ppo, ppo_ptx, rloo and grpo keep and save the EMA of their weights at the paper's decay
+    (0.992); the
     round-1 and round-2 policies, whose samples the next round ranks, and the over-optimisation
     run save their live weights."""
     import pipeline
@@ -408,7 +421,7 @@ def test_the_final_policies_are_the_papers_ema_and_the_rounds_policies_are_not()
     ema = {name: argv[argv.index("--ema_decay") + 1] if "--ema_decay" in argv else None
            for name, argv in pipeline.lab_steps(a) if argv[1] == "ppo.py"}
     assert ema == {"ppo_round1": None, "ppo_round2": None, "ppo": "0.992", "ppo_ptx": "0.992",
-                   "overopt": None}
+                   "rloo": "0.992", "grpo": "0.992", "overopt": None}
 
 
 def test_each_round_ranks_the_previous_rounds_policy():

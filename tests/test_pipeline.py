@@ -120,9 +120,10 @@ def test_each_knob_reaches_the_steps_it_names():
         assert flag_of(steps, name, "--kl_coef") == ("0" if name == "overopt" else "0.05"), name
     assert flag_of(steps, "dpo", "--beta") == "0.05"
     assert flag_of(steps, "ppo_ptx", "--ptx_coef") == "0.5"
-    assert [flag_of(steps, name, "--ptx_coef") for name in ppo_steps].count(None) == 4
+    assert [flag_of(steps, name, "--ptx_coef") for name in ppo_steps].count(None) == 6
     assert {name: flag_of(steps, name, "--iters") for name in ppo_steps} == {
-        "ppo_round1": "30", "ppo_round2": "60", "ppo": "12", "ppo_ptx": "12", "overopt": "30"}
+        "ppo_round1": "30", "ppo_round2": "60", "ppo": "12", "ppo_ptx": "12", "rloo": "12",
+        "grpo": "12", "overopt": "30"}
     for name in ("label", "label_round2", "label_round3"):
         assert flag_of(steps, name, "--k") == "4" and flag_of(steps, name, "--label_noise") == "0.0"
         assert flag_of(steps, name, "--rankings_per_prompt") == "3"

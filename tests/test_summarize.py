@@ -100,6 +100,34 @@ def test_summary_of_a_results_json_and_the_claims_it_gives(tmp_path):
     assert summarize.load(str(out / "seed_1.json")) == summaries[0]
 
 
+def test_estimators_table_compares_ppo_rloo_and_grpo_with_their_lengths_and_times(tmp_path):
+    """The estimators table: one row per method the runs have (PPO, RLOO, GRPO), its win rate, KL,
+    mean response length and the wall time of its step; then the lengths by kind of prompt, SFT
+    first. Medians over the seeds."""
+    summaries = []
+    for seed, tokens in [(1, 6.0), (2, 8.0), (3, 10.0)]:
+        results = results_json(seed)
+        lengths = {"all": tokens, "helpful": tokens - 1, "truthful": tokens + 1, "harmless": 4.0}
+        for name, extra in [("sft", 0.0), ("ppo", 1.0), ("rloo", 2.0)]:
+            p = dict(results["policies"].get(name) or results["policies"]["ppo"])
+            p["response_tokens"] = {k: v + extra for k, v in lengths.items()}
+            results["policies"][name] = p
+        results["step_seconds"].update(ppo=70.0 + seed, rloo=50.0 + seed)
+        (tmp_path / f"run{seed}").mkdir()
+        (tmp_path / f"run{seed}" / "results.json").write_text(json.dumps(results))
+        summaries.append(summarize.load(str(tmp_path / f"run{seed}")))
+    table = summarize.estimators(summaries)
+    # PPO: tokens 7, 9, 11 -> median 9; its run 71, 72, 73 s
+    assert ("| PPO (GAE, a critic) | 0.74 [0.74, 0.74] | 0.69 [0.69, 0.69] | 2.80 [2.80, 2.80] | "
+            "0.95 [0.95, 0.95] | 0.80 [0.80, 0.80] | 0.97 [0.97, 0.97] | 1.5 [1.5, 1.5] | "
+            "9.0 [7.0, 11.0] | 72 [71, 73] |") in table
+    assert "| RLOO (K = 4) |" in table and "10.0 [8.0, 12.0] | 52 [51, 53] |" in table
+    assert "GRPO" not in table  # no run has it
+    # by kind: helpful = all - 1, truthful = all + 1, harmless 4; no false premise in these runs
+    assert "| SFT | 7.0 [5.0, 9.0] | 9.0 [7.0, 11.0] | 4.0 [4.0, 4.0] | - |" in table
+    assert "| RLOO (K = 4) | 9.0 [7.0, 11.0] | 11.0 [9.0, 13.0] | 6.0 [6.0, 6.0] | - |" in table
+
+
 def test_a_run_without_some_numbers_gives_dashes_not_a_traceback(tmp_path):
     """An older or a --quick run lacks keys (no round-1 RM, no minutes, no curves): '-' in their
     place."""

@@ -100,9 +100,9 @@ def sample(policy, ref_policy, reward_model, enc, prompts, n_samples, max_new_to
         # the KL of a policy to itself is 0: two forwards saved (best-of-n samples SFT)
         kl = (torch.zeros(len(chunk)) if policy is ref_policy
               else sequence_kl(policy, ref_policy, batch))  # (B,)
-        tokens = batch["response_mask"].sum(1)  # (B,) the EOS included
+        lengths = batch["response_mask"].sum(1)  # (B,) tokens, the EOS included
         for k, ((i, j), text) in enumerate(zip(chunk, decode_responses(enc, batch))):
-            rows.append((i, j, text, kl[k].item(), batch["scores"][k].item(), tokens[k].item()))
+            rows.append((i, j, text, kl[k].item(), batch["scores"][k].item(), lengths[k].item()))
     rows.sort(key=lambda r: (r[0], r[1]))
     return rows
 
@@ -156,6 +156,7 @@ def mean_interval(values, z=1.96):
     return [mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)]
 
 
+KINDS = ("helpful", "truthful", "harmless", "false_premise")  # kind_of's answers
 # The behaviours the example answers show: {name: (the prompts' kind, the words for a good and a
 # bad answer by the gold)}. "unanswerable" leaves out the false premises, which have their own.
 BEHAVIOURS = {
@@ -654,7 +655,7 @@ def examples_markdown(examples):
 
 def lengths_markdown(policies):
     """One line per policy: its mean response length in tokens, over all and by kind of prompt."""
-    kinds = ("helpful", "truthful", "harmless", "false_premise")
+    kinds = KINDS
     rows = [(name, p["response_tokens"]) for name, p in policies.items()
             if "response_tokens" in p]
     if not rows:

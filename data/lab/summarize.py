@@ -18,8 +18,8 @@ holds blocks
 and `--write` replaces what is between the markers with the table NAME; `--check` exits 1 if a
 page's tables differ from what the sources give (tests/test_summarize.py checks the committed pages
 against the committed summaries). The tables are never typed by hand. Names: claims, policies,
-seeds, runs, times (of lab runs), figure1 (of `--task lab_sizes` runs: figure1_seed_N.json); a
-block of a kind no source is of is left as it is.
+seeds, runs, times, estimators (of lab runs), figure1 (of `--task lab_sizes` runs:
+figure1_seed_N.json); a block of a kind no source is of is left as it is.
 
 The lab's claims, with what counts as holding in a seed:
 - the final reward model agrees with the exact gold on at least 0.85 of held-out pairs;
@@ -61,6 +61,8 @@ def summarize_results(results):
     for name, p in (results.get("policies") or {}).items():
         row = {k: rounded(p.get(k)) for k in POLICY_KEYS if k != "win_rate_ci"}
         row["win_rate_ci"] = [rounded(x) for x in p.get("win_rate_ci") or []] or None
+        if p.get("response_tokens"):
+            row["response_tokens"] = {k: rounded(v, 2) for k, v in p["response_tokens"].items()}
         policies[name] = row
     curve = lambda points, x: [[p.get(x), rounded(p.get("kl_to_sft")), rounded(p.get("rm_score")),
                                 rounded(p.get("gold_score"))] for p in points or []]
@@ -354,6 +356,38 @@ def times(summaries):
     return "\n".join(lines)
 
 
+ESTIMATORS = {"ppo": "PPO (GAE, a critic)", "rloo": "RLOO (K = 4)", "grpo": "GRPO (K = 4)"}
+KINDS = ("helpful", "truthful", "harmless", "false_premise")
+
+
+def estimators(summaries):
+    """The final PPO policy against the critic-free ones trained like it (pipeline.py's rloo and
+    grpo steps): judged by the gold, their KL, their response lengths by kind of prompt, and the
+    wall time of their runs; median [min, max] over the seeds."""
+    names = [n for n in ESTIMATORS if any(n in s["policies"] for s in summaries)]
+    cols = [("win rate vs SFT", "win_rate_vs_sft", 2), ("its 95% lower end", "wilson_low", 2),
+            ("gold score (0-3)", "gold_score", 2), ("helpful", "helpful", 2),
+            ("truthful", "truthful", 2), ("harmless", "harmless", 2),
+            ("KL to SFT", "kl_to_sft", 1)]
+    tokens = lambda s, name, k: ((s["policies"].get(name) or {}).get("response_tokens")
+                                 or {}).get(k)
+    lines = [seeds_line(summaries), "", "| method | " + " | ".join(c[0] for c in cols)
+             + " | tokens per response | its run (s) |", "|---|" + "---|" * (len(cols) + 2)]
+    for name in names:
+        cells = [spread([policy(s, name, key) for s in summaries], digits=d) for _, key, d in cols]
+        cells.append(spread([tokens(s, name, "all") for s in summaries], digits=1))
+        cells.append(spread([s["step_seconds"].get(name) for s in summaries], digits=0))
+        lines.append(f"| {ESTIMATORS[name]} | " + " | ".join(cells) + " |")
+    lines += ["", "Response length in tokens (the EOS included) by kind of prompt, median "
+                  "[min, max] over the seeds:", "",
+              "| policy | " + " | ".join(k.replace("_", " ") for k in KINDS) + " |",
+              "|---|" + "---|" * len(KINDS)]
+    for name in ["sft"] + names:
+        cells = [spread([tokens(s, name, k) for s in summaries], digits=1) for k in KINDS]
+        lines.append(f"| {ESTIMATORS.get(name, name.upper())} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def figure1(runs):
     """Figure 1 in miniature: each size's policies' win rate against the largest SFT model [Wilson
     95% interval] and helpful share; over several runs, median [min, max]."""
@@ -382,7 +416,7 @@ def figure1(runs):
 
 
 TABLES = {"claims": claims, "policies": policies, "seeds": seeds, "runs": runs, "times": times,
-          "figure1": figure1}
+          "estimators": estimators, "figure1": figure1}
 TABLE_KIND = {"figure1": "figure1"}  # the others are of lab runs
 
 
