@@ -4,7 +4,7 @@ Makefile): each step is printed, then run as a plain `python stage.py --flag val
 and timed.
 
     python pipeline.py --task lab                  # the lab: a miniature world, ~13 min, 2-core CPU
-    python pipeline.py --task lab --config class   # the class lab: one round, shorter runs, 5-6 min
+    python pipeline.py --task lab --config class   # the class lab: one round, shorter runs, <5 min
     python pipeline.py --task lab --config class --kl_coef 0 --out_dir out/kl0   # change a knob
     python pipeline.py --task lab_sizes            # Figure 1 in miniature: three model sizes
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
@@ -100,8 +100,8 @@ FINAL_EMA = ["--ema_decay", "0.992"]
 # inter-labeler agreement (README)
 LABEL_NOISE = 1.5
 
-# The lab's settings. "full" is the lab; "class" the class lab: 5.4 minutes alone on a 2-core CPU
-# (course/instructor.md, "How long it takes").
+# The lab's settings. "full" is the lab; "class" the class lab: 4.6-4.8 minutes alone on a 2-core
+# CPU (course/instructor.md, "How long it takes").
 # The class lab is the full lab's first round: the same world, base model, SFT, rankings and
 # reward model, and its PPO policy is the full lab's round-1 policy (round 1's larger steps for 30
 # iterations, its live weights: a 0.992 EMA needs more steps than that to catch up). One round
@@ -545,8 +545,8 @@ def parse_args(argv=None):
                         "subprocess: saves each step's start-up, a few seconds (the --quick test "
                         "uses it)")
     p.add_argument("--config", default=None, choices=(*LAB_CONFIGS, *HH_CONFIGS),
-                   help="lab: full (default) or class (the class lab, 5-6 minutes); hh: preset of "
-                        "every stage (tiny, the default, on a CPU; small on one GPU)")
+                   help="lab: full (default) or class (the class lab, under 5 minutes); hh: preset "
+                        "of every stage (tiny, the default, on a CPU; small on one GPU)")
     full = LAB_CONFIGS["full"]
     lab_help = {
         "kl_coef": "beta of the KL penalty of every PPO run but the over-optimisation one, and "

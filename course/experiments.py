@@ -158,8 +158,19 @@ def tables(found):
                   "labeler's mean score; helpful, truthful, harmless, false premise: the share of "
                   "held-out prompts of each kind answered as the world's instructions ask "
                   "(course/README.md, glossary)."]
-    return {"experiments": "\n".join(lines), "per_seed": "\n".join(per_seed),
-            "behaviour": "\n".join(behaviour)}
+    blocks = {"experiments": "\n".join(lines), "per_seed": "\n".join(per_seed),
+              "behaviour": "\n".join(behaviour)}
+    if "default" in found:  # the class lab's own steps
+        runs = found["default"]
+        steps = list(dict.fromkeys(k for r in runs for k in r["step_seconds"]))
+        times = ["| step | seconds |", "|---|---|"]
+        times += [f"| {k} | {cell([r['step_seconds'][k] for r in runs], '{:.0f}')} |"
+                  for k in steps if all(k in r["step_seconds"] for r in runs)]
+        times += [f"| the whole class lab | {cell([r['minutes'] for r in runs], '{:.1f}')} min |",
+                  "", f"The `default` runs (seeds {', '.join(str(r['seed']) for r in runs)}): "
+                  "median [min, max] wall time of each step, in the order the pipeline runs them."]
+        blocks["times"] = "\n".join(times)
+    return blocks
 
 
 def write(page, blocks):
