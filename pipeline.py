@@ -3,7 +3,7 @@ The whole of InstructGPT in one command, as a visible sequence of stage-script c
 Makefile): each step is printed, then run as a plain `python stage.py --flag value ...` subprocess,
 and timed.
 
-    python pipeline.py --task lab                  # the lab: a miniature world, ~13 min, 2-core CPU
+    python pipeline.py --task lab                  # the lab: a miniature world, ~15 min, 2-core CPU
     python pipeline.py --task lab --config class   # the class lab: one round, shorter runs, <5 min
     python pipeline.py --task lab --config class --kl_coef 0 --out_dir out/kl0   # change a knob
     python pipeline.py --task lab_sizes            # Figure 1 in miniature: three model sizes
