@@ -123,9 +123,10 @@ def test_estimators_table_compares_ppo_rloo_and_grpo_with_their_lengths_and_time
             "9.0 [7.0, 11.0] | 72 [71, 73] |") in table
     assert "| RLOO (K = 4) |" in table and "10.0 [8.0, 12.0] | 52 [51, 53] |" in table
     assert "GRPO" not in table  # no run has it
-    # by kind: helpful = all - 1, truthful = all + 1, harmless 4; no false premise in these runs
-    assert "| SFT | 7.0 [5.0, 9.0] | 9.0 [7.0, 11.0] | 4.0 [4.0, 4.0] | - |" in table
-    assert "| RLOO (K = 4) | 9.0 [7.0, 11.0] | 11.0 [9.0, 13.0] | 6.0 [6.0, 6.0] | - |" in table
+    # by kind (helpful, truthful, false premise, harmless): helpful = all - 1, truthful = all + 1,
+    # harmless 4; no false premise in these runs
+    assert "| SFT | 7.0 [5.0, 9.0] | 9.0 [7.0, 11.0] | - | 4.0 [4.0, 4.0] |" in table
+    assert "| RLOO (K = 4) | 9.0 [7.0, 11.0] | 11.0 [9.0, 13.0] | - | 6.0 [6.0, 6.0] |" in table
 
 
 def test_a_run_without_some_numbers_gives_dashes_not_a_traceback(tmp_path):

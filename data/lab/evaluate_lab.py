@@ -655,15 +655,14 @@ def examples_markdown(examples):
 
 def lengths_markdown(policies):
     """One line per policy: its mean response length in tokens, over all and by kind of prompt."""
-    kinds = KINDS
     rows = [(name, p["response_tokens"]) for name, p in policies.items()
             if "response_tokens" in p]
     if not rows:
         return []
-    lines = ["", "| policy | tokens per response | " + " | ".join(kinds) + " |",
-             "|---" * (len(kinds) + 2) + "|"]
+    lines = ["", "| policy | tokens per response | " + " | ".join(KINDS) + " |",
+             "|---" * (len(KINDS) + 2) + "|"]
     lines += [f"| {name} | {t['all']:.1f} | " + " | ".join(
-        f"{t[k]:.1f}" if k in t else "" for k in kinds) + " |" for name, t in rows]
+        f"{t[k]:.1f}" if k in t else "" for k in KINDS) + " |" for name, t in rows]
     return lines + ["", "Columns: the mean length in tokens (the EOS included) of the sampled "
                         "responses, over all held-out prompts and by kind of prompt: a policy "
                         "that gains by saying more shows it here."]

@@ -357,7 +357,6 @@ def times(summaries):
 
 
 ESTIMATORS = {"ppo": "PPO (GAE, a critic)", "rloo": "RLOO (K = 4)", "grpo": "GRPO (K = 4)"}
-KINDS = ("helpful", "truthful", "harmless", "false_premise")
 
 
 def estimators(summaries):
@@ -380,10 +379,10 @@ def estimators(summaries):
         lines.append(f"| {ESTIMATORS[name]} | " + " | ".join(cells) + " |")
     lines += ["", "Response length in tokens (the EOS included) by kind of prompt, median "
                   "[min, max] over the seeds:", "",
-              "| policy | " + " | ".join(k.replace("_", " ") for k in KINDS) + " |",
-              "|---|" + "---|" * len(KINDS)]
+              "| policy | " + " | ".join(k.replace("_", " ") for k in SHARES) + " |",
+              "|---|" + "---|" * len(SHARES)]
     for name in ["sft"] + names:
-        cells = [spread([tokens(s, name, k) for s in summaries], digits=1) for k in KINDS]
+        cells = [spread([tokens(s, name, k) for s in summaries], digits=1) for k in SHARES]
         lines.append(f"| {ESTIMATORS.get(name, name.upper())} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
