@@ -3,10 +3,11 @@ The whole of InstructGPT in one command, as a visible sequence of stage-script c
 Makefile): each step is printed, then run as a plain `python stage.py --flag value ...` subprocess,
 and timed.
 
-    python pipeline.py --task lab                  # the lab: a miniature world, ~15 min, 2-core CPU
+    python pipeline.py --task lab                  # the lab: a miniature world, 15-17 min, 2 CPUs
     python pipeline.py --task lab --config class   # the class lab: one round, shorter runs, <5 min
     python pipeline.py --task lab --config class --kl_coef 0 --out_dir out/kl0   # change a knob
     python pipeline.py --task lab_sizes            # Figure 1 in miniature: three model sizes
+    python pipeline.py --task lab_sizes --from_lab out/lab   # the same from a finished lab run
     python pipeline.py --task lab --seed 2 --out_dir out/lab2
     python pipeline.py --task lab --quick --in_process --out_dir out/lab_quick   # a smoke test
     python pipeline.py --task lab --dry_run        # print the commands only
@@ -33,10 +34,13 @@ no RLOO or GRPO (see LAB_CONFIGS for what it shrinks and why); flags override th
 values. --quick shrinks every step to seconds: a smoke test whose numbers mean nothing.
 
 --task lab_sizes: the paper's Figure 1 in miniature. The same world; the base model, SFT, PPO and
-PPO-ptx at each of three model sizes (SIZES, ~20x apart in parameters), PPO of every size against
-one reward model (from the largest SFT model, as the paper's PPO models of every size used one 6B
-reward model); every policy judged by the exact gold against the largest SFT model:
-DIR/results.json ("figure1"), DIR/results.md, DIR/figure1.png.
+PPO-ptx at each of three model sizes (SIZES, ~20x apart in parameters). The largest is the lab's
+model and runs the lab's loop (three labeling rounds); its final reward model is the one every
+size's PPO and PPO-ptx optimise, with the final PPO settings and the EMA (the paper's PPO models of
+every size used one 6B reward model). Every policy is judged by the exact gold against the largest
+SFT model: DIR/results.json ("figure1"), DIR/results.md, DIR/figure1.png. --from_lab LAB_DIR takes
+a finished lab run as the largest size (its world, models and reward model, read only) and trains
+only the smaller sizes.
 
 --task hh: prepare HH-RLHF -> sft.py -> reward.py (PPO's reward model, train split) -> a judge
 reward model trained on the validation comparisons only -> ppo.py -> evaluate.py: win rate of PPO
@@ -234,12 +238,11 @@ def rankings_file(r):
     return "rankings.jsonl" if r == 1 else f"rankings_round{r}.jsonl"
 
 
-def lab_steps(a):
-    """The lab pipeline: [(name, argv)]. A round r before the last ends in reward_round{r} and
-    ppo_round{r}; the last round's reward model is `reward` (anew from SFT, on every round's
-    rankings), and the final policies (dpo, ppo, ppo_ptx) are trained on it."""
-    d, data = a.out_dir, os.path.join(a.out_dir, "data")
-    lab = a.lab
+def loop_steps(a, d, data):
+    """The paper's loop (section 3.1) at the lab's model size, in d: the world, the base model,
+    SFT, then `rounds` labeling rounds, each but the last ending in a reward model and a PPO
+    policy (reward_round{r}, ppo_round{r}); the last round's reward model is d/reward, anew from
+    SFT on every round's rankings. -> (steps, the rankings files, comma-separated)."""
     sft_ckpt = f"{d}/sft/ckpt.pt"
     steps = [world_step(a, data), ("pretrain", pretrain(a, data, f"{d}/base", LAB_MODEL)),
              ("sft", sft(a, data, f"{d}/base/ckpt.pt", f"{d}/sft"))]
@@ -283,12 +286,34 @@ def lab_steps(a):
                                             f"{d}/ppo_round{r}",
                                             steps=ROUND1_PPO if r == 1 else ROUND2_PPO))]
     rankings = ",".join(files)
+    steps.append(("reward", reward(a, d, sft_ckpt, rankings, f"{d}/reward")))
+    return steps, rankings
+
+
+def final_ppo_steps(a, data, sft_ckpt, reward_ckpt, d, suffix=""):
+    """The final policies: PPO and PPO-ptx on the final reward model, with the final settings
+    (lab["ppo_lr"], --ppo_iters) and, in the full lab, the EMA of the weights, in d/ppo and
+    d/ppo_ptx; step names ppo{suffix}, ppo_ptx{suffix}."""
+    final = (a.lab["ppo_lr"], a.ppo_iters)
+    ema = FINAL_EMA if a.lab["ema"] else []
+    return [(f"ppo{suffix}", ppo(a, data, sft_ckpt, reward_ckpt, f"{d}/ppo", *ema, steps=final)),
+            (f"ppo_ptx{suffix}", ppo(a, data, sft_ckpt, reward_ckpt, f"{d}/ppo_ptx",
+                                     *ptx(a, data), *ema, steps=final))]
+
+
+def lab_steps(a):
+    """The lab pipeline: [(name, argv)]. The loop (loop_steps), then the final policies (dpo, ppo,
+    ppo_ptx, and the critic-free ones) trained on the last reward model, the over-optimisation run
+    and the evaluation."""
+    d, data = a.out_dir, os.path.join(a.out_dir, "data")
+    lab = a.lab
+    sft_ckpt = f"{d}/sft/ckpt.pt"
+    steps, rankings = loop_steps(a, d, data)
     final = (lab["ppo_lr"], a.ppo_iters)
     ema = FINAL_EMA if lab["ema"] else []
     # the reward model the over-optimisation run optimises and best-of-n selects with
     reward_round1 = f"{d}/reward_round1" if a.rounds > 1 else f"{d}/reward"
     steps += [
-        ("reward", reward(a, d, sft_ckpt, rankings, f"{d}/reward")),
         # DPO (Rafailov et al. 2023): the SFT model trained directly on every ranked pair the final
         # reward model saw, with PPO's beta, no reward model and no RL
         ("dpo", [PY, "dpo.py", "--init_from", sft_ckpt, "--data_dir", d,
@@ -298,9 +323,7 @@ def lab_steps(a):
                  "--max_steps", quick(a, lab["dpo_steps"], 2), "--lr", "1e-4",
                  "--warmup_steps", quick(a, 10, 1), "--eval_interval", quick(a, 25, 1),
                  "--seed", str(a.seed)]),
-        ("ppo", ppo(a, data, sft_ckpt, f"{d}/reward/ckpt.pt", f"{d}/ppo", *ema, steps=final)),
-        ("ppo_ptx", ppo(a, data, sft_ckpt, f"{d}/reward/ckpt.pt", f"{d}/ppo_ptx", *ptx(a, data),
-                        *ema, steps=final)),
+        *final_ppo_steps(a, data, sft_ckpt, f"{d}/reward/ckpt.pt", d),
         # The critic-free estimators (docs/estimators.md) on the final PPO's footing: the same
         # reward model, beta, KL in the reward, steps and EMA, and as many sampled responses per
         # iteration, drawn as K = 4 per prompt for a quarter of the prompts
@@ -334,31 +357,29 @@ def lab_steps(a):
 
 def lab_sizes_steps(a):
     """Figure 1 in miniature: the base model, SFT, PPO and PPO-ptx at each of SIZES, every policy
-    judged by the exact gold against the largest SFT model. One reward model for every size, trained
-    from the largest SFT model on rankings of the largest SFT and base models' samples (the paper's
-    PPO models of every size used one 6B RM)."""
-    d, data = a.out_dir, os.path.join(a.out_dir, "data")
-    largest = f"{d}/{SIZES[-1][0]}"
-    steps = [world_step(a, data)]
-    for name, shape in SIZES:
+    judged by the exact gold against the largest SFT model. The largest size is the lab's model and
+    runs the lab's loop (loop_steps: three labeling rounds); its final reward model is the one every
+    size's PPO optimises, as the paper's PPO models of every size used one 6B reward model trained
+    on comparisons of many policies' outputs. Every size's PPO and PPO-ptx take the final settings
+    and the EMA (final_ppo_steps). With --from_lab DIR, a finished lab run is the largest size
+    (its world, base, SFT, reward model, PPO and PPO-ptx): only the smaller sizes are trained."""
+    d = a.out_dir
+    large = a.from_lab or d
+    data = os.path.join(large, "data")
+    reward_ckpt = f"{large}/reward/ckpt.pt"
+    steps = []
+    if not a.from_lab:
+        loop, _ = loop_steps(a, d, data)
+        steps += loop + final_ppo_steps(a, data, f"{d}/sft/ckpt.pt", reward_ckpt, d)
+    for name, shape in SIZES[:-1]:
         steps += [(f"pretrain_{name}", pretrain(a, data, f"{d}/{name}/base", shape)),
-                  (f"sft_{name}", sft(a, data, f"{d}/{name}/base/ckpt.pt", f"{d}/{name}/sft"))]
-    steps += [
-        ("label", label(a, data, f"{largest}/sft/ckpt.pt,{largest}/base/ckpt.pt",
-                        "prompts_label.jsonl", f"{d}/rankings.jsonl", a.label_noise,
-                        quick(a, 0, 4), a.seed, quick(a, a.rankings_per_prompt, 1))),
-        ("label_val", label(a, data, f"{largest}/sft/ckpt.pt", "prompts_train.jsonl",
-                            f"{d}/rankings_val.jsonl", 0, quick(a, 16, 2), a.seed + 1, "1")),
-        ("reward", reward(a, d, f"{largest}/sft/ckpt.pt", "rankings.jsonl", f"{d}/reward")),
-    ]
-    for name, _ in SIZES:
-        sft_ckpt, reward_ckpt = f"{d}/{name}/sft/ckpt.pt", f"{d}/reward/ckpt.pt"
-        steps += [(f"ppo_{name}", ppo(a, data, sft_ckpt, reward_ckpt, f"{d}/{name}/ppo")),
-                  (f"ppo_ptx_{name}", ppo(a, data, sft_ckpt, reward_ckpt, f"{d}/{name}/ppo_ptx",
-                                          *ptx(a, data)))]
+                  (f"sft_{name}", sft(a, data, f"{d}/{name}/base/ckpt.pt", f"{d}/{name}/sft")),
+                  *final_ppo_steps(a, data, f"{d}/{name}/sft/ckpt.pt", reward_ckpt,
+                                   f"{d}/{name}", suffix=f"_{name}")]
+    sizes = [f"{name}={d}/{name}" for name, _ in SIZES[:-1]] + [f"{SIZES[-1][0]}={large}"]
     steps.append(("evaluate", [
         PY, f"{LAB}/evaluate_lab.py", "--data_dir", data, "--out_dir", d, "--figure1", d,
-        "--sizes", ",".join(name for name, _ in SIZES), "--reward", f"{d}/reward/ckpt.pt",
+        "--sizes", ",".join(sizes), "--reward", reward_ckpt,
         "--samples", quick(a, 4, 1), "--max_prompts", quick(a, 0, 6),
         "--max_new_tokens", quick(a, 24, 8), "--seed", str(a.seed)]))
     return steps
@@ -498,7 +519,8 @@ SMOKE_TEST = ("--quick: a smoke test that every step runs; every step is shrunk 
 
 def settings(a):
     """The lab's settings of this run, as results.json records them."""
-    return {"config": a.config, **{k: getattr(a, k) for k in KNOBS}, "quick": a.quick}
+    return {"config": a.config, **{k: getattr(a, k) for k in KNOBS}, "quick": a.quick,
+            **({"from_lab": a.from_lab} if getattr(a, "from_lab", "") else {})}
 
 
 def record_run(out_dir, times, a):
@@ -529,11 +551,54 @@ def record_run(out_dir, times, a):
     print(f"\nresults: {path} ({results['minutes']:.1f} min)")
 
 
+FROM_LAB_FILES = ("data/world.json", "base/ckpt.pt", "sft/ckpt.pt", "reward/ckpt.pt",
+                  "ppo/ckpt.pt", "ppo_ptx/ckpt.pt")
+
+
+def from_lab(p, a, given):
+    """--from_lab DIR: check that DIR is a finished full lab run, and take its seed and settings
+    (the smaller sizes are trained as its largest size was)."""
+    if a.task != "lab_sizes":
+        p.error(f"--from_lab is a setting of --task lab_sizes, not of --task {a.task}")
+    if os.path.abspath(a.from_lab) == os.path.abspath(a.out_dir):
+        p.error(f"--out_dir {a.out_dir} is --from_lab's folder: give lab_sizes a folder of its own "
+                f"(it writes results.json, which would replace the lab's)")
+    path = os.path.join(a.from_lab, "results.json")
+    if not os.path.isfile(path):
+        p.error(f"--from_lab {a.from_lab} holds no results.json: it must be the folder of a "
+                f"finished `python pipeline.py --task lab` run")
+    with open(path) as f:
+        lab = json.load(f)
+    missing = [f for f in FROM_LAB_FILES if not os.path.isfile(os.path.join(a.from_lab, f))]
+    run = lab.get("settings") or {}
+    if missing or "seed" not in lab or not run:
+        p.error(f"--from_lab {a.from_lab} is not a finished lab run (it lacks "
+                f"{(missing or ['its settings in results.json'])[0]}): run `python pipeline.py "
+                f"--task lab --out_dir {a.from_lab}` to the end first")
+    if run.get("config") != "full":
+        p.error(f"--from_lab {a.from_lab} is a run of --config {run.get('config')}; Figure 1 "
+                f"takes the full lab's loop (three rounds, the EMA): run --task lab without "
+                f"--config")
+    if bool(run.get("quick")) != a.quick:
+        p.error(f"--from_lab {a.from_lab} was run {'with' if run.get('quick') else 'without'} "
+                f"--quick; give lab_sizes the same")
+    if a.seed is not None and a.seed != lab["seed"]:
+        p.error(f"--seed {a.seed} is not the seed of --from_lab {a.from_lab} ({lab['seed']}): "
+                f"the smaller sizes learn the lab's world; leave --seed out")
+    if given:
+        p.error(f"--{given[0]} cannot be set with --from_lab: every size takes the lab's "
+                f"settings (its results.json's \"settings\")")
+    a.seed = lab["seed"]
+    for name in KNOBS:
+        setattr(a, name, run.get(name, a.lab[name]))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("lab", "lab_sizes", "hh"), required=True)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None, help="default 1 (lab_sizes --from_lab: the "
+                   "lab's)")
     p.add_argument("--out_dir", default="", help="default out/lab or out/hh")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: every step shrunk to seconds, its numbers mean nothing")
@@ -565,6 +630,10 @@ def parse_args(argv=None):
     p.add_argument("--source", default="",
                    help="hh: a local copy of HH-RLHF (its folder of *.jsonl.gz files)")
     p.add_argument("--subsets", default="helpful-base", help="hh: comma-separated HH-RLHF subsets")
+    p.add_argument("--from_lab", default="",
+                   help="lab_sizes: a finished run of --task lab (its folder) as the largest size: "
+                        "its world, models and final reward model are reused, only the smaller "
+                        "sizes are trained")
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or f"out/{a.task}"
     configs = {"lab": tuple(LAB_CONFIGS), "lab_sizes": ("full",), "hh": HH_CONFIGS}[a.task]
@@ -573,12 +642,12 @@ def parse_args(argv=None):
         p.error(f"--config {a.config} is not a config of --task {a.task}; it takes "
                 f"{', '.join(configs)}")
     given = [name for name in KNOBS if getattr(a, name) is not None]
-    only_lab = [name for name in given if a.task == "hh" or (a.task == "lab_sizes"
-                                                             and name in ("rounds", "ppo_iters"))]
-    if only_lab:
-        p.error(f"--{only_lab[0]} is a setting of --task lab" + (" or lab_sizes" if only_lab[0]
-                not in ("rounds", "ppo_iters") else "") + f", not of --task {a.task}")
+    if given and a.task == "hh":
+        p.error(f"--{given[0]} is a setting of --task lab or lab_sizes, not of --task hh")
     a.lab = LAB_CONFIGS[a.config] if a.task != "hh" else LAB_CONFIGS["full"]
+    if a.from_lab:
+        from_lab(p, a, given)
+    a.seed = 1 if a.seed is None else a.seed
     for name, (_, check, requirement) in KNOBS.items():
         value = getattr(a, name)
         if value is None:
@@ -598,7 +667,7 @@ def parse_args(argv=None):
     def from_here(path):
         return path if not path or os.path.isabs(path) else os.path.relpath(os.path.abspath(path),
                                                                              here)
-    a.out_dir, a.source = from_here(a.out_dir), from_here(a.source)
+    a.out_dir, a.source, a.from_lab = map(from_here, (a.out_dir, a.source, a.from_lab))
     return a
 
 

@@ -267,15 +267,20 @@ def test_lab_pipeline_quick_writes_results_of_the_documented_shape(quick_lab):
         assert (out / name).is_file()
 
 
-def test_lab_sizes_quick_writes_a_figure1_block_of_the_documented_shape(tmp_path):
-    """Figure 1 in miniature: three sizes spanning >= 8x in parameters, base/sft/ppo/ppo_ptx at
-    each, judged against the largest SFT model."""
+def test_lab_sizes_quick_writes_a_figure1_block_of_the_documented_shape(tmp_path, quick_lab):
+    """Figure 1 in miniature from a finished (quick) lab run: three sizes spanning >= 8x in
+    parameters, base/sft/ppo/ppo_ptx at each, judged against the largest SFT model; the largest
+    size is the lab's, whose folder the run leaves as it was."""
     import pipeline
+    lab, _ = quick_lab
+    before = {p: p.stat().st_mtime_ns for p in lab.rglob("*")}
     out = tmp_path / "sizes"
     run = subprocess.run([sys.executable, "pipeline.py", "--task", "lab_sizes", "--quick",
-                          "--in_process", "--out_dir", str(out)],
+                          "--in_process", "--from_lab", str(lab), "--out_dir", str(out)],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in lab.rglob("*")} == before
+    assert not (out / "large").exists() and not (out / "reward").exists()
     with open(out / "results.json") as f:
         results = json.load(f)
     block = results["figure1"]
@@ -300,7 +305,9 @@ def test_lab_sizes_quick_writes_a_figure1_block_of_the_documented_shape(tmp_path
     md = (out / "results.md").read_text()
     assert (out / "figure1.png").is_file() and "| large |" in md and "Columns: the model size" in md
     assert isinstance(results["minutes"], float)
-    assert set(results["step_seconds"]) >= {"evaluate", "reward"}
+    assert set(results["step_seconds"]) == {f"{step}_{size}" for size in names[:-1] for step in
+                                            ("pretrain", "sft", "ppo", "ppo_ptx")} | {"evaluate"}
+    assert results["settings"]["from_lab"] == str(lab) and results["seed"] == 1
 
 
 @pytest.mark.parametrize("in_process", [False, True])
@@ -362,6 +369,71 @@ def test_a_new_run_refuses_an_earlier_runs_rankings_before_anything_runs(tmp_pat
     pipeline.refuse_stale_rankings(pipeline.lab_steps(fresh), 0)
 
 
+def fake_lab(folder, seed=4, **settings):
+    """A folder that looks like a finished lab run to pipeline.py --from_lab: its files (empty)
+    and a results.json with the seed and settings."""
+    for name in ("data/world.json", "base/ckpt.pt", "sft/ckpt.pt", "reward/ckpt.pt", "ppo/ckpt.pt",
+                 "ppo_ptx/ckpt.pt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("")
+    run = {"config": "full", "kl_coef": 0.05, "ptx_coef": 1.0, "rounds": 3, "k": 8,
+           "rankings_per_prompt": 2, "label_noise": 1.5, "ppo_iters": 70, "quick": False}
+    (folder / "results.json").write_text(json.dumps({"seed": seed,
+                                                     "settings": {**run, **settings}}))
+    return folder
+
+
+def test_lab_sizes_from_a_finished_lab_trains_only_the_smaller_sizes(tmp_path):
+    """--from_lab DIR: the lab's world, reward model and largest-size policies are used as they
+    are (no step writes into DIR); the smaller sizes take the lab's seed and settings."""
+    import pipeline
+    lab = fake_lab(tmp_path / "lab")
+    a = pipeline.parse_args(["--task", "lab_sizes", "--from_lab", str(lab),
+                             "--out_dir", str(tmp_path / "sizes")])
+    steps = dict(pipeline.lab_sizes_steps(a))
+    small = [name for name, _ in pipeline.SIZES[:-1]]
+    assert list(steps) == [f"{step}_{size}" for size in small
+                           for step in ("pretrain", "sft", "ppo", "ppo_ptx")] + ["evaluate"]
+    for name, argv in steps.items():
+        out = argv[argv.index("--out_dir") + 1]
+        assert not os.path.abspath(out).startswith(str(lab)), name
+        assert argv[argv.index("--seed") + 1] == "4"
+        if argv[1] == "ppo.py":
+            assert argv[argv.index("--reward_ckpt") + 1] == f"{lab}/reward/ckpt.pt"
+            assert argv[argv.index("--kl_coef") + 1] == "0.05"
+            assert argv[argv.index("--iters") + 1] == "70"
+    sizes = steps["evaluate"][steps["evaluate"].index("--sizes") + 1].split(",")
+    assert sizes[-1] == f"{pipeline.SIZES[-1][0]}={lab}"
+    assert pipeline.settings(a)["from_lab"] == str(lab)
+
+
+@pytest.mark.parametrize("setup, flags, message", [
+    (None, [], "holds no results.json"),
+    ({"config": "class"}, [], "is a run of --config class"),
+    ({"quick": True}, [], "was run with --quick"),
+    ({}, ["--seed", "5"], "--seed 5 is not the seed of --from_lab"),
+    ({}, ["--kl_coef", "0.2"], "--kl_coef cannot be set with --from_lab"),
+    ({}, ["--same_out"], "is --from_lab's folder"),
+    ({"drop": "reward/ckpt.pt"}, [], "is not a finished lab run (it lacks reward/ckpt.pt)"),
+])
+def test_a_bad_from_lab_is_refused_in_one_line(tmp_path, capsys, setup, flags, message):
+    import pipeline
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    if setup is not None:
+        drop = setup.pop("drop", None)
+        fake_lab(lab, **setup)
+        if drop:
+            (lab / drop).unlink()
+    out = str(lab) if "--same_out" in flags else str(tmp_path / "sizes")
+    flags = [f for f in flags if f != "--same_out"]
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.parse_args(["--task", "lab_sizes", "--from_lab", str(lab), "--out_dir", out,
+                             *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("task", ["lab", "lab_sizes", "hh"])
 @pytest.mark.parametrize("quick", [False, True])
 def test_pipeline_commands_use_only_existing_flags(task, quick):
@@ -384,9 +456,9 @@ def test_pipeline_commands_use_only_existing_flags(task, quick):
 
 def test_later_ppo_runs_take_smaller_steps_for_longer_than_round_1():
     """The round-2 policy trains at ROUND2_PPO's lr for its iterations, the final policies (ppo,
-    ppo_ptx, rloo, grpo) at the same lr for FINAL_PPO's longer run; round 1, the kl_coef-0
-    over-optimisation run and every Figure 1 PPO keep ROUND1_PPO's larger, fewer steps; --quick
-    shrinks all of them."""
+    ppo_ptx, rloo, grpo, and every size's PPO and PPO-ptx of Figure 1) at the same lr for
+    FINAL_PPO's longer run; round 1 and the kl_coef-0 over-optimisation run keep ROUND1_PPO's
+    larger, fewer steps; --quick shrinks all of them."""
     import pipeline
 
     def lr_iters(task, quick=False):
@@ -397,7 +469,8 @@ def test_later_ppo_runs_take_smaller_steps_for_longer_than_round_1():
 
     as_argv = lambda steps: (steps[0], str(steps[1]))  # noqa: E731
     lab = lr_iters("lab")
-    assert lab.pop("ppo_round2") == as_argv(pipeline.ROUND2_PPO)
+    lab_round2 = lab.pop("ppo_round2")
+    assert lab_round2 == as_argv(pipeline.ROUND2_PPO)
     final = as_argv(pipeline.FINAL_PPO)
     assert lab.pop("ppo") == lab.pop("ppo_ptx") == lab.pop("rloo") == lab.pop("grpo") == final
     round1 = as_argv(pipeline.ROUND1_PPO)
@@ -406,22 +479,31 @@ def test_later_ppo_runs_take_smaller_steps_for_longer_than_round_1():
         assert float(later[0]) < float(round1[0]) and later[1] > int(round1[1])
     assert pipeline.FINAL_PPO[0] == pipeline.ROUND2_PPO[0]
     assert pipeline.FINAL_PPO[1] > pipeline.ROUND2_PPO[1]
-    assert set(lr_iters("lab_sizes").values()) == {round1}
+    sizes = lr_iters("lab_sizes")
+    assert sizes.pop("ppo_round1") == round1 and sizes.pop("ppo_round2") == lab_round2
+    assert set(sizes) == {f"{kind}{size}" for kind in ("ppo", "ppo_ptx")
+                          for size in ("", "_small", "_medium")}
+    assert set(sizes.values()) == {final}
     assert {k: v[1] for k, v in lr_iters("lab", quick=True).items()} == dict.fromkeys(
         ["ppo_round1", "ppo_round2", "ppo", "ppo_ptx", "rloo", "grpo", "overopt"], "2")
 
 
 def test_the_final_policies_are_the_papers_ema_and_the_rounds_policies_are_not():
-    """ppo, ppo_ptx, rloo and grpo keep and save the EMA of their weights at the paper's decay
-    (0.992); the
-    round-1 and round-2 policies, whose samples the next round ranks, and the over-optimisation
-    run save their live weights."""
+    """ppo, ppo_ptx, rloo and grpo, and every Figure 1 size's PPO and PPO-ptx, keep and save the
+    EMA of their weights at the paper's decay (0.992); the round-1 and round-2 policies, whose
+    samples the next round ranks, and the over-optimisation run save their live weights."""
     import pipeline
-    a = pipeline.parse_args(["--task", "lab"])
-    ema = {name: argv[argv.index("--ema_decay") + 1] if "--ema_decay" in argv else None
-           for name, argv in pipeline.lab_steps(a) if argv[1] == "ppo.py"}
-    assert ema == {"ppo_round1": None, "ppo_round2": None, "ppo": "0.992", "ppo_ptx": "0.992",
-                   "rloo": "0.992", "grpo": "0.992", "overopt": None}
+
+    def ema(task):
+        steps = {"lab": pipeline.lab_steps, "lab_sizes": pipeline.lab_sizes_steps}[task](
+            pipeline.parse_args(["--task", task]))
+        return {name: argv[argv.index("--ema_decay") + 1] if "--ema_decay" in argv else None
+                for name, argv in steps if argv[1] == "ppo.py"}
+    live = {"ppo_round1": None, "ppo_round2": None}
+    assert ema("lab") == {**live, "ppo": "0.992", "ppo_ptx": "0.992", "rloo": "0.992",
+                          "grpo": "0.992", "overopt": None}
+    assert ema("lab_sizes") == {**live, **{f"{kind}{size}": "0.992" for kind in ("ppo", "ppo_ptx")
+                                           for size in ("", "_small", "_medium")}}
 
 
 def test_each_round_ranks_the_previous_rounds_policy():
@@ -501,6 +583,13 @@ def small_world():
     for name, text in texts.items():  # the premise of the hand enumerations below
         assert gold.gold_score(world, prompts[prompt_of(name)], text) == gold_of[name], name
     return world, prompts, texts
+
+
+def test_figure1_sizes_name_their_folders_or_live_under_the_figure1_folder():
+    """--sizes small,large=LAB: a bare name is DIR/name under --figure1 DIR, NAME=FOLDER its folder
+    (pipeline.py's --from_lab points the largest size at the lab's run)."""
+    assert evaluate_lab.size_folder("small", "out/sizes") == ("small", "out/sizes/small")
+    assert evaluate_lab.size_folder(" large=out/lab ", "out/sizes") == ("large", "out/lab")
 
 
 def test_lab_judge_category_fractions_count_content_by_category():

@@ -223,9 +223,10 @@ def test_a_knob_out_of_range_ends_in_one_line_naming_the_flag(flag, value, capsy
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--task", "hh", "--rounds", "2"], "--rounds is a setting of --task lab, not of --task hh"),
-    (["--task", "lab_sizes", "--ppo_iters", "5"], "--ppo_iters is a setting of --task lab"),
+    (["--task", "hh", "--rounds", "2"], "--rounds is a setting of --task lab or lab_sizes, not of "
+     "--task hh"),
     (["--task", "hh", "--kl_coef", "0.2"], "--kl_coef is a setting of --task lab or lab_sizes"),
+    (["--task", "lab", "--from_lab", "out/lab"], "--from_lab is a setting of --task lab_sizes"),
     (["--task", "lab", "--config", "small"], "--config small is not a config of --task lab"),
     (["--task", "hh", "--config", "class"], "--config class is not a config of --task hh"),
 ])

@@ -15,7 +15,8 @@ summarize = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(summarize)
 
 PAGES = {"README.md": {"claims"}, os.path.join("data", "lab", "README.md"):
-         {"claims", "policies", "seeds", "runs", "times", "figure1"}}
+         {"claims", "policies", "seeds", "runs", "times", "estimators", "figure1",
+          "figure1_seeds", "figure1_claims"}}
 
 
 def committed_summaries():
@@ -169,3 +170,30 @@ def test_figure1_from_a_lab_sizes_run(tmp_path):
     # a lab table's block is left alone when only a lab_sizes run is given, and the other way round
     page = "<!-- summarize:claims -->\nold\n<!-- /summarize:claims -->\n"
     assert summarize.rewrite(page, [s]) == page
+
+
+def test_figure1_claims_count_the_seeds_where_each_comparison_holds_and_where_intervals_part():
+    """Two hand-made lab_sizes runs: in seed 1 the small PPO is above the small SFT with intervals
+    apart; in seed 2 it is above with intervals overlapping; seed 2's small PPO-ptx is below SFT."""
+    def run(seed, small, large):
+        sizes = []
+        for name, rates in (("small", small), ("large", large)):
+            sizes.append({"name": name, "params": 1000, "policies": {
+                k: {"win_rate": w, "win_rate_ci": [w - 0.05, w + 0.05]}
+                for k, w in zip(("base", "sft", "ppo", "ppo_ptx"), rates)}})
+        return {"kind": "figure1", "seed": seed, "minutes": 9.5 if seed == 1 else None,
+                "reference": "sft@large", "sizes": sizes,
+                "settings": {"from_lab": "out/lab"} if seed == 1 else {}}
+    runs = [run(1, (0.20, 0.40, 0.55, 0.52), (0.30, 0.50, 0.70, 0.65)),
+            run(2, (0.20, 0.40, 0.48, 0.35), (0.45, 0.50, 0.70, 0.65))]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:5]
+            for line in summarize.figure1_claims(runs).splitlines() if line.startswith("| ")}
+    cells = lambda claim, size: [c.strip() for c in rows[(claim, size)]]
+    assert cells("PPO above SFT", "small") == ["2 of 2", "1 of 2"]
+    assert cells("PPO-ptx above SFT", "small") == ["1 of 2", "1 of 2"]
+    assert cells("SFT above base", "large") == ["2 of 2", "1 of 2"]
+    assert cells("the small PPO above the large base model", "") == ["2 of 2", "1 of 2"]
+    assert cells("the small PPO-ptx above the large base model", "") == ["1 of 2", "1 of 2"]
+    seeds = summarize.figure1_seeds(runs)
+    assert "| 1 | small | 0.20 [0.15, 0.25] | 0.40 [0.35, 0.45] | 0.55 [0.50, 0.60] |" in seeds
+    assert "| 1 | large |" in seeds and "9.5 (with --from_lab) |" in seeds

@@ -510,15 +510,23 @@ def plot_stages(policies, path, title, counts=None):
 FIGURE1_KINDS = ("base", "sft", "ppo", "ppo_ptx")
 
 
+def size_folder(entry, root):
+    """One entry of --sizes: NAME (its policies in root/NAME) or NAME=FOLDER -> (name, folder)."""
+    name, _, folder = entry.strip().partition("=")
+    return name.strip(), folder.strip() or os.path.join(root, name.strip())
+
+
 def figure1(args, world, prompts):
     """InstructGPT's Figure 1 in miniature: the base model, SFT, PPO and PPO-ptx of every size in
-    --sizes (smallest first; DIR/<size>/<kind>/ckpt.pt under --figure1 DIR), each judged by the
-    exact gold against the LARGEST SFT model on the held-out prompts: win rate (ties half) with a
-    Wilson 95% interval and the gold score. Every policy samples with the same seeds, so the
-    reference against itself is exactly 0.5. Writes DIR/results.json ("figure1"), DIR/results.md
-    and DIR/figure1.png."""
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    path = lambda size, kind: os.path.join(args.figure1, size, kind, "ckpt.pt")
+    --sizes (smallest first; <folder>/<kind>/ckpt.pt: DIR/<size>/ under --figure1 DIR, or the
+    folder given as size=FOLDER), each judged by the exact gold against the LARGEST SFT model on
+    the held-out prompts: win rate (ties half) with a Wilson 95% interval and the gold score.
+    Every policy samples with the same seeds, so the reference against itself is exactly 0.5.
+    Writes DIR/results.json ("figure1"), DIR/results.md and DIR/figure1.png."""
+    folders = dict(size_folder(entry, args.figure1) for entry in args.sizes.split(",")
+                   if entry.strip())
+    sizes = list(folders)
+    path = lambda size, kind: os.path.join(folders[size], kind, "ckpt.pt")
     missing = [path(s, k) for s in sizes for k in FIGURE1_KINDS if not os.path.isfile(path(s, k))]
     if missing:
         sys.exit(f"error: --figure1 {args.figure1} lacks {len(missing)} checkpoint(s), e.g. "
@@ -759,8 +767,9 @@ def parse_args(argv=None):
     add("--reward", required=True, help="the final reward model checkpoint (reward.py)")
     add("--figure1", default="", help="Figure 1 instead (pipeline.py --task lab_sizes): the "
         "folder holding <size>/{base,sft,ppo,ppo_ptx}/ckpt.pt for every size of --sizes")
-    add("--sizes", default="", help="with --figure1: the size names, smallest first; the largest "
-        "SFT model is the reference")
+    add("--sizes", default="", help="with --figure1: the sizes, smallest first, each NAME (its "
+        "<kind>/ckpt.pt under --figure1's folder, in NAME/) or NAME=FOLDER; the largest SFT model "
+        "is the reference")
     add("--reward_round1", default="", help="the round-1 reward model, if there were two rounds: "
         "its agreement is reported too, and the over-optimisation run, which optimised it, is "
         "scored by it")

@@ -18,8 +18,8 @@ holds blocks
 and `--write` replaces what is between the markers with the table NAME; `--check` exits 1 if a
 page's tables differ from what the sources give (tests/test_summarize.py checks the committed pages
 against the committed summaries). The tables are never typed by hand. Names: claims, policies,
-seeds, runs, times, estimators (of lab runs), figure1 (of `--task lab_sizes` runs:
-figure1_seed_N.json); a block of a kind no source is of is left as it is.
+seeds, runs, times, estimators (of lab runs), figure1, figure1_seeds, figure1_claims (of `--task
+lab_sizes` runs: figure1_seed_N.json); a block of a kind no source is of is left as it is.
 
 The lab's claims, with what counts as holding in a seed:
 - the final reward model agrees with the exact gold on at least 0.85 of held-out pairs;
@@ -92,9 +92,11 @@ def summarize_figure1(results):
     def row(p):
         ci = [rounded(x) for x in p.get("win_rate_ci") or []] or None
         return {"win_rate": rounded(p.get("win_rate")), "win_rate_ci": ci,
-                "helpful": rounded(p.get("helpful"))}
+                **{k: rounded(p.get(k)) for k in ("gold_score", "kl_to_sft", *SHARES)}}
     return {"kind": "figure1", "seed": results.get("seed"),
             "minutes": rounded(results.get("minutes"), 2), "reference": block.get("reference"),
+            "step_seconds": results.get("step_seconds") or {},
+            "settings": results.get("settings"),
             "sizes": [{"name": e.get("name"), "params": e.get("params"),
                        "policies": {k: row(p) for k, p in (e.get("policies") or {}).items()}}
                       for e in block.get("sizes") or []]}
@@ -142,9 +144,10 @@ def save(summaries, out_dir):
 
 def settings_that_differ(summaries):
     """{setting: [value per run]} for the settings (results.json's "settings", but the seed and the
-    paths) that are not the same in every run that records them."""
+    paths, --from_lab's included) that are not the same in every run that records them."""
     recorded = [s["settings"] for s in summaries if isinstance(s.get("settings"), dict)]
-    keys = sorted({k for r in recorded for k in r if k != "seed" and "dir" not in k})
+    keys = sorted({k for r in recorded for k in r
+                   if k not in ("seed", "from_lab") and "dir" not in k})
     return {k: [r.get(k) for r in recorded] for k in keys
             if len({json.dumps(r.get(k), sort_keys=True) for r in recorded}) > 1}
 
@@ -356,6 +359,9 @@ def times(summaries):
     return "\n".join(lines)
 
 
+FIGURE1_KINDS = {"base": "base", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+
+
 ESTIMATORS = {"ppo": "PPO (GAE, a critic)", "rloo": "RLOO (K = 4)", "grpo": "GRPO (K = 4)"}
 
 
@@ -390,18 +396,20 @@ def estimators(summaries):
 def figure1(runs):
     """Figure 1 in miniature: each size's policies' win rate against the largest SFT model [Wilson
     95% interval] and helpful share; over several runs, median [min, max]."""
-    kinds = {"base": "base", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+    kinds = FIGURE1_KINDS
     seeds = ", ".join(str(r["seed"]) for r in runs)
-    minutes = spread([r["minutes"] for r in runs], digits=1)
-    minutes = "" if minutes == "-" else f", {minutes} min on a 2-core CPU"
-    lines = [f"Win rate against {runs[0]['reference']} by the exact gold [95% Wilson interval] and "
-             f"the share of factual questions answered right; seed {seeds}{minutes} "
+    over = f"median [min, max] over seeds {seeds}" if len(runs) > 1 else f"seed {seeds}"
+    lines = [f"Win rate against {runs[0]['reference']} by the exact gold (one seed: [95% Wilson "
+             f"interval]) and the share of factual questions answered right; {over} "
              f"(`python pipeline.py --task lab_sizes --seed S`).", "",
              "| size | parameters | " + " | ".join(kinds.values()) + " |",
              "|---|---|" + "---|" * len(kinds)]
     for i, size in enumerate(runs[0]["sizes"]):
         entries = [r["sizes"][i] for r in runs if i < len(r["sizes"])]
-        cells = [size["name"], spread([e["params"] / 1e6 for e in entries]) + "M"]
+        # one shape; the parameters differ with each seed's vocabulary, by less than the digits
+        params = {f"{e['params'] / 1e6:.2f}" for e in entries}
+        cells = [size["name"], (params.pop() if len(params) == 1
+                                else spread([e["params"] / 1e6 for e in entries])) + "M"]
         for k in kinds:
             ps = [e["policies"].get(k) or {} for e in entries]
             win = spread([p.get("win_rate") for p in ps])
@@ -414,9 +422,67 @@ def figure1(runs):
     return "\n".join(lines)
 
 
+def win_cell(p):
+    """'0.62 [0.57, 0.67]': a win rate and its Wilson interval, '-' if absent."""
+    if not p or p.get("win_rate") is None:
+        return "-"
+    ci = p.get("win_rate_ci")
+    return f"{p['win_rate']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def figure1_seeds(runs):
+    """Every seed's Figure 1: each size's policies' win rate against the largest SFT model [Wilson
+    95% interval]."""
+    lines = ["| seed | size | " + " | ".join(FIGURE1_KINDS.values()) + " | minutes |",
+             "|---|---|" + "---|" * (len(FIGURE1_KINDS) + 1)]
+    for r in runs:
+        from_lab = " (with --from_lab)" if (r.get("settings") or {}).get("from_lab") else ""
+        for i, e in enumerate(r["sizes"]):
+            cells = [str(r["seed"]), e["name"]]
+            cells += [win_cell(e["policies"].get(k)) for k in FIGURE1_KINDS]
+            last = i == len(r["sizes"]) - 1 and r.get("minutes") is not None
+            cells.append(f"{r['minutes']:.1f}{from_lab}" if last else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure1_claims(runs):
+    """Figure 1's claims, one row per size and comparison: in how many seeds the win rate of the
+    first policy is above the second's, and in how many their Wilson 95% intervals do not overlap
+    (the first's lower end above the second's upper end)."""
+    def compare(r, a, b):
+        """(a above b, intervals apart) for policies a = (size index, kind), b likewise."""
+        pa = r["sizes"][a[0]]["policies"].get(a[1]) or {}
+        pb = r["sizes"][b[0]]["policies"].get(b[1]) or {}
+        if pa.get("win_rate") is None or pb.get("win_rate") is None:
+            return None
+        apart = bool(pa.get("win_rate_ci") and pb.get("win_rate_ci")
+                     and pa["win_rate_ci"][0] > pb["win_rate_ci"][1])
+        return pa["win_rate"] > pb["win_rate"], apart
+    names = [e["name"] for e in runs[0]["sizes"]]
+    rows = [(f"{FIGURE1_KINDS[a]} above {FIGURE1_KINDS[b]}", name, (i, a), (i, b))
+            for i, name in enumerate(names)
+            for a, b in (("ppo", "sft"), ("ppo_ptx", "sft"), ("sft", "base"))]
+    last = len(names) - 1
+    rows += [(f"the {names[0]} {FIGURE1_KINDS[k]} above the {names[-1]} base model", "",
+              (0, k), (last, "base")) for k in ("ppo", "ppo_ptx")]
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    lines = [f"{len(runs)} seeds ({seeds}); win rates against {runs[0]['reference']}.", "",
+             "| claim | size | holds in (seeds) | 95% intervals apart in (seeds) |",
+             "|---|---|---|---|"]
+    for claim, size, a, b in rows:
+        verdicts = [v for v in (compare(r, a, b) for r in runs) if v is not None]
+        n = len(verdicts)
+        lines.append(f"| {claim} | {size} | {sum(v[0] for v in verdicts)} of {n} | "
+                     f"{sum(v[1] for v in verdicts)} of {n} |")
+    return "\n".join(lines)
+
+
 TABLES = {"claims": claims, "policies": policies, "seeds": seeds, "runs": runs, "times": times,
-          "estimators": estimators, "figure1": figure1}
-TABLE_KIND = {"figure1": "figure1"}  # the others are of lab runs
+          "estimators": estimators, "figure1": figure1, "figure1_seeds": figure1_seeds,
+          "figure1_claims": figure1_claims}
+# the tables of --task lab_sizes runs; the others are of lab runs
+TABLE_KIND = {"figure1": "figure1", "figure1_seeds": "figure1", "figure1_claims": "figure1"}
 
 
 # ---- pages -------------------------------------------------------------------------------------
