@@ -621,11 +621,11 @@ def parse_args(argv=None):
         "k": "samples ranked per prompt (even: half from each of two policies)",
         "rankings_per_prompt": "rankings of fresh samples per labeling prompt and round",
         "label_noise": "Bradley-Terry temperature of the labelers (0 = exact)",
-        "ppo_iters": "iterations of the final PPO runs (ppo, ppo_ptx)",
+        "ppo_iters": "iterations of the final PPO runs (ppo, ppo_ptx; lab_sizes: every size's)",
     }
     for name, (kind, _, _) in KNOBS.items():
         p.add_argument(f"--{name}", type=kind, default=None,
-                       help=f"lab: {lab_help[name]} (full: {full[name]}, class: "
+                       help=f"lab, lab_sizes: {lab_help[name]} (full: {full[name]}, class: "
                             f"{LAB_CONFIGS['class'][name]})")
     p.add_argument("--source", default="",
                    help="hh: a local copy of HH-RLHF (its folder of *.jsonl.gz files)")
