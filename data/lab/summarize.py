@@ -393,6 +393,14 @@ def estimators(summaries):
     return "\n".join(lines)
 
 
+def win_cell(p):
+    """'0.62 [0.57, 0.67]': a win rate and its Wilson interval, '-' if absent."""
+    if not p or p.get("win_rate") is None:
+        return "-"
+    ci = p.get("win_rate_ci")
+    return f"{p['win_rate']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def figure1(runs):
     """Figure 1 in miniature: each size's policies' win rate against the largest SFT model [Wilson
     95% interval] and helpful share; over several runs, median [min, max]."""
@@ -412,22 +420,12 @@ def figure1(runs):
                                 else spread([e["params"] / 1e6 for e in entries])) + "M"]
         for k in kinds:
             ps = [e["policies"].get(k) or {} for e in entries]
-            win = spread([p.get("win_rate") for p in ps])
-            ci = ps[0].get("win_rate_ci") if len(ps) == 1 else None
-            if ci:
-                win += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+            # one run: its interval; several: median [min, max]
+            win = win_cell(ps[0]) if len(ps) == 1 else spread([p.get("win_rate") for p in ps])
             helpful = spread([p.get("helpful") for p in ps])
             cells.append(win + ("" if helpful == "-" else f", helpful {helpful}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def win_cell(p):
-    """'0.62 [0.57, 0.67]': a win rate and its Wilson interval, '-' if absent."""
-    if not p or p.get("win_rate") is None:
-        return "-"
-    ci = p.get("win_rate_ci")
-    return f"{p['win_rate']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def figure1_seeds(runs):
